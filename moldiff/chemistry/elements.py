@@ -1,0 +1,101 @@
+"""Element vocabularies: symbols, atomic numbers and the valences the EDM protocol allows.
+
+The allowed valences are the facts of EDM's ``allowed_bonds`` table
+(Hoogeboom et al. 2022, github.com/ehoogeboom/e3_diffusion_for_molecules, ``qm9/bond_analyze.py``).
+An atom is "stable" when the sum of its bond orders equals its allowed valence (or is one of the
+allowed valences where EDM lists several).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from numbers import Integral
+from types import MappingProxyType
+
+import numpy as np
+
+__all__ = [
+    "QM9_ELEMENTS",
+    "SYMBOL_TO_Z",
+    "Z_TO_SYMBOL",
+    "ALLOWED_VALENCE",
+    "UnknownElementError",
+    "to_symbols",
+    "allowed_valences",
+]
+
+#: QM9's element vocabulary, in EDM's one-hot order (atom_decoder = H, C, N, O, F).
+QM9_ELEMENTS: tuple[str, ...] = ("H", "C", "N", "O", "F")
+
+# Symbols for Z = 1..86 (H..Rn); index i holds element Z = i + 1.
+_SYMBOLS = (
+    "H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se "
+    "Br Kr Rb Sr Y Zr Nb Mo Tc Ru Rh Pd Ag Cd In Sn Sb Te I Xe Cs Ba La Ce Pr Nd Pm Sm Eu Gd Tb "
+    "Dy Ho Er Tm Yb Lu Hf Ta W Re Os Ir Pt Au Hg Tl Pb Bi Po At Rn"
+).split()
+
+#: Element symbol -> atomic number (H..Rn).
+SYMBOL_TO_Z: MappingProxyType[str, int] = MappingProxyType({s: i + 1 for i, s in enumerate(_SYMBOLS)})
+_SYMBOL_SET = frozenset(_SYMBOLS)
+#: Atomic number -> element symbol (1..86).
+Z_TO_SYMBOL: MappingProxyType[int, str] = MappingProxyType({i + 1: s for i, s in enumerate(_SYMBOLS)})
+
+#: EDM's ``allowed_bonds``: an int, or a frozenset where EDM lists several valences (P, Hg, Bi).
+ALLOWED_VALENCE: MappingProxyType[str, int | frozenset[int]] = MappingProxyType(
+    {
+        "H": 1, "C": 4, "N": 3, "O": 2, "F": 1, "B": 3, "Al": 3, "Si": 4,
+        "P": frozenset({3, 5}), "S": 4, "Cl": 1, "As": 3, "Br": 1, "I": 1,
+        "Hg": frozenset({1, 2}), "Bi": frozenset({3, 5}),
+    }
+)  # fmt: skip
+
+
+class UnknownElementError(ValueError):
+    """An element symbol or atomic number that is not in the H..Rn table."""
+
+
+def allowed_valences(symbol: str) -> frozenset[int]:
+    """Valences an atom of ``symbol`` may have to count as stable (empty if EDM lists none)."""
+    allowed = ALLOWED_VALENCE.get(symbol, frozenset())
+    return frozenset({allowed}) if isinstance(allowed, int) else allowed
+
+
+def _one_symbol(item: object, position: int) -> str:
+    # Fast path first: metrics call this for every atom of every molecule.
+    if type(item) is str and item in _SYMBOL_SET:
+        return item
+    # Atomic numbers may come as Python/numpy ints or as digit strings (e.g. an XYZ column).
+    if isinstance(item, (Integral, np.integer)) and not isinstance(item, (bool, np.bool_)):
+        symbol = Z_TO_SYMBOL.get(int(item))
+    elif isinstance(item, str):
+        text = item.strip()
+        symbol = Z_TO_SYMBOL.get(int(text)) if text.isdigit() else text.capitalize()
+        symbol = symbol if symbol in SYMBOL_TO_Z else None
+    else:
+        symbol = None
+    if symbol is None:
+        raise UnknownElementError(
+            f"unknown element {item!r} at atom {position}: expected a symbol (H..Rn) "
+            f"or an atomic number 1..{len(_SYMBOLS)}"
+        )
+    return symbol
+
+
+def to_symbols(elements: Iterable[object]) -> tuple[str, ...]:
+    """Normalise element symbols or atomic numbers to a tuple of symbols.
+
+    Args:
+        elements: length-n iterable of symbols (``"C"``, ``"cl"``) or atomic numbers
+            (``6``, ``np.int64(17)``, ``"6"``).
+
+    Returns:
+        Tuple of n capitalised symbols, e.g. ``("C", "Cl")``.
+
+    Raises:
+        UnknownElementError: for anything that is not an element H..Rn.
+    """
+    if isinstance(elements, str):
+        raise UnknownElementError(
+            f"expected a sequence of elements, got the single string {elements!r}"
+        )
+    return tuple(_one_symbol(item, i) for i, item in enumerate(elements))

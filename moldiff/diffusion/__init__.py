@@ -1,0 +1,23 @@
+"""Gaussian diffusion over zero-CoM point clouds; it knows nothing of the network."""
+
+from moldiff.diffusion.losses import degrees_of_freedom, epsilon_loss, squared_error_per_molecule
+from moldiff.diffusion.process import AtomFeatures, NoisedState, add_noise, centred_noise
+from moldiff.diffusion.samplers import SAMPLERS, AncestralSampler, DDIMSampler, Sampler, SamplerStep, make_sampler
+from moldiff.diffusion.schedules import NoiseSchedule
+
+__all__ = [
+    "AtomFeatures",
+    "AncestralSampler",
+    "DDIMSampler",
+    "NoiseSchedule",
+    "NoisedState",
+    "SAMPLERS",
+    "Sampler",
+    "SamplerStep",
+    "add_noise",
+    "centred_noise",
+    "degrees_of_freedom",
+    "epsilon_loss",
+    "make_sampler",
+    "squared_error_per_molecule",
+]

@@ -1,0 +1,389 @@
+"""The training loop: data -> add_noise -> denoiser -> epsilon loss -> AdamW (+ clipping, EMA).
+
+Run it through the CLI (``moldiff train --config configs/qm9_small.yaml``) or build a
+:class:`Trainer` directly. A run directory holds::
+
+    config.yaml        the resolved configuration (a resumed run reads this copy)
+    log.csv            one row per logged step (train loss, grad norm, val loss, sampled metrics)
+    checkpoint.pt      full training state (weights, EMA, optimiser, step, data position, RNG states)
+    pipeline/          the EMA model as a MolDiffPipeline (``moldiff sample --checkpoint RUN/pipeline``)
+
+Resuming from ``checkpoint.pt`` continues exactly: the data order is a function of (seed, epoch),
+and the noise generator's state is saved, so the loss trajectory after a kill and resume equals
+an uninterrupted run with the same seed (tested).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import yaml
+
+from moldiff.chemistry.elements import QM9_ELEMENTS, SYMBOL_TO_Z
+from moldiff.data.batching import MoleculeBatch, MoleculeSet
+from moldiff.data.qm9 import edm_split, load_qm9
+from moldiff.data.statistics import DatasetStatistics, compute_statistics
+from moldiff.diffusion import AtomFeatures, NoiseSchedule, add_noise, epsilon_loss
+from moldiff.models import EGNNDenoiser
+from moldiff.pipeline import MolDiffPipeline
+from moldiff.training.clipping import AdaptiveClipper
+from moldiff.training.config import RunConfig
+from moldiff.training.ema import EMA
+
+__all__ = ["Trainer", "TrainingData", "load_training_data", "build_pipeline", "NumericalFaultError"]
+
+LOG_FIELDS = ["step", "epoch", "hours", "loss", "grad_norm", "clipped", "skipped", "val_loss",
+              "atom_stable", "mol_stable", "validity", "uniqueness"]
+
+
+class NumericalFaultError(RuntimeError):
+    """Training produced non-finite losses repeatedly."""
+
+
+@dataclass
+class TrainingData:
+    train: MoleculeSet
+    valid: MoleculeSet
+    statistics: DatasetStatistics
+    elements: tuple[str, ...]
+    atomic_numbers: list[int]
+
+
+def load_training_data(cfg: RunConfig) -> TrainingData:
+    """QM9 with the EDM split as :class:`MoleculeSet` objects plus training-set statistics."""
+    if cfg.data.dataset != "qm9":
+        raise ValueError(f"unknown dataset {cfg.data.dataset!r}; only 'qm9' is available")
+    qm9 = load_qm9(cfg.data.cache_dir)
+    split = edm_split(len(qm9))
+    train_idx = split["train"]
+    if cfg.data.max_train_molecules is not None:
+        train_idx = train_idx[: cfg.data.max_train_molecules]
+    valid_idx = split["valid"][: cfg.data.max_valid_molecules]
+    z = [SYMBOL_TO_Z[e] for e in QM9_ELEMENTS]
+    train = MoleculeSet(qm9.ptr, qm9.atom_types, qm9.positions, z, train_idx)
+    valid = MoleculeSet(qm9.ptr, qm9.atom_types, qm9.positions, z, valid_idx)
+    atom_types = np.concatenate([qm9.atom_types[qm9.ptr[i] : qm9.ptr[i + 1]] for i in train_idx])
+    stats = compute_statistics(QM9_ELEMENTS, train.num_atoms, atom_types)
+    return TrainingData(train, valid, stats, QM9_ELEMENTS, z)
+
+
+def build_pipeline(cfg: RunConfig, data: TrainingData) -> MolDiffPipeline:
+    features = AtomFeatures(num_types=len(data.elements), include_charges=cfg.data.include_charges)
+    model_cfg = cfg.model
+    if model_cfg.num_features != features.dim:
+        raise ValueError(f"model.num_features={model_cfg.num_features} but the data encoding has {features.dim} channels")
+    d = cfg.diffusion
+    if d.schedule == "polynomial":
+        schedule = NoiseSchedule.polynomial(power=d.power, precision=d.precision, grid=d.grid)
+    elif d.schedule == "cosine":
+        schedule = NoiseSchedule.cosine(s=d.cosine_s, grid=d.grid)
+    else:
+        raise ValueError(f"unknown schedule {d.schedule!r}")
+    return MolDiffPipeline(EGNNDenoiser(model_cfg), schedule, features, data.statistics, data.atomic_numbers,
+                           metadata={"run_name": cfg.name})
+
+
+def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor, generator, shard=None) -> torch.Tensor:
+    """EDM's L2 loss on one batch at times ``t`` ``(B,)``.
+
+    ``shard=(lo, hi)`` restricts the loss to molecules ``lo:hi`` after drawing noise for the whole
+    batch (data-parallel ranks use this so that they reproduce single-process noise exactly).
+    """
+    h = pipe.features.encode(batch.types, batch.charges, dtype=batch.pos.dtype)
+    alpha, sigma = pipe.schedule.alpha_sigma(t)
+    noised = add_noise(batch.pos, h, alpha, sigma, batch.batch, generator=generator)
+    bvec, num_graphs, tt = batch.batch, batch.num_graphs, t
+    pos_t, h_t, eps_pos, eps_h = noised
+    if shard is not None:
+        lo, hi = shard
+        keep = (bvec >= lo) & (bvec < hi)
+        pos_t, h_t, eps_pos, eps_h = pos_t[keep], h_t[keep], eps_pos[keep], eps_h[keep]
+        bvec, num_graphs, tt = bvec[keep] - lo, hi - lo, t[lo:hi]
+    pred_pos, pred_h = pipe.predict_noise(pos_t, h_t, tt.to(pos_t.dtype), bvec)
+    return epsilon_loss(pred_pos, eps_pos, pred_h, eps_h, bvec, num_graphs)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class Trainer:
+    """Owns one run directory. ``rank``/``world_size`` > 1 trains data-parallel (DDP, rank 0 writes)."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, *, data: TrainingData | None = None,
+                 rank: int = 0, world_size: int = 1, log: Callable[[str], None] = print,
+                 evaluate: Callable | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.rank, self.world_size = rank, world_size
+        self.log = log if rank == 0 else (lambda _msg: None)
+        self.evaluate = evaluate  # (pipeline, cfg) -> dict of sampled metrics; injected by the CLI
+        self.device = torch.device(cfg.train.device)
+        self.data = data or load_training_data(cfg)
+        torch.manual_seed(cfg.train.seed)  # parameter initialisation only
+        self.pipe = build_pipeline(cfg, self.data).to(self.device)
+        self.model = self.pipe.denoiser
+        # What the training forward pass calls: the model, maybe compiled, maybe wrapped in DDP.
+        self.forward_model = self.model
+        if cfg.train.compile:
+            self.forward_model = torch.compile(self.forward_model, dynamic=True)
+        if world_size > 1:
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(self.forward_model)
+        if cfg.train.precision not in ("fp32", "bf16"):
+            raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {cfg.train.precision!r}")
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay, amsgrad=o.amsgrad)
+        self.ema = EMA(self.model, o.ema_decay) if o.ema_decay > 0 else None
+        self.clipper = AdaptiveClipper() if o.clip == "edm" else None
+        self.fixed_clip = None if o.clip in ("edm", "none") else float(o.clip)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(cfg.train.seed + 1)
+        self.step, self.epoch, self.batch_in_epoch, self.hours = 0, 0, 0, 0.0
+        self._stop_signal = None
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "format_version": 1,
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "clipper": None if self.clipper is None else self.clipper.state_dict(),
+            "generator": self.generator.get_state(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "hours": self.hours,
+            "pipeline_config": self.pipe.config_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.clipper is not None and state["clipper"] is not None:
+            self.clipper.load_state_dict(state["clipper"])
+        self.generator.set_state(state["generator"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batch_in_epoch, self.hours = state["batch_in_epoch"], state["hours"]
+
+    def export_pipeline(self) -> MolDiffPipeline:
+        """The EMA weights (or raw weights without EMA) as a sampling pipeline."""
+        pipe = MolDiffPipeline.from_config(self.pipe.config_dict())
+        src = self.ema.model if self.ema is not None else self.model
+        pipe.denoiser.load_state_dict(src.state_dict())
+        pipe.metadata.update({"step": self.step, "epoch": self.epoch, "train_hours": round(self.hours, 4)})
+        return pipe.to(self.device)
+
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_torch_save(self.state_dict(), self.run_dir / "checkpoint.pt")
+        self.export_pipeline().save_pretrained(self.run_dir / "pipeline")
+
+    def resume(self) -> bool:
+        """Load ``checkpoint.pt`` from the run directory if there is one; returns whether it did."""
+        path = self.run_dir / "checkpoint.pt"
+        if not path.is_file():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.load_state_dict(state)
+        self._truncate_log()
+        self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, {self.hours:.2f} h)")
+        return True
+
+    # ------------------------------------------------------------------ logging
+    def _log_path(self) -> Path:
+        return self.run_dir / "log.csv"
+
+    def _truncate_log(self) -> None:
+        """Drop log rows written after the checkpoint (they will be written again identically)."""
+        path = self._log_path()
+        if self.rank != 0 or not path.is_file():
+            return
+        with open(path, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= self.step]
+        self._write_log_rows(rows, mode="w")
+
+    def _write_log_rows(self, rows, mode="a") -> None:
+        path = self._log_path()
+        new = mode == "w" or not path.is_file()
+        with open(path, mode, newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
+            if new:
+                w.writeheader()
+            w.writerows(rows)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def validation_loss(self, max_batches: int = 20) -> float:
+        """Mean loss of the EMA model on the validation subset with fixed times and noise."""
+        model = self.ema.model if self.ema is not None else self.model
+        pipe = MolDiffPipeline(model, self.pipe.schedule, self.pipe.features, self.pipe.statistics, self.pipe.atomic_numbers)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(12345)
+        total, count = 0.0, 0
+        for b, batch in self.data.valid.batches(self.cfg.train.batch_size, seed=0, epoch=0, drop_last=False):
+            if b >= max_batches:
+                break
+            batch = batch.to(self.device)
+            t = torch.rand(batch.num_graphs, generator=gen, dtype=torch.float64, device=self.device)
+            total += float(diffusion_loss(pipe, batch, t, gen)) * batch.num_graphs
+            count += batch.num_graphs
+        return total / max(1, count)
+
+    # ------------------------------------------------------------------ the loop
+    def _install_signal_handlers(self):
+        def handler(signum, _frame):
+            self._stop_signal = signum
+        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        return old
+
+    def train_step(self, batch: MoleculeBatch) -> tuple[float, float, bool, bool]:
+        """One optimiser step; returns ``(loss, grad_norm, clipped, skipped)``."""
+        self.model.train()
+        b = batch.num_graphs
+        t = torch.rand(b, generator=self.generator, dtype=torch.float64, device=self.device)
+        shard = None
+        if self.world_size > 1:
+            per = b // self.world_size
+            shard = (self.rank * per, (self.rank + 1) * per)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
+            loss = diffusion_loss(self._loss_pipe(), batch.to(self.device), t, self.generator, shard)
+        if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            return float(loss), float("nan"), False, True
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clipped = False
+        if self.clipper is not None:
+            norm, _, clipped = self.clipper.clip(self.model.parameters())
+        elif self.fixed_clip is not None:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.fixed_clip))
+            clipped = norm > self.fixed_clip
+        else:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf")))
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        if self.world_size > 1:
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss /= self.world_size
+        return float(loss.detach()), norm, clipped, False
+
+    def _loss_pipe(self) -> MolDiffPipeline:
+        if self.forward_model is self.model:
+            return self.pipe
+        # Route the forward pass through the compiled / DDP wrapper (DDP all-reduces gradients).
+        wrapper = self.forward_model
+
+        class _Proxy:
+            features, schedule = self.pipe.features, self.pipe.schedule
+
+            @staticmethod
+            def predict_noise(pos_t, h_t, t, batch):
+                out = wrapper(pos_t, h_t, t, batch)
+                return out.pos, out.h
+
+        return _Proxy()
+
+    def train(self, progress: Callable | None = None) -> dict:
+        """Train until ``max_steps`` or ``max_minutes`` (or a signal); checkpoint on the way out."""
+        cfg = self.cfg.train
+        if cfg.max_steps is None and cfg.max_minutes is None:
+            raise ValueError("set train.max_steps or train.max_minutes")
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        old_handlers = self._install_signal_handlers()
+        start = time.monotonic()
+        hours0 = self.hours
+        last_ckpt = time.monotonic()
+        window, consecutive_bad, skipped_total = [], 0, 0
+        last = {}
+        try:
+            while True:
+                for b, batch in self.data.train.batches(cfg.batch_size, cfg.seed, self.epoch, self.batch_in_epoch):
+                    if self._done(start):
+                        raise StopIteration
+                    loss, norm, clipped, skipped = self.train_step(batch)
+                    self.step += 1
+                    self.batch_in_epoch = b + 1
+                    self.hours = hours0 + (time.monotonic() - start) / 3600.0
+                    if skipped:
+                        consecutive_bad += 1
+                        skipped_total += 1
+                        if consecutive_bad >= 10:
+                            raise NumericalFaultError(f"10 consecutive non-finite losses (last at step {self.step})")
+                    else:
+                        consecutive_bad = 0
+                        window.append(loss)
+                    if progress is not None:
+                        progress(self.step, loss)
+                    row = self._maybe_log(window, norm, clipped, skipped_total)
+                    if row:
+                        last, window = row, []
+                    if time.monotonic() - last_ckpt > 60.0 * cfg.checkpoint_minutes:
+                        self.save_checkpoint()
+                        last_ckpt = time.monotonic()
+                self.epoch += 1
+                self.batch_in_epoch = 0
+        except StopIteration:
+            pass
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        self.save_checkpoint()
+        if self._stop_signal is not None:
+            self.log(f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved")
+        return last
+
+    def _done(self, start: float) -> bool:
+        cfg = self.cfg.train
+        if self._stop_signal is not None:
+            return True
+        if cfg.max_steps is not None and self.step >= cfg.max_steps:
+            return True
+        return cfg.max_minutes is not None and (time.monotonic() - start) / 60.0 >= cfg.max_minutes
+
+    def _maybe_log(self, window, norm, clipped, skipped_total) -> dict | None:
+        cfg = self.cfg.train
+        at_val = cfg.val_every and self.step % cfg.val_every == 0
+        at_sample = cfg.sample_every and self.step % cfg.sample_every == 0
+        if not (self.step % cfg.log_every == 0 or at_val or at_sample):
+            return None
+        row = {k: "" for k in LOG_FIELDS}
+        row.update(step=self.step, epoch=self.epoch, hours=f"{self.hours:.4f}",
+                   loss=f"{np.mean(window):.6f}" if window else "nan", grad_norm=f"{norm:.4f}",
+                   clipped=int(clipped), skipped=skipped_total)
+        if at_val:
+            row["val_loss"] = f"{self.validation_loss():.6f}"
+        if at_sample and self.evaluate is not None and self.rank == 0:
+            metrics = self.evaluate(self.export_pipeline(), self.cfg)
+            row.update({k: f"{metrics[k]:.4f}" for k in ("atom_stable", "mol_stable", "validity", "uniqueness") if k in metrics})
+        if self.rank == 0:
+            self._write_log_rows([row])
+            shown = {k: v for k, v in row.items() if v not in ("",)}
+            self.log("  ".join(f"{k}={v}" for k, v in shown.items()))
+        return row
