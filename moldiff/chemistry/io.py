@@ -9,6 +9,7 @@ Only whole-file problems (missing, unknown extension, empty, nothing parseable) 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +30,7 @@ __all__ = [
     "write_sdf",
     "write_xyz",
     "write_csv",
+    "write_json",
 ]
 
 
@@ -297,3 +299,9 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict]) -> None:
         writer.writerows(rows)
 
     _atomic_write(path, write)
+
+
+def write_json(path: str | os.PathLike, obj: object) -> None:
+    """Write ``obj`` as indented JSON, atomically (a failed write leaves the old file intact)."""
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    _atomic_write(path, lambda fh: fh.write(text))

@@ -127,9 +127,8 @@ def qm9pack_csv_dir() -> Path:
 
 
 def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/moldiff`` or ``~/.cache/moldiff``; callers may pass their own."""
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "moldiff"
+    """``~/.cache/moldiff``; callers (the CLI honours ``$MOLDIFF_CACHE``) may pass their own."""
+    return Path.home() / ".cache" / "moldiff"
 
 
 def _parse_floats(text: str) -> list[float]:

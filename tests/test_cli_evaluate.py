@@ -1,0 +1,86 @@
+"""`moldiff evaluate` and `moldiff data` run as a user runs them: subprocesses."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from moldiff.chemistry.io import write_sdf, write_xyz
+
+
+def run(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "moldiff.cli", *args], capture_output=True, text=True, timeout=300, **kw)
+
+
+@pytest.fixture(scope="module")
+def five_test_molecules(qm9, split):
+    return [qm9.molecule(int(i)) for i in split["test"][:5]]
+
+
+def test_evaluate_sdf_writes_json(tmp_path, five_test_molecules):
+    sdf = tmp_path / "m.sdf"
+    write_sdf(sdf, five_test_molecules)
+    out = tmp_path / "metrics.json"
+    r = run("evaluate", str(sdf), "--json", str(out), "--no-novelty")
+    assert r.returncode == 0, r.stderr
+    assert "molecule stable" in r.stdout
+    m = json.loads(out.read_text())
+    assert m["n"] == 5
+    for key in ("atom_stable", "mol_stable", "validity", "uniqueness", "valid_and_unique"):
+        assert 0.0 <= m[key] <= 1.0
+    assert m["validity"] == 1.0  # the first five test molecules are all valid under the protocol
+
+
+def test_evaluate_xyz_with_a_broken_frame_counts_it(tmp_path, five_test_molecules):
+    xyz = tmp_path / "m.xyz"
+    write_xyz(xyz, five_test_molecules[:2])
+    xyz.write_text(xyz.read_text() + "3\nbroken\nC 0 0 0\nH 1 oops 0\nH 0 1 0\n")
+    out = tmp_path / "m.json"
+    r = run("evaluate", str(xyz), "--json", str(out), "--no-novelty")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(out.read_text())
+    assert m["n"] == 3 and m["n_unreadable"] == 1
+    assert m["validity"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize(
+    "content, name",
+    [("", "empty.sdf"), ("this is not a molecule\n", "junk.xyz"), (None, "missing.sdf"), ("x", "data.pdbqt")],
+)
+def test_evaluate_bad_files_give_one_line_errors(tmp_path, content, name):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    r = run("evaluate", str(path), "--no-novelty")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moldiff: error:")
+
+
+def test_evaluate_nan_coordinates_counted_invalid(tmp_path):
+    xyz = tmp_path / "nan.xyz"
+    xyz.write_text("3\nwater\nO 0 0 0\nH 0.96 0 0\nH nan 0.9 0\n3\nwater\nO 0 0 0\nH 0.96 0 0\nH -0.24 0.93 0\n")
+    out = tmp_path / "o.json"
+    r = run("evaluate", str(xyz), "--json", str(out), "--no-novelty")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(out.read_text())
+    assert m["n"] == 2 and m["validity"] == pytest.approx(0.5)
+
+
+def test_evaluate_dataset_prints_the_data_row():
+    r = run("evaluate", "--dataset", "qm9:test", "--no-novelty")
+    assert r.returncode == 0, r.stderr
+    assert "99.34%" in r.stdout and "95.22%" in r.stdout and "97.74%" in r.stdout
+
+
+def test_evaluate_unknown_split_is_an_error():
+    r = run("evaluate", "--dataset", "qm9:everything")
+    assert r.returncode == 2 and "unknown split" in r.stderr
+
+
+def test_data_summary():
+    r = run("data", "qm9")
+    assert r.returncode == 0, r.stderr
+    assert "train 100000, valid 17748, test 13083" in r.stdout
