@@ -1,0 +1,89 @@
+"""Geometry diagnostics that move before stability does (for comparing training recipes).
+
+All inputs are ``(symbols, positions)`` pairs, positions ``(n, 3)`` in Å. numpy + RDKit-free.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
+
+from .bonds import edm_bond_matrix, pairwise_distances
+from .elements import to_symbols
+
+__all__ = ["geometry_diagnostics", "bond_lengths", "CLOSE_CONTACT_ANGSTROM"]
+
+CLOSE_CONTACT_ANGSTROM = 0.9  #: no two atoms of a real QM9 molecule are closer than ~0.96 Å (O-H)
+
+#: bond types (element pair, EDM-table order) whose lengths are compared with the data
+TRACKED_BONDS = (("C", "H", 1), ("C", "C", 1), ("C", "C", 2), ("C", "N", 1), ("C", "O", 1), ("C", "O", 2), ("N", "H", 1), ("O", "H", 1))
+
+
+def _key(a: str, b: str, order: int) -> tuple[str, str, int]:
+    return (*sorted((a, b)), order)
+
+
+def bond_lengths(molecules: Iterable[tuple[Sequence[object], np.ndarray]]) -> dict[tuple[str, str, int], np.ndarray]:
+    """Lengths (Å) of every table-bonded pair, grouped by (sorted element pair, bond order)."""
+    out: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    for symbols, pos in molecules:
+        pos = np.asarray(pos, dtype=np.float64)
+        if len(pos) < 2 or not np.isfinite(pos).all():
+            continue
+        sym = to_symbols(symbols)
+        orders = edm_bond_matrix(sym, pos)
+        d = pairwise_distances(pos)
+        i, j = np.nonzero(np.triu(orders))
+        for a, b in zip(i, j):
+            out[_key(sym[a], sym[b], int(orders[a, b]))].append(float(d[a, b]))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def geometry_diagnostics(molecules: Sequence[tuple[Sequence[object], np.ndarray]], reference: Sequence[tuple[Sequence[object], np.ndarray]] | None = None) -> dict:
+    """Fractions of molecules in one piece and with close contacts; with a ``reference`` set (e.g.
+    500 training molecules): per bond type the sample's mean and std of lengths next to the data's,
+    and the total-variation distance between element frequencies.
+    """
+    one_piece = close = n_fragments = counted = 0
+    elements: Counter[str] = Counter()
+    for symbols, pos in molecules:
+        pos = np.asarray(pos, dtype=np.float64)
+        counted += 1
+        if len(pos) < 2 or not np.isfinite(pos).all():
+            continue
+        sym = to_symbols(symbols)
+        elements.update(sym)
+        d = pairwise_distances(pos)
+        np.fill_diagonal(d, np.inf)
+        close += bool((d < CLOSE_CONTACT_ANGSTROM).any())
+        adj = csr_matrix(edm_bond_matrix(sym, pos) > 0)
+        k, _ = connected_components(adj, directed=False)
+        n_fragments += k
+        one_piece += k == 1
+    out = {
+        "n": counted,
+        "one_piece": one_piece / max(1, counted),
+        "mean_fragments": n_fragments / max(1, counted),
+        "close_contact": close / max(1, counted),
+    }
+    if reference is not None:
+        ref_elements: Counter[str] = Counter()
+        for symbols, _ in reference:
+            ref_elements.update(to_symbols(symbols))
+        keys = sorted(set(elements) | set(ref_elements))
+        p = np.array([elements[k] for k in keys], dtype=float)
+        q = np.array([ref_elements[k] for k in keys], dtype=float)
+        out["element_tv"] = 0.5 * float(np.abs(p / max(p.sum(), 1) - q / max(q.sum(), 1)).sum())
+        got, want = bond_lengths(molecules), bond_lengths(reference)
+        for a, b, order in TRACKED_BONDS:
+            k = _key(a, b, order)
+            name = f"{k[0]}{'-=#'[order - 1]}{k[1]}"
+            if k in got and len(got[k]) and k in want:
+                out[f"bond_{name}_mean_err"] = float(got[k].mean() - want[k].mean())
+                out[f"bond_{name}_std"] = float(got[k].std())
+                out[f"bond_{name}_std_data"] = float(want[k].std())
+    return out
