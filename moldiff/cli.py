@@ -2,7 +2,8 @@
 
 This is the only module that reads argv and environment variables, sets global torch state
 (threads, seeds) or decides how errors are shown: a bad input prints one line
-``moldiff: error: ...`` and exits with status 2 (``--debug`` shows the traceback instead).
+``moldiff: error: ...`` and exits with status 2 (``--debug`` shows the traceback instead). A reader
+that closes the pipe early (``moldiff data | head -3``) ends the command quietly with status 141.
 """
 
 from __future__ import annotations
@@ -182,6 +183,258 @@ def _sampled_metrics(pipe, cfg) -> dict:
     return evaluate_molecules(mols).to_dict()
 
 
+# ---------------------------------------------------------------------------- sample
+_OUTPUT_KINDS = ("sdf", "csv", "png", "json")
+_PREVIEW_MOLECULES = 16
+
+
+def _output_files(spec: str) -> tuple[Path, dict[str, Path]]:
+    """(folder, {kind: path}) for ``-o``: ``x/name.sdf`` -> ``x/name.{sdf,csv,png,json}``; a path
+    without ``.sdf`` (or an existing folder) is a folder holding ``samples.{sdf,csv,png,json}``."""
+    path = Path(spec).expanduser()
+    as_folder = spec.endswith(("/", os.sep)) or path.is_dir()
+    if path.suffix.lower() == ".sdf" and not as_folder:
+        folder = path.parent
+        files = {kind: path.with_suffix(f".{kind}") for kind in _OUTPUT_KINDS}
+        files["sdf"] = path
+    elif path.suffix == "" or as_folder:
+        folder = path
+        files = {kind: path / f"samples.{kind}" for kind in _OUTPUT_KINDS}
+    else:
+        raise UsageError(f"-o {spec}: give a .sdf file (e.g. out/samples.sdf) or a folder (e.g. out/samples)")
+    return folder, files
+
+
+def _check_writable(folder: Path, files: dict[str, Path]) -> None:
+    """Fail before sampling if the outputs cannot be written; creates nothing."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"cannot write to {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to {folder}: no write permission in {existing}")
+    try:  # the real test (read-only filesystems, ACLs): a nameless file that vanishes on close
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+    for path in files.values():
+        if path.is_dir():
+            raise UsageError(f"cannot write {path}: it is a folder")
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and missing parents; return the ones created, deepest first."""
+    created = []
+    current = folder
+    while not current.exists():
+        created.append(current)
+        current = current.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _write_outputs(folder: Path, files: dict[str, Path], writers: dict) -> None:
+    """All-or-nothing: write every file under a temporary name, then rename them into place.
+
+    On any failure the temporary files (and folders this call created) are removed and earlier
+    outputs stay as they were.
+    """
+    import uuid
+
+    created = _make_folders(folder)
+    token = uuid.uuid4().hex[:12]
+    partial = {kind: path.with_name(f".{path.name}.{token}.part") for kind, path in files.items()}
+    try:
+        for kind, write in writers.items():
+            write(partial[kind])
+        for kind, path in files.items():
+            os.replace(partial[kind], path)
+    except BaseException:
+        for tmp in partial.values():
+            tmp.unlink(missing_ok=True)
+        for directory in created:
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _check_sampler_name(name: str) -> None:
+    from moldiff.diffusion.samplers import SAMPLERS
+
+    base, colon, arg = name.partition(":")
+    if base not in SAMPLERS:
+        raise UsageError(f"unknown sampler {name!r}; choose ancestral, ddim or ddim:<eta> (e.g. ddim:0.5)")
+    if colon:
+        try:
+            eta = float(arg)
+        except ValueError:
+            raise UsageError(f"sampler {name!r}: eta must be a number, e.g. ddim:0.5") from None
+        if base != "ddim" or not 0.0 <= eta <= 1.0:
+            raise UsageError(f"sampler {name!r}: only ddim takes an argument, eta in [0, 1] (e.g. ddim:0.5)")
+
+
+def _check_device(device: str) -> None:
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise UsageError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA GPU is available (torch.cuda.is_available() is False)")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+
+
+def _sample_tags(m, k: int, args) -> dict:
+    import numpy as np
+
+    reason = m.reason
+    if m.mol is None and not np.isfinite(m.positions).all():
+        reason = f"{reason} (non-finite coordinates written as 0)"
+    return {
+        "index": k,
+        "SMILES": m.smiles,
+        "valid": m.valid,
+        "mol_stable": m.mol_stable,
+        "num_atoms": m.num_atoms,
+        "n_stable_atoms": m.n_stable_atoms,
+        "rdkit_SMILES": m.rdkit_smiles,
+        "bonds": m.bonds,
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "seed": args.seed,
+        "reason": reason,
+    }
+
+
+def cmd_sample(args) -> int:
+    # Everything that can be wrong is checked before a single molecule is sampled, the cheap
+    # checks before torch and RDKit are imported.
+    if args.n <= 0:
+        raise UsageError(f"-n must be a positive number of molecules, got {args.n}")
+    if args.steps <= 0:
+        raise UsageError(f"--steps must be positive, got {args.steps}")
+    if args.batch_size <= 0:
+        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.num_atoms is not None and args.num_atoms < 2:
+        raise UsageError(f"--num-atoms must be at least 2, got {args.num_atoms}")
+    if args.threads is not None and args.threads <= 0:
+        raise UsageError(f"--threads must be positive, got {args.threads}")
+    folder, files = _output_files(args.output)
+    _check_writable(folder, files)
+    _check_sampler_name(args.sampler)
+    _check_device(args.device)
+
+    import torch
+
+    from moldiff.chemistry.io import write_csv, write_json, write_sdf
+    from moldiff.chemistry.metrics import format_table
+    from moldiff.chemistry.report import (
+        SA_SCORE_NOTE,
+        descriptor_row,
+        display_smiles,
+        grid_image,
+        sa_score_available,
+        sd_record,
+        write_png,
+    )
+    from moldiff.pipeline import evaluate_molecules, load_pretrained, molecules_from_arrays, resolve_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from moldiff.pipeline import PRETRAINED_DIR, CheckpointError
+
+    try:
+        checkpoint = resolve_checkpoint(args.checkpoint)
+    except CheckpointError:
+        raise UsageError(f"no pretrained model is shipped in {PRETRAINED_DIR} yet; give --checkpoint DIR "
+                         "(a checkpoint folder or a `moldiff train` run folder)") from None
+    pipe = load_pretrained(checkpoint, device=args.device)
+    if args.num_atoms is not None:
+        pipe.check_sizes([args.num_atoms])
+    from moldiff.diffusion.samplers import make_sampler
+
+    make_sampler(args.sampler, pipe.schedule)  # a bad sampler fails here, not after loading data
+    reference = None
+    if args.novelty:
+        from moldiff.data.qm9 import training_smiles
+
+        try:
+            reference = training_smiles(_cache_dir(args))
+        except Exception as exc:  # noqa: BLE001 - say what to do instead
+            raise UsageError(f"cannot load QM9 training SMILES for novelty ({exc}); use --no-novelty") from None
+
+    t0 = time.monotonic()
+    with _progress_bar(args.n, "sampling", "mol") as bar:
+        arrays = pipe.sample_arrays(args.n, steps=args.steps, sampler=args.sampler, seed=args.seed,
+                                    num_atoms=args.num_atoms, batch_size=args.batch_size, progress=bar.update)
+    t1 = time.monotonic()
+    with _progress_bar(args.n, "bonds + RDKit", "mol") as bar:
+        molecules = molecules_from_arrays(arrays, progress=bar.update)
+    report = evaluate_molecules(molecules, reference=reference)
+    t2 = time.monotonic()
+
+    records = [sd_record(m.mol, m.symbols, m.positions, _sample_tags(m, k, args), f"moldiff sample {k}")
+               for k, m in enumerate(molecules)]
+    rows = []
+    for k, m in enumerate(molecules):
+        row = {"index": k, "SMILES": m.smiles, "valid": int(m.valid), "mol_stable": int(m.mol_stable)}
+        row.update(descriptor_row(m.mol if m.valid else None))
+        row.update(num_atoms=m.num_atoms, formula=m.formula, rdkit_SMILES=m.rdkit_smiles, bonds=m.bonds, reason=m.reason)
+        rows.append(row)
+    preview = [(k, m.mol) for k, m in enumerate(molecules) if m.valid and m.mol is not None][:_PREVIEW_MOLECULES]
+    image = grid_image([mol for _, mol in preview], [f"#{k} {display_smiles(mol) or ''}" for k, mol in preview],
+                       empty_text=f"no valid molecules among {args.n} samples")
+    # The SA scorer loads a 1 s fragment table; only needed (and only reported) with valid molecules.
+    n_valid = sum(m.valid for m in molecules)
+    if n_valid == 0:
+        sa_note = "not computed (no valid molecules)"
+    else:
+        sa_note = "RDKit Contrib sascorer" if sa_score_available() else SA_SCORE_NOTE
+    n_faults = sum(m.fault for m in molecules)
+    n_coordinates_only = sum(m.bonds == "none" for m in molecules)
+    summary = report.to_dict(per_molecule=False) | {
+        "n_faults": n_faults,
+        "n_coordinates_only": n_coordinates_only,
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "seed": args.seed,
+        "num_atoms": args.num_atoms,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "checkpoint": str(checkpoint),
+        "seconds": round(t2 - t0, 3),
+        "seconds_sampling": round(t1 - t0, 3),
+        "protocol": "EDM (Hoogeboom et al. 2022): table bonds, stability, validity, uniqueness, novelty",
+        "sa_score": sa_note,
+    }
+    _write_outputs(folder, files, {
+        "sdf": lambda path: write_sdf(path, records),
+        "csv": lambda path: write_csv(path, rows),
+        "png": lambda path: write_png(path, image),
+        "json": lambda path: write_json(path, summary),
+    })
+
+    print(f"sampled {args.n} molecules in {t2 - t0:.1f} s ({args.sampler}, {args.steps} steps, seed {args.seed}, "
+          f"device {args.device}; denoising {t1 - t0:.1f} s)")
+    print(format_table(report))
+    print(f"numerical faults: {n_faults}; coordinates-only records (no bonds): {n_coordinates_only}")
+    if sa_note == SA_SCORE_NOTE:
+        print(f"note: {SA_SCORE_NOTE}")
+    print(f"wrote {files['sdf']} ({len(records)} records), {files['csv']}, {files['png']} "
+          f"({len(preview)} molecules), {files['json']}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moldiff", description="E(3)-equivariant diffusion for 3D molecules")
@@ -210,6 +463,34 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="start afresh even if --run-dir holds a run")
     t.add_argument("--threads", type=int, help="torch CPU threads (default: train.num_threads)")
     t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser(
+        "sample",
+        help="sample molecules from a trained model into SDF + CSV + PNG + JSON",
+        description="Sample molecules and write OUT.sdf (every sample, SD tags SMILES/valid/mol_stable/"
+        "num_atoms/sampler/steps/seed/reason; invalid ones kept, coordinates-only when no bonds fit), "
+        "OUT.csv (SMILES, EDM flags, QED, SA score, MW, logP of valid molecules), OUT.png (first 16 valid "
+        "molecules in 2D) and OUT.json (EDM-protocol metrics). Files are written all together at the end; "
+        "a bad option or failure writes nothing.",
+    )
+    s.add_argument("-n", type=int, default=100, help="number of molecules (default 100)")
+    s.add_argument("-o", "--output", default="samples.sdf", metavar="PATH",
+                   help="output .sdf file (default samples.sdf); the .csv, .png and .json go beside it with the "
+                   "same name. A path without .sdf (e.g. out/samples) is a folder, created if needed, that "
+                   "receives samples.sdf, samples.csv, samples.png and samples.json")
+    s.add_argument("--steps", type=int, default=50, metavar="K", help="reverse diffusion steps (default 50)")
+    s.add_argument("--sampler", default="ancestral", metavar="NAME", help="ancestral (default), ddim, or ddim:<eta> e.g. ddim:0.5")
+    s.add_argument("--seed", type=int, default=0, help="same seed, same molecules (default 0)")
+    s.add_argument("--num-atoms", type=int, metavar="N", help="atoms per molecule (default: drawn from the training sizes)")
+    s.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder, or a `moldiff train` run folder "
+                   "(default: the QM9 model shipped with moldiff)")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    s.add_argument("--batch-size", type=int, default=256, metavar="B", help="molecules denoised together (default 256)")
+    s.add_argument("--no-novelty", dest="novelty", action="store_false",
+                   help="skip novelty (otherwise compared with the cached QM9 training SMILES)")
+    s.add_argument("--threads", type=int, metavar="T", help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--cache-dir", metavar="DIR", help="processed-data cache for the novelty reference")
+    s.set_defaults(func=cmd_sample)
     return p
 
 
@@ -217,7 +498,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows up here rather than at interpreter exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (e.g. `moldiff data | head -3`): stop quietly, like other Unix
+        # tools, and keep Python from complaining when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
     except KeyboardInterrupt:
         print("moldiff: interrupted", file=sys.stderr)
         return 130

@@ -5,6 +5,10 @@ draw zero-CoM noise, then for each time pair ``(t, s)`` ask the network for the 
 the sampler take one step. Checkpoint directories hold ``config.json`` (everything needed to
 rebuild the objects, no code defaults involved) and ``model.pt`` (a plain state dict that loads
 with ``torch.load(weights_only=True)``).
+
+:meth:`MolDiffPipeline.sample` is the user-facing call: it returns one :class:`GeneratedMolecule`
+per sample (RDKit molecule, SMILES, EDM-protocol flags, and why a sample is invalid), handing all
+RDKit work to :mod:`moldiff.chemistry`. :func:`load_pretrained` finds and loads a checkpoint.
 """
 
 from __future__ import annotations
@@ -15,22 +19,45 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
 from moldiff.chemistry.elements import QM9_ELEMENTS
+from moldiff.chemistry.metrics import MetricsReport, MoleculeResult, evaluate_molecule, summarize
+from moldiff.chemistry.report import assess_sample
 from moldiff.data.statistics import DatasetStatistics
 from moldiff.diffusion import AtomFeatures, NoiseSchedule, centred_noise, make_sampler
 from moldiff.geometry import fully_connected_edges, num_nodes_per_graph
 from moldiff.models import DenoiserConfig, EGNNDenoiser
 
-__all__ = ["MolDiffPipeline", "SampledArrays", "CheckpointError", "FORMAT_VERSION"]
+if TYPE_CHECKING:  # RDKit types only; all RDKit work happens in moldiff.chemistry
+    from rdkit import Chem
+
+__all__ = [
+    "MolDiffPipeline",
+    "SampledArrays",
+    "GeneratedMolecule",
+    "CheckpointError",
+    "FORMAT_VERSION",
+    "PRETRAINED_DIR",
+    "load_pretrained",
+    "resolve_checkpoint",
+    "DEFAULT_STEPS",
+    "DEFAULT_SAMPLER",
+    "molecules_from_arrays",
+    "evaluate_molecules",
+]
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.pt"
+#: The checkpoint shipped inside the package; ``load_pretrained()`` with no path loads it.
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained" / "qm9"
+#: Defaults of :meth:`MolDiffPipeline.sample` and ``moldiff sample``.
+DEFAULT_STEPS = 50
+DEFAULT_SAMPLER = "ancestral"
 
 
 class CheckpointError(ValueError):
@@ -58,6 +85,130 @@ class SampledArrays:
 
     def symbols(self, k: int) -> list[str]:
         return [self.elements[i] for i in self.types[k]]
+
+
+@dataclass(eq=False, repr=False)
+class GeneratedMolecule:
+    """One sampled molecule, as :meth:`MolDiffPipeline.sample` returns it.
+
+    Every sample is returned; nothing is dropped or repaired. Atom ``i`` of ``mol`` is atom ``i``
+    of ``symbols``/``positions``.
+
+    Attributes:
+        symbols: N element symbols.
+        positions: ``(N, 3)`` float64 coordinates in Å (zero centroid); non-finite after a
+            numerical fault, left as they came out.
+        charges: ``(N,)`` integer charge channel as sampled (EDM's channel encodes the nuclear
+            charge, not a formal charge), or ``None`` for a model without one. Formal charges,
+            where RDKit could assign them, are on ``mol``'s atoms.
+        mol: RDKit molecule with a 3D conformer, every sampled hydrogen an explicit atom, or
+            ``None`` after a numerical fault. Bonds from RDKit's ``rdDetermineBonds`` when it
+            succeeds (bond orders and formal charges a viewer shows sensibly); else the EDM
+            table-bonded molecule if it sanitizes (under-bonded atoms then carry implicit
+            hydrogens, EDM's convention); else coordinates only, no bonds (``bonds`` says which).
+        smiles: EDM validity SMILES (largest fragment of the table-bonded molecule, hydrogens
+            written as ``[H]`` atoms), ``None`` when invalid.
+        valid: EDM validity (RDKit sanitizes the table-bonded molecule).
+        mol_stable: EDM molecule stability (every atom's bond-order sum is an allowed valence).
+        n_stable_atoms: number of EDM-stable atoms.
+        reason: why the sample is invalid and/or unstable, or ``"numerical fault at reverse
+            step k"``; ``None`` for a valid, stable molecule.
+        rdkit_smiles: heavy-atom SMILES of the ``rdDetermineBonds`` molecule, ``None`` if that
+            route failed.
+        bonds: ``"rdDetermineBonds"``, ``"EDM table"`` or ``"none"`` (origin of ``mol``'s bonds).
+        fault_step: reverse step at which the sample first became non-finite, -1 if never
+            (``steps`` means the final decode).
+    """
+
+    symbols: list[str]
+    positions: np.ndarray
+    charges: np.ndarray | None
+    mol: "Chem.Mol | None"
+    smiles: str | None
+    valid: bool
+    mol_stable: bool
+    n_stable_atoms: int
+    reason: str | None = None
+    rdkit_smiles: str | None = None
+    bonds: str = "none"
+    fault_step: int = -1
+
+    @property
+    def num_atoms(self) -> int:
+        return len(self.symbols)
+
+    @property
+    def fault(self) -> bool:
+        """Whether the sample hit a numerical fault (NaN/inf) during sampling."""
+        return self.fault_step >= 0
+
+    @property
+    def formula(self) -> str:
+        """Hill formula of the sampled atoms, e.g. ``C3H7NO``."""
+        counts: dict[str, int] = {}
+        for s in self.symbols:
+            counts[s] = counts.get(s, 0) + 1
+        if "C" in counts:  # Hill order: C, H, then alphabetical; alphabetical without carbon
+            order = ["C", "H"] + sorted(e for e in counts if e not in ("C", "H"))
+        else:
+            order = sorted(counts)
+        return "".join(f"{e}{counts[e] if counts[e] > 1 else ''}" for e in order if e in counts)
+
+    @property
+    def result(self) -> MoleculeResult:
+        """The EDM-protocol verdict, as :func:`moldiff.chemistry.metrics.summarize` takes it."""
+        return MoleculeResult(self.smiles, self.valid, self.mol_stable, self.n_stable_atoms, self.num_atoms, self.reason)
+
+    def __repr__(self) -> str:
+        shown = self.rdkit_smiles or self.smiles
+        return (
+            f"GeneratedMolecule({self.formula}, valid={self.valid}, mol_stable={self.mol_stable}"
+            + (f", smiles={shown!r}" if shown else "")
+            + (f", reason={self.reason!r}" if self.reason and not self.valid else "")
+            + ")"
+        )
+
+
+def _fault_reason(step: int, steps: int) -> str:
+    where = " (final decode)" if step >= steps else ""
+    return f"numerical fault at reverse step {step}{where}"
+
+
+def molecules_from_arrays(
+    arrays: SampledArrays, progress: Callable[[int], None] | None = None
+) -> list[GeneratedMolecule]:
+    """Turn raw samples into :class:`GeneratedMolecule` objects (bonds, RDKit molecule, EDM flags).
+
+    ``progress(1)`` is called after each molecule. Samples with a numerical fault are not
+    interpreted: invalid, unstable, ``mol=None``, the fault as ``reason``.
+    """
+    out = []
+    for k in range(len(arrays.positions)):
+        symbols = arrays.symbols(k)
+        positions = np.asarray(arrays.positions[k], dtype=np.float64)
+        step = int(arrays.fault_step[k])
+        chem = assess_sample(symbols, positions, fault=_fault_reason(step, arrays.steps) if step >= 0 else None)
+        r = chem.result
+        charges = arrays.charges[k]
+        out.append(
+            GeneratedMolecule(
+                symbols=symbols,
+                positions=positions,
+                charges=None if charges is None else np.asarray(charges),
+                mol=chem.mol,
+                smiles=r.smiles,
+                valid=r.valid,
+                mol_stable=r.mol_stable,
+                n_stable_atoms=r.n_stable_atoms,
+                reason=r.reason,
+                rdkit_smiles=chem.rdkit_smiles,
+                bonds=chem.bonds,
+                fault_step=step,
+            )
+        )
+        if progress is not None:
+            progress(1)
+    return out
 
 
 class MolDiffPipeline(torch.nn.Module):
@@ -159,6 +310,48 @@ class MolDiffPipeline(torch.nn.Module):
             if progress is not None:
                 progress(len(chunk))
         return out
+
+    def sample(
+        self,
+        n: int,
+        *,
+        steps: int = DEFAULT_STEPS,
+        sampler: str = DEFAULT_SAMPLER,
+        seed: int | None = 0,
+        num_atoms: int | Sequence[int] | None = None,
+        batch_size: int = 256,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[GeneratedMolecule]:
+        """Sample ``n`` molecules and interpret them chemically.
+
+        Args:
+            n: number of molecules (> 0).
+            steps: reverse steps (> 0); the model was trained on continuous t, so any number works.
+            sampler: ``"ancestral"`` (DDPM), ``"ddim"`` (deterministic) or ``"ddim:<eta>"``.
+            seed: same seed, same molecules (same device and torch version); ``None`` for fresh
+                randomness.
+            num_atoms: ``None`` draws sizes from the training p(N); an int fixes every size; a
+                list gives one size per molecule. Sizes must be 2..``statistics.max_atoms``.
+            batch_size: molecules denoised together (memory vs speed). The random stream is
+                consumed batch by batch, so reproducing a run needs the same ``batch_size``.
+            progress: ``progress(k)`` after each batch of ``k`` molecules is denoised (the RDKit
+                pass afterwards is not reported; use :meth:`sample_arrays` and
+                :func:`molecules_from_arrays` to follow both).
+
+        Returns:
+            ``n`` :class:`GeneratedMolecule` in sampling order, invalid and faulty ones included
+            and flagged (``valid``, ``mol_stable``, ``reason``).
+
+        Raises:
+            ValueError: ``n``, ``steps`` or ``batch_size`` not positive, sizes out of range,
+                unknown sampler.
+        """
+        if steps <= 0:
+            raise ValueError(f"steps must be positive, got {steps}")
+        arrays = self.sample_arrays(
+            n, steps=steps, sampler=sampler, seed=seed, num_atoms=num_atoms, batch_size=batch_size, progress=progress
+        )
+        return molecules_from_arrays(arrays)
 
     def _sample_batch(self, sizes, steps, sampler, gen, device):
         num_graphs = len(sizes)
@@ -271,3 +464,83 @@ class MolDiffPipeline(torch.nn.Module):
         except Exception as exc:  # corrupt JSON, truncated weights, shape mismatch
             raise CheckpointError(f"cannot load checkpoint {directory}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
         return pipe.to(device)
+
+
+# ---------------------------------------------------------------------------- loading and scoring
+def _check_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but no CUDA GPU is available (torch.cuda.is_available() is False)")
+    return dev
+
+
+def resolve_checkpoint(path: str | os.PathLike | None = None) -> Path:
+    """The checkpoint directory ``path`` refers to.
+
+    ``None`` is the shipped model (:data:`PRETRAINED_DIR`); a training run directory (holding
+    ``pipeline/``) resolves to its ``pipeline/`` folder; anything else is taken as it is.
+
+    Raises:
+        CheckpointError: ``None`` but no model is shipped with this installation.
+    """
+    if path is None:
+        if not (PRETRAINED_DIR / CONFIG_NAME).is_file():
+            raise CheckpointError(
+                f"no pretrained model is shipped in {PRETRAINED_DIR} yet; "
+                "pass a checkpoint directory (e.g. RUN_DIR/pipeline from `moldiff train`)"
+            )
+        return PRETRAINED_DIR
+    directory = Path(path).expanduser()
+    if not (directory / CONFIG_NAME).is_file() and (directory / "pipeline" / CONFIG_NAME).is_file():
+        return directory / "pipeline"
+    return directory
+
+
+def load_pretrained(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> MolDiffPipeline:
+    """Load a sampling pipeline.
+
+    Args:
+        path: ``None`` for the QM9 model shipped in the package (``moldiff/pretrained/qm9``), a
+            checkpoint directory (``config.json`` + ``model.pt``, from ``save_pretrained``), or a
+            training run directory (its ``pipeline/`` is used).
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+    Returns:
+        :class:`MolDiffPipeline` on ``device``; call :meth:`~MolDiffPipeline.sample`.
+
+    Raises:
+        CheckpointError: missing, incomplete or corrupt checkpoint (one-line message).
+        ValueError: unknown device, or CUDA asked for without a GPU.
+    """
+    dev = _check_device(device)
+    return MolDiffPipeline.from_pretrained(resolve_checkpoint(path), dev)
+
+
+def evaluate_molecules(
+    molecules: Iterable[GeneratedMolecule | tuple],
+    reference: Iterable[str] | None = None,
+    workers: int = 1,
+) -> MetricsReport:
+    """EDM-protocol metrics (atom/molecule stability, validity, uniqueness, novelty) of a set.
+
+    Args:
+        molecules: :class:`GeneratedMolecule` objects (their stored verdicts are used, numerical
+            faults counting as invalid and unstable) and/or ``(symbols, positions)`` pairs with
+            positions ``(N, 3)`` in Å.
+        reference: SMILES of the training set for novelty (e.g.
+            ``moldiff.data.qm9.training_smiles()``), or ``None`` to skip novelty.
+        workers: processes for the RDKit work on plain pairs.
+
+    Returns:
+        :class:`~moldiff.chemistry.metrics.MetricsReport` (``format_table`` prints it).
+    """
+    from moldiff.chemistry.metrics import evaluate_molecules as _evaluate_pairs
+
+    items = list(molecules)
+    if not any(isinstance(m, GeneratedMolecule) for m in items):
+        return _evaluate_pairs(items, reference=reference, workers=workers)
+    results = [m.result if isinstance(m, GeneratedMolecule) else evaluate_molecule(*m) for m in items]
+    return summarize(results, reference)

@@ -1,0 +1,282 @@
+"""Sampling as a user meets it: ``moldiff.load_pretrained(...).sample(...)`` and ``moldiff sample``.
+
+A tiny randomly initialised pipeline stands in for a trained model: its molecules are chemically
+nonsense, which is fine here; what is tested is the plumbing (shapes, seeds, flags, files, errors).
+Chemistry of real geometries is checked on a QM9 molecule written out below.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from rdkit import Chem
+
+import moldiff
+from moldiff.chemistry.elements import QM9_ELEMENTS
+from moldiff.chemistry.report import assess_sample, descriptor_row, grid_image, sd_record
+from moldiff.cli import main
+from moldiff.data.statistics import DatasetStatistics
+from moldiff.diffusion import AtomFeatures, NoiseSchedule
+from moldiff.models import DenoiserConfig, EGNNDenoiser
+from moldiff.pipeline import GeneratedMolecule, MolDiffPipeline, SampledArrays, molecules_from_arrays
+
+MAX_ATOMS = 9
+TAGS = ("SMILES", "valid", "mol_stable", "num_atoms", "sampler", "steps", "seed", "reason")
+METRICS = ("atom_stable", "mol_stable", "validity", "uniqueness", "valid_and_unique", "novelty",
+           "n", "n_faults", "sampler", "steps", "seed", "seconds")
+
+# QM9 molecule 100 (cyclopropane-1,2-diol), coordinates in Å.
+DIOL = (
+    ["O", "C", "C", "C", "O", "H", "H", "H", "H", "H", "H"],
+    np.array([[-0.217, 1.3823, -0.0107], [-0.0426, -0.0106, 0.0036], [-0.4454, -0.7881, 1.2394],
+              [-1.3388, -0.7701, 0.0145], [-2.5191, -0.0351, 0.0349], [0.3113, 1.7667, 0.6959],
+              [0.7915, -0.368, -0.597], [0.1076, -1.6883, 1.4859], [-0.7973, -0.2116, 2.0892],
+              [-1.4224, -1.6756, -0.5787], [-2.2517, 0.8938, -0.0114]]),
+)
+
+
+def tiny_pipeline() -> MolDiffPipeline:
+    torch.manual_seed(0)
+    stats = DatasetStatistics(QM9_ELEMENTS, [0, 0, 0, 2, 3, 5, 4, 3, 2, 1], [40, 20, 5, 8, 1])
+    return MolDiffPipeline(
+        EGNNDenoiser(DenoiserConfig(num_features=6, hidden=16, n_layers=2)),
+        NoiseSchedule.polynomial(),
+        AtomFeatures(num_types=5, include_charges=True),
+        stats,
+        [1, 6, 7, 8, 9],
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_pipeline().save_pretrained(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def pipe(checkpoint):
+    return moldiff.load_pretrained(checkpoint)
+
+
+# ------------------------------------------------------------------------------------ Python API
+
+
+def test_sample_returns_flagged_molecules_with_right_shapes(pipe):
+    mols = pipe.sample(4, steps=3, seed=0)
+    assert len(mols) == 4 and all(isinstance(m, GeneratedMolecule) for m in mols)
+    for m in mols:
+        n = m.num_atoms
+        assert 2 <= n <= MAX_ATOMS and len(m.symbols) == n
+        assert m.positions.shape == (n, 3) and m.positions.dtype == np.float64
+        assert m.charges is not None and m.charges.shape == (n,)
+        assert isinstance(m.valid, bool) and isinstance(m.mol_stable, bool)
+        assert (m.smiles is not None) == m.valid
+        assert m.mol_stable or m.reason  # every unstable or invalid sample says why
+        assert m.bonds in ("rdDetermineBonds", "EDM table", "none")
+        assert m.mol is not None and m.mol.GetNumAtoms() == n and m.mol.GetNumConformers() == 1
+        assert [a.GetSymbol() for a in m.mol.GetAtoms()] == m.symbols
+        np.testing.assert_allclose(m.mol.GetConformer().GetPositions(), m.positions, atol=1e-9)
+        assert m.formula in repr(m)
+    report = moldiff.evaluate_molecules(mols)
+    assert report.n == 4 and report.validity == sum(m.valid for m in mols) / 4
+
+
+def test_same_seed_same_molecules_other_seed_differs(pipe):
+    a = pipe.sample(3, steps=3, seed=7)
+    b = pipe.sample(3, steps=3, seed=7)
+    c = pipe.sample(3, steps=3, seed=8)
+    for x, y in zip(a, b):
+        assert x.symbols == y.symbols
+        np.testing.assert_array_equal(x.positions, y.positions)
+    assert any(x.positions.shape != z.positions.shape or not np.array_equal(x.positions, z.positions)
+               for x, z in zip(a, c))
+
+
+def test_num_atoms_int_and_list_are_honoured(pipe):
+    assert [m.num_atoms for m in pipe.sample(3, steps=2, num_atoms=5)] == [5, 5, 5]
+    assert [m.num_atoms for m in pipe.sample(3, steps=2, num_atoms=[2, 9, 4], batch_size=2)] == [2, 9, 4]
+    with pytest.raises(ValueError, match="between 2 and 9"):
+        pipe.sample(1, steps=2, num_atoms=10)
+    with pytest.raises(ValueError):
+        pipe.sample(2, steps=2, num_atoms=[3])
+    with pytest.raises(ValueError):
+        pipe.sample(0, steps=2)
+    with pytest.raises(ValueError):
+        pipe.sample(1, steps=0)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        pipe.sample(1, steps=2, sampler="heun")
+
+
+def test_save_load_round_trip_gives_identical_samples(pipe, tmp_path):
+    again = moldiff.load_pretrained(pipe.save_pretrained(tmp_path / "copy"))
+    for x, y in zip(pipe.sample(3, steps=3, seed=1, sampler="ddim:0.5"), again.sample(3, steps=3, seed=1, sampler="ddim:0.5")):
+        assert x.symbols == y.symbols and x.smiles == y.smiles
+        np.testing.assert_array_equal(x.positions, y.positions)
+
+
+def test_load_pretrained_accepts_a_run_dir_and_explains_what_is_missing(checkpoint, tmp_path):
+    run = tmp_path / "run"
+    tiny_pipeline().save_pretrained(run / "pipeline")
+    assert isinstance(moldiff.load_pretrained(run), MolDiffPipeline)
+    with pytest.raises(moldiff.CheckpointError, match="not a moldiff checkpoint"):
+        moldiff.load_pretrained(tmp_path)
+    if not (moldiff.pipeline.PRETRAINED_DIR / "config.json").is_file():
+        with pytest.raises(moldiff.CheckpointError, match="no pretrained model is shipped"):
+            moldiff.load_pretrained()
+
+
+def test_numerical_faults_are_flagged_never_repaired():
+    nan = np.full((3, 3), np.nan)
+    arrays = SampledArrays([DIOL[1], nan], [np.array([3, 1, 1, 1, 3, 0, 0, 0, 0, 0, 0]), np.array([1, 0, 0])],
+                           [None, None], np.array([-1, 4]), steps=10)
+    good, bad = molecules_from_arrays(arrays)
+    assert good.valid and good.mol_stable and good.reason is None and not good.fault
+    assert bad.fault and bad.fault_step == 4 and not bad.valid and not bad.mol_stable
+    assert bad.reason == "numerical fault at reverse step 4" and bad.mol is None
+    assert np.isnan(bad.positions).all()
+    report = moldiff.evaluate_molecules([good, bad])
+    assert report.validity == 0.5 and report.mol_stable == 0.5
+    # In an SD file the faulty sample is still one readable (coordinates-only) record.
+    record = sd_record(bad.mol, bad.symbols, bad.positions, {"reason": bad.reason})
+    block = Chem.MolToMolBlock(record)
+    assert Chem.MolFromMolBlock(block, sanitize=False, removeHs=False).GetNumAtoms() == 3
+
+
+# ------------------------------------------------------------------------------------ chemistry
+
+
+def test_chemist_route_gives_bonds_and_heavy_atom_smiles():
+    chem = assess_sample(*DIOL)
+    assert chem.bonds == "rdDetermineBonds" and chem.rdkit_smiles == "OC1CC1O"
+    assert chem.result.valid and chem.result.mol_stable
+    assert [a.GetSymbol() for a in chem.mol.GetAtoms()] == DIOL[0]
+    row = descriptor_row(chem.mol)
+    assert row["MW"] == pytest.approx(74.079, abs=0.01) and 0 < row["QED"] < 1 and row["logP"] is not None
+    # Isolated atoms: rdDetermineBonds gives up, the EDM molecule (implicit H) still sanitizes.
+    chem = assess_sample(["C", "O"], np.array([[0.0, 0, 0], [10.0, 0, 0]]))
+    assert chem.bonds == "EDM table" and chem.rdkit_smiles is None and chem.rdkit_reason
+    # Pentavalent carbon: nothing sanitizes, coordinates only.
+    pos = np.array([[0, 0, 0], [0.6, 0, 0], [-0.6, 0, 0], [0, 0.6, 0], [0, -0.6, 0], [0, 0, 0.6]], dtype=float)
+    chem = assess_sample(["C", "H", "H", "H", "H", "H"], pos)
+    assert chem.bonds == "none" and chem.mol.GetNumBonds() == 0 and not chem.result.valid
+    assert grid_image([]).size[0] > 0  # placeholder image when nothing is valid
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def run_cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "moldiff.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=120, **kw)
+
+
+def test_cli_sample_writes_sdf_csv_png_json(checkpoint, tmp_path):
+    out = tmp_path / "out" / "s.sdf"
+    r = run_cli("sample", "-n", 3, "--steps", 2, "--checkpoint", checkpoint, "-o", out, "--no-novelty", "--seed", 5)
+    assert r.returncode == 0, r.stderr
+    assert "molecule stable" in r.stdout and str(out) in r.stdout
+    assert sorted(p.name for p in out.parent.iterdir()) == ["s.csv", "s.json", "s.png", "s.sdf"]
+    records = list(Chem.SDMolSupplier(str(out), removeHs=False, sanitize=False))
+    assert len(records) == 3 and all(m is not None for m in records)
+    for m in records:
+        props = m.GetPropsAsDict()
+        assert set(TAGS) <= set(props)
+        assert props["num_atoms"] == m.GetNumAtoms() and props["sampler"] == "ancestral"
+        assert props["steps"] == 2 and props["seed"] == 5
+    metrics = json.loads(out.with_suffix(".json").read_text())
+    assert set(METRICS) <= set(metrics) and metrics["n"] == 3 and metrics["novelty"] is None
+    lines = out.with_suffix(".csv").read_text().splitlines()
+    assert lines[0].startswith("index,SMILES,valid,mol_stable,QED,SA_score,MW,logP") and len(lines) == 4
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_output_without_sdf_suffix_is_a_folder(checkpoint, tmp_path, capsys):
+    out = tmp_path / "a" / "samples"
+    assert main(["sample", "-n", "2", "--steps", "1", "--checkpoint", str(checkpoint), "-o", str(out),
+                 "--no-novelty", "--num-atoms", "4", "--sampler", "ddim"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["samples.csv", "samples.json", "samples.png", "samples.sdf"]
+    assert all(m.GetNumAtoms() == 4 for m in Chem.SDMolSupplier(str(out / "samples.sdf"), removeHs=False, sanitize=False))
+
+
+BAD_INPUTS = {
+    "n zero": ["-n", "0"],
+    "n negative": ["-n", "-3"],
+    "steps zero": ["--steps", "0"],
+    "batch size zero": ["--batch-size", "0"],
+    "num atoms 0": ["--num-atoms", "0"],
+    "num atoms 1": ["--num-atoms", "1"],
+    "num atoms above max": ["--num-atoms", str(MAX_ATOMS + 1)],
+    "unknown sampler": ["--sampler", "heun"],
+    "bad ddim eta": ["--sampler", "ddim:x"],
+    "missing checkpoint": ["--checkpoint", "{tmp}/nowhere"],
+    "corrupt checkpoint": ["--checkpoint", "{corrupt}"],
+    "unwritable output": ["-o", "/etc/hostname/x.sdf"],
+    "output with another suffix": ["-o", "{tmp}/out/s.csv"],
+}
+if not torch.cuda.is_available():
+    BAD_INPUTS["cuda without a GPU"] = ["--device", "cuda"]
+
+
+@pytest.fixture(scope="module")
+def corrupt_checkpoint(checkpoint, tmp_path_factory):
+    bad = tmp_path_factory.mktemp("corrupt")
+    (bad / "config.json").write_text((checkpoint / "config.json").read_text())
+    (bad / "model.pt").write_bytes((checkpoint / "model.pt").read_bytes()[:100])  # truncated weights
+    return bad
+
+
+def _bad_command(tmp_path, checkpoint, corrupt, extra):
+    out = tmp_path / "out" / "s.sdf"
+    args = ["sample", "-n", "2", "--steps", "1", "--checkpoint", str(checkpoint), "-o", str(out), "--no-novelty"]
+    for i in range(0, len(extra), 2):  # later options override earlier ones in argparse
+        args += [extra[i], extra[i + 1].format(tmp=tmp_path, corrupt=corrupt)]
+    return args, out
+
+
+@pytest.mark.parametrize("extra", list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))
+def test_cli_bad_input_one_line_error_and_no_files(extra, checkpoint, corrupt_checkpoint, tmp_path, capsys):
+    args, out = _bad_command(tmp_path, checkpoint, corrupt_checkpoint, extra)
+    out.parent.mkdir()
+    out.write_text("earlier result\n")  # a good earlier output must survive untouched
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moldiff: error: "), err
+    assert [p.name for p in out.parent.iterdir()] == ["s.sdf"] and out.read_text() == "earlier result\n"
+    assert not (tmp_path / "out" / "s.csv").exists() and not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("which", ["corrupt checkpoint", "unwritable output"])
+def test_cli_bad_input_as_a_process(which, checkpoint, corrupt_checkpoint, tmp_path):
+    args, out = _bad_command(tmp_path, checkpoint, corrupt_checkpoint, BAD_INPUTS[which])
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("moldiff: error: ")
+    assert not out.parent.exists()
+
+
+def test_cli_closed_stdout_is_quiet(checkpoint, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moldiff.cli", "sample", "-n", "1", "--steps", "1", "--checkpoint", str(checkpoint),
+         "-o", str(tmp_path / "s.sdf"), "--no-novelty"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    proc.stdout.close()  # the reader goes away before moldiff prints anything, like `| head -0`
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141
+    assert "Broken pipe" not in err and "Traceback" not in err and err.strip() == ""
+
+
+def test_cli_failure_while_writing_leaves_nothing_behind(checkpoint, tmp_path, monkeypatch, capsys):
+    import moldiff.chemistry.report as report
+
+    def broken_png(path, image):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "write_png", broken_png)
+    out = tmp_path / "new" / "deeper" / "s.sdf"
+    assert main(["sample", "-n", "2", "--steps", "1", "--checkpoint", str(checkpoint), "-o", str(out), "--no-novelty"]) == 2
+    assert "No space left" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no files, no temporaries, no folders it created
