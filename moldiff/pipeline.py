@@ -29,7 +29,9 @@ from moldiff.chemistry.metrics import MetricsReport, MoleculeResult, evaluate_mo
 from moldiff.chemistry.report import assess_sample
 from moldiff.data.statistics import DatasetStatistics
 from moldiff.diffusion import AtomFeatures, NoiseSchedule, centred_noise, make_sampler
-from moldiff.geometry import fully_connected_edges, num_nodes_per_graph
+from moldiff.geometry import fully_connected_edges
+from moldiff.inpainting import fragment_report, inpaint_arrays
+from moldiff.sampling import SampledArrays, record_faults
 from moldiff.models import DenoiserConfig, EGNNDenoiser
 
 if TYPE_CHECKING:  # RDKit types only; all RDKit work happens in moldiff.chemistry
@@ -62,29 +64,6 @@ DEFAULT_SAMPLER = "ancestral"
 
 class CheckpointError(ValueError):
     """A checkpoint directory is missing, incomplete or corrupt."""
-
-
-@dataclass
-class SampledArrays:
-    """Raw output of the reverse process for ``B`` molecules.
-
-    ``positions`` list of ``(N_k, 3)`` float arrays (Å, zero centroid); ``types`` list of ``(N_k,)``
-    element indices; ``charges`` list of ``(N_k,)`` decoded charge channels (or ``None``);
-    ``fault_step[k]`` is the reverse step at which molecule k first became non-finite, or -1.
-    """
-
-    positions: list[np.ndarray]
-    types: list[np.ndarray]
-    charges: list[np.ndarray | None]
-    fault_step: np.ndarray
-    elements: tuple[str, ...] = QM9_ELEMENTS
-    steps: int = 0
-    sampler: str = ""
-    seed: int | None = None
-    extra: dict = field(default_factory=dict)
-
-    def symbols(self, k: int) -> list[str]:
-        return [self.elements[i] for i in self.types[k]]
 
 
 @dataclass(eq=False, repr=False)
@@ -132,6 +111,8 @@ class GeneratedMolecule:
     rdkit_smiles: str | None = None
     bonds: str = "none"
     fault_step: int = -1
+    fragment_retained: bool | None = None
+    fragment_rmsd: float | None = None
 
     @property
     def num_atoms(self) -> int:
@@ -321,6 +302,9 @@ class MolDiffPipeline(torch.nn.Module):
         num_atoms: int | Sequence[int] | None = None,
         batch_size: int = 256,
         progress: Callable[[int], None] | None = None,
+        fragment=None,
+        formula=None,
+        resample: int = 1,
     ) -> list[GeneratedMolecule]:
         """Sample ``n`` molecules and interpret them chemically.
 
@@ -337,6 +321,11 @@ class MolDiffPipeline(torch.nn.Module):
             progress: ``progress(k)`` after each batch of ``k`` molecules is denoised (the RDKit
                 pass afterwards is not reported; use :meth:`sample_arrays` and
                 :func:`molecules_from_arrays` to follow both).
+            fragment: a :class:`moldiff.inpainting.Fragment` every molecule must contain at its
+                geometry (its atoms come first); ``fragment_retained`` / ``fragment_rmsd`` report
+                on it per molecule. See docs/inpainting.md.
+            formula: the composition of every molecule, e.g. ``"C7H8O"`` (isomer generation).
+            resample: RePaint resampling rounds per step when ``fragment`` or ``formula`` is given.
 
         Returns:
             ``n`` :class:`GeneratedMolecule` in sampling order, invalid and faulty ones included
@@ -348,10 +337,19 @@ class MolDiffPipeline(torch.nn.Module):
         """
         if steps <= 0:
             raise ValueError(f"steps must be positive, got {steps}")
-        arrays = self.sample_arrays(
-            n, steps=steps, sampler=sampler, seed=seed, num_atoms=num_atoms, batch_size=batch_size, progress=progress
-        )
-        return molecules_from_arrays(arrays)
+        if fragment is None and formula is None:
+            arrays = self.sample_arrays(
+                n, steps=steps, sampler=sampler, seed=seed, num_atoms=num_atoms, batch_size=batch_size, progress=progress
+            )
+            return molecules_from_arrays(arrays)
+        arrays = inpaint_arrays(self, n, fragment=fragment, formula=formula, num_atoms=num_atoms, steps=steps,
+                                sampler=sampler, resample=resample, seed=seed, batch_size=batch_size, progress=progress)
+        molecules = molecules_from_arrays(arrays)
+        if fragment is not None:
+            for m in molecules:
+                rep = fragment_report(fragment, m.symbols, m.positions, mol=m.mol)
+                m.fragment_retained, m.fragment_rmsd = rep.retained, rep.rmsd
+        return molecules
 
     def _sample_batch(self, sizes, steps, sampler, gen, device):
         num_graphs = len(sizes)
@@ -368,12 +366,12 @@ class MolDiffPipeline(torch.nn.Module):
             eps_pos, eps_h = self.predict_noise(pos, h, t, batch, edge_index=edge_index)
             step = sampler.step(eps_pos, eps_h, t, s, pos, h, batch, generator=gen)
             pos, h = step.pos, step.h
-            self._record_faults(fault, pos, h, batch, num_graphs, i)
+            record_faults(fault, pos, h, batch, num_graphs, i)
         # Final decode at t = 0: x = (z_0 - sigma_0 eps_hat) / alpha_0 (mean of p(x | z_0), EDM eq. 9-10).
         t0 = times[-1].expand(num_graphs)
         eps_pos, eps_h = self.predict_noise(pos, h, t0, batch, edge_index=edge_index)
         pos, h = sampler.clean_estimate(pos, h, eps_pos, eps_h, t0, batch)
-        self._record_faults(fault, pos, h, batch, num_graphs, steps)
+        record_faults(fault, pos, h, batch, num_graphs, steps)
         types, charges = self.features.decode(h.nan_to_num(0.0))  # decode only; faulty molecules stay flagged
         return (
             pos.double().cpu().numpy(),
@@ -381,13 +379,6 @@ class MolDiffPipeline(torch.nn.Module):
             None if charges is None else charges.cpu().numpy(),
             fault.cpu().numpy(),
         )
-
-    @staticmethod
-    def _record_faults(fault, pos, h, batch, num_graphs, step_index):
-        bad_atom = ~(torch.isfinite(pos).all(-1) & torch.isfinite(h).all(-1))
-        if bad_atom.any():
-            bad_mol = num_nodes_per_graph(batch[bad_atom], num_graphs) > 0
-            fault[bad_mol & (fault < 0)] = step_index
 
     # ------------------------------------------------------------------ persistence
     def config_dict(self) -> dict:

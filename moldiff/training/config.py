@@ -6,6 +6,7 @@ written into the run directory and into every checkpoint, and a resumed run uses
 
 from __future__ import annotations
 
+import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def _build(cls, d, prefix):
     if not isinstance(d, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(d).__name__}")
     known = {f.name: f for f in fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in d.items():
         if key not in known:
@@ -96,8 +98,52 @@ def _build(cls, d, prefix):
         if is_dataclass(default):
             kwargs[key] = _build(type(default), value, f"{prefix}{key}.")
         else:
-            kwargs[key] = value
+            kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     return cls(**kwargs)
+
+
+def _coerce(value, annotation, name: str):
+    """Check ``value`` against a field's annotation (``int``, ``float``, ``bool``, ``str``, optionally
+    ``| None``) and convert numbers written as strings. YAML 1.1, which PyYAML follows, reads ``3e-4``
+    (no dot) as the string "3e-4", so ``--set optim.lr=3e-4`` must be converted here."""
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        if value is None:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        annotation = rest[0] if len(rest) == 1 else annotation
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is float:
+        if is_number:
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if is_number or isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+            if number is not None and number.is_integer():
+                return int(number)
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if is_number:  # e.g. optim.clip=1.0 (a fixed clipping norm)
+            return str(value)
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value
 
 
 def _set(d: dict, dotted: str, value) -> None:

@@ -136,7 +136,14 @@ class Trainer:
         self.log = log if rank == 0 else (lambda _msg: None)
         self.evaluate = evaluate  # (pipeline, cfg) -> dict of sampled metrics; injected by the CLI
         self.device = torch.device(cfg.train.device)
+        if cfg.train.batch_size % world_size:
+            # Every rank takes an equal shard of each global batch; a remainder would be dropped silently.
+            raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {world_size} processes")
         self.data = data or load_training_data(cfg)
+        if len(self.data.train) < cfg.train.batch_size:
+            # Epochs drop the last partial batch, so such an epoch is empty and training would never advance.
+            raise ValueError(f"the training set has {len(self.data.train)} molecules, fewer than one batch "
+                             f"(train.batch_size={cfg.train.batch_size})")
         torch.manual_seed(cfg.train.seed)  # parameter initialisation only
         self.pipe = build_pipeline(cfg, self.data).to(self.device)
         self.model = self.pipe.denoiser
@@ -156,6 +163,10 @@ class Trainer:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.train.seed + 1)
         self.step, self.epoch, self.batch_in_epoch, self.hours = 0, 0, 0, 0.0
+        # Losses since the last log row and fault counters: checkpointed, so that a run resumed
+        # between two log rows writes the same next row as an uninterrupted one.
+        self.loss_window: list[float] = []
+        self.consecutive_bad, self.skipped_total = 0, 0
         self._stop_signal = None
 
     # ------------------------------------------------------------------ state
@@ -172,6 +183,9 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "hours": self.hours,
+            "loss_window": list(self.loss_window),
+            "consecutive_bad": self.consecutive_bad,
+            "skipped_total": self.skipped_total,
             "pipeline_config": self.pipe.config_dict(),
         }
 
@@ -185,6 +199,9 @@ class Trainer:
         self.generator.set_state(state["generator"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch, self.hours = state["batch_in_epoch"], state["hours"]
+        self.loss_window = [float(x) for x in state.get("loss_window", [])]
+        self.consecutive_bad = int(state.get("consecutive_bad", 0))
+        self.skipped_total = int(state.get("skipped_total", 0))
 
     def export_pipeline(self) -> MolDiffPipeline:
         """The EMA weights (or raw weights without EMA) as a sampling pipeline."""
@@ -270,7 +287,7 @@ class Trainer:
             shard = (self.rank * per, (self.rank + 1) * per)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
             loss = diffusion_loss(self._loss_pipe(), batch.to(self.device), t, self.generator, shard)
-        if not torch.isfinite(loss):
+        if not self._all_ranks(bool(torch.isfinite(loss))):
             self.optimizer.zero_grad(set_to_none=True)
             return float(loss), float("nan"), False, True
         self.optimizer.zero_grad(set_to_none=True)
@@ -320,7 +337,6 @@ class Trainer:
         start = time.monotonic()
         hours0 = self.hours
         last_ckpt = time.monotonic()
-        window, consecutive_bad, skipped_total = [], 0, 0
         last = {}
         try:
             while True:
@@ -332,21 +348,23 @@ class Trainer:
                     self.batch_in_epoch = b + 1
                     self.hours = hours0 + (time.monotonic() - start) / 3600.0
                     if skipped:
-                        consecutive_bad += 1
-                        skipped_total += 1
-                        if consecutive_bad >= 10:
+                        self.consecutive_bad += 1
+                        self.skipped_total += 1
+                        if self.consecutive_bad >= 10:
                             raise NumericalFaultError(f"10 consecutive non-finite losses (last at step {self.step})")
                     else:
-                        consecutive_bad = 0
-                        window.append(loss)
+                        self.consecutive_bad = 0
+                        self.loss_window.append(loss)
                     if progress is not None:
                         progress(self.step, loss)
-                    row = self._maybe_log(window, norm, clipped, skipped_total)
+                    row = self._maybe_log(self.loss_window, norm, clipped, self.skipped_total)
                     if row:
-                        last, window = row, []
+                        last, self.loss_window = row, []
                     if time.monotonic() - last_ckpt > 60.0 * cfg.checkpoint_minutes:
                         self.save_checkpoint()
                         last_ckpt = time.monotonic()
+                if self.batch_in_epoch == 0:  # not even one batch this epoch (cannot happen after __init__'s check)
+                    raise ValueError("an epoch of the training set holds no complete batch")
                 self.epoch += 1
                 self.batch_in_epoch = 0
         except StopIteration:
@@ -359,13 +377,23 @@ class Trainer:
             self.log(f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved")
         return last
 
+    def _all_ranks(self, flag: bool) -> bool:
+        """``flag`` on every rank (logical AND over the process group; the flag itself without DDP)."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return bool(t.item() > 0.5)
+
     def _done(self, start: float) -> bool:
         cfg = self.cfg.train
-        if self._stop_signal is not None:
-            return True
-        if cfg.max_steps is not None and self.step >= cfg.max_steps:
-            return True
-        return cfg.max_minutes is not None and (time.monotonic() - start) / 60.0 >= cfg.max_minutes
+        done = (
+            self._stop_signal is not None
+            or (cfg.max_steps is not None and self.step >= cfg.max_steps)
+            or (cfg.max_minutes is not None and (time.monotonic() - start) / 60.0 >= cfg.max_minutes)
+        )
+        # Clocks and signals differ between ranks; stop when any rank wants to, all at the same step.
+        return not self._all_ranks(not done)
 
     def _maybe_log(self, window, norm, clipped, skipped_total) -> dict | None:
         cfg = self.cfg.train

@@ -1,0 +1,556 @@
+"""Inpainting with a trained unconditional model: grow molecules from a fragment, or place the atoms
+of a given formula (isomer generation), or both. No retraining: the known part of the state is
+imposed at every reverse step (RePaint, Lugmayr et al. 2022, Algorithm 1).
+
+The state is ``z_t = (pos_t (n, 3), h_t (n, F))`` over each molecule's atoms. Two masks say what is
+known: the *fragment atoms* (the first k atoms of every molecule, in the fragment's element order)
+know their positions and types; with a *formula* every atom knows its type. At each step t -> s:
+
+1. the model proposes ``z_s`` for every atom (one sampler step, exactly as in plain sampling);
+2. the known parts are replaced by a draw of the forward process at level s,
+   ``alpha_s x + sigma_s eps`` (features: ``h_s = alpha_s h_x + sigma_s eps_h``, h_x the one-hot
+   encoding; positions: see below);
+3. with ``resample = r > 1`` the state is pushed back to t with ``q(z_t | z_s)`` and steps 1-2 are
+   redone, r times in all (RePaint's jumps of length 1), so the free atoms can adapt to the
+   imposed ones.
+
+Centre of mass. Positions live in the zero-CoM subspace, but a fragment comes in its own frame and
+its place inside the molecule (where its centroid sits relative to the other atoms) is unknown. Its
+*shape* is known: the fragment atoms' positions relative to their own centroid. In the zero-CoM
+subspace that shape is a linear subspace (the fragment atoms' relative coordinates, 3(k - 1)
+dimensions) orthogonal to everything else (the fragment centroid and the free atoms), so the
+forward process factorises over the two and RePaint's replacement applies to the shape only:
+
+    pos_s[frag] <- centroid(pos_s^model[frag]) + alpha_s (F - mean F) + sigma_s (e - mean e),
+    e ~ N(0, I) on the fragment atoms,
+
+i.e. the fragment's relative coordinates follow the forward-noised fragment, and its centroid
+stays where the model put it. The molecule's CoM does not move (the fragment centroid is kept),
+and we still project back onto the zero-CoM subspace (a uniform translation) for numerical
+hygiene. The simpler "place the noised fragment at the origin, then subtract the molecule's mean"
+would pin the fragment's centroid to the molecule's centre and, step after step, pull the fragment
+into the middle of the molecule (its offset from the other atoms shrinks by k/N per step). At the
+end the fragment atoms are set to the clean fragment, translated to the centroid the model gave
+them, so they match the fragment exactly up to a translation (and the orientation it came in).
+
+Equivariance. The fragment fixes the orientation; every operation above commutes with a rotation
+or reflection Q of the fragment *together with* the noise: rotate the fragment and the initial
+noise (``initial_noise``) by Q and a deterministic run (``sampler="ddim"``, eta = 0, resample = 1)
+returns the same molecules rotated by Q. With a deterministic sampler the fragment follows the
+fixed-noise trajectory ``alpha_t x + sigma_t eps``, ``eps`` being the initial noise of its atoms
+(exactly the path DDIM takes for a point it predicts perfectly), so that the whole run is a
+function of the initial noise; stochastic samplers draw ``eps`` afresh at every step (RePaint).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from moldiff.chemistry import fragments as chem_fragments
+from moldiff.chemistry.elements import to_symbols
+from moldiff.diffusion import DDIMSampler, centred_noise, make_sampler
+from moldiff.geometry import fully_connected_edges, num_nodes_per_graph, remove_mean, scatter_mean
+from moldiff.sampling import SampledArrays, record_faults
+
+__all__ = [
+    "Fragment",
+    "FragmentReport",
+    "inpaint_arrays",
+    "fragment_report",
+    "fragment_reports",
+    "formula_honoured",
+]
+
+
+# ---------------------------------------------------------------------------------------- inputs
+
+
+@dataclass(eq=False)
+class Fragment:
+    """A fragment to grow molecules from.
+
+    Attributes:
+        symbols: k element symbols (atomic numbers are accepted and converted).
+        positions: (k, 3) float64 coordinates in Å, in any frame (only the shape is used; the
+            orientation fixes the orientation of the generated molecules).
+        mol: optional RDKit molecule whose atom i is fragment atom i, with bonds; the query for
+            the substructure check. Without it, :func:`fragment_report` uses the connectivity
+            found from the coordinates, with any bond order.
+        name: label for reports.
+    """
+
+    symbols: tuple[str, ...]
+    positions: np.ndarray
+    mol: Any = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.symbols = to_symbols(list(self.symbols))
+        positions = np.asarray(self.positions, dtype=np.float64)
+        if len(self.symbols) == 0:
+            raise ValueError("a fragment needs at least one atom")
+        if positions.shape != (len(self.symbols), 3):
+            raise ValueError(f"fragment positions must have shape ({len(self.symbols)}, 3), got {positions.shape}")
+        if not np.isfinite(positions).all():
+            raise ValueError("fragment positions must be finite")
+        self.positions = positions
+
+    @classmethod
+    def from_smiles(cls, smiles: str, seed: int = 0, *, keep_hydrogens: bool = False) -> "Fragment":
+        """Embed ``smiles`` in 3D (ETKDGv3, explicit H, ``randomSeed=seed``, MMFF94-relaxed).
+
+        By default only the heavy atoms become fragment atoms (the SMILES' hydrogen positions
+        stay free for the model); ``keep_hydrogens=True`` keeps every hydrogen too.
+        """
+        loaded = chem_fragments.fragment_from_smiles(smiles, seed, keep_hydrogens=keep_hydrogens)
+        return cls(loaded.symbols, loaded.positions, loaded.mol, str(smiles))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, *, index: int = 0, keep_hydrogens: bool = True) -> "Fragment":
+        """Read record ``index`` of an ``.sdf`` / ``.mol`` / ``.xyz`` file (3D coordinates, Å);
+        all its atoms, hydrogens included unless ``keep_hydrogens=False``."""
+        loaded = chem_fragments.fragment_from_file(path, index=index, keep_hydrogens=keep_hydrogens)
+        return cls(loaded.symbols, loaded.positions, loaded.mol, os.fspath(path))
+
+    @property
+    def num_atoms(self) -> int:
+        return len(self.symbols)
+
+    def element_counts(self) -> dict[str, int]:
+        return chem_fragments.element_counts(self.symbols)
+
+    def transformed(self, matrix: np.ndarray, shift: np.ndarray | None = None) -> "Fragment":
+        """The fragment moved rigidly: ``positions @ matrix.T + shift`` (``matrix`` (3, 3)
+        orthogonal, ``shift`` (3,) Å); ``mol`` (bonds) is shared."""
+        positions = self.positions @ np.asarray(matrix, dtype=np.float64).T
+        if shift is not None:
+            positions = positions + np.asarray(shift, dtype=np.float64)
+        return Fragment(self.symbols, positions, self.mol, self.name)
+
+    def query(self):
+        """The RDKit substructure query: ``mol`` if given, else connectivity with generic bonds."""
+        if self.mol is not None:
+            return self.mol
+        return chem_fragments.fragment_query(self.symbols, self.positions)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What is known about each molecule: sizes ``(n,)``; the fragment's vocabulary indices
+    ``(k,)`` and centred positions ``(k, 3)`` Å; the other atoms' types ``(N - k,)`` (formula) or
+    ``None`` (free)."""
+
+    sizes: np.ndarray
+    frag_types: np.ndarray
+    frag_pos: np.ndarray
+    rest_types: np.ndarray | None
+    formula: str | None
+
+    @property
+    def num_known(self) -> int:
+        return len(self.frag_types)
+
+
+def _vocabulary_indices(symbols: Sequence[str], elements: Sequence[str], what: str) -> np.ndarray:
+    index = {e: i for i, e in enumerate(elements)}
+    for s in symbols:
+        if s not in index:
+            raise ValueError(f"{what} element {s} is not in the model's vocabulary ({', '.join(elements)})")
+    return np.array([index[s] for s in symbols], dtype=np.int64)
+
+
+def _fixed_sizes(num_atoms, n: int) -> np.ndarray | None:
+    if num_atoms is None:
+        return None
+    if isinstance(num_atoms, (int, np.integer)):
+        return np.full(n, int(num_atoms), dtype=np.int64)
+    sizes = np.asarray(list(num_atoms), dtype=np.int64)
+    if len(sizes) != n:
+        raise ValueError(f"got {len(sizes)} sizes for {n} molecules")
+    return sizes
+
+
+def _plan(
+    pipe,
+    n: int,
+    fragment: Fragment | None,
+    formula: str | Mapping[str, int] | None,
+    num_atoms,
+    rng: np.random.Generator,
+) -> _Plan:
+    """Check the conditioning against the model and fix every molecule's size and known atoms."""
+    elements = pipe.elements
+    max_atoms = pipe.statistics.max_atoms
+    if fragment is None and formula is None:
+        raise ValueError("give a fragment, a formula or both (plain sampling is MolDiffPipeline.sample_arrays)")
+    if fragment is not None and not isinstance(fragment, Fragment):
+        raise TypeError(f"fragment must be a Fragment (Fragment.from_smiles / Fragment.from_file), got {type(fragment).__name__}")
+    sizes = _fixed_sizes(num_atoms, n)
+    k = 0 if fragment is None else fragment.num_atoms
+    frag_types = np.zeros(0, dtype=np.int64)
+    frag_pos = np.zeros((0, 3))
+    if fragment is not None:
+        frag_types = _vocabulary_indices(fragment.symbols, elements, "fragment")
+        if k > max_atoms:
+            raise ValueError(f"fragment has {k} atoms, more than the model's maximum of {max_atoms}")
+        frag_pos = fragment.positions - fragment.positions.mean(0)
+    rest_types = None
+    formula_text = None
+    if formula is not None:
+        counts = chem_fragments.parse_formula(formula)
+        formula_text = chem_fragments.format_formula(counts)
+        _vocabulary_indices(list(counts), elements, f"formula {formula_text}")
+        total = sum(counts.values())
+        if total > max_atoms:
+            raise ValueError(f"formula {formula_text} has {total} atoms, more than the model's maximum of {max_atoms}")
+        if total < 2:
+            raise ValueError(f"formula {formula_text} has {total} atom; a molecule needs at least 2")
+        problem = chem_fragments.formula_problem(counts)
+        if problem is not None:
+            raise ValueError(f"formula {formula_text} cannot make a neutral closed-shell molecule: {problem}")
+        if sizes is not None and np.any(sizes != total):
+            raise ValueError(f"formula {formula_text} has {total} atoms but num_atoms is {int(sizes[sizes != total][0])}")
+        remaining = dict(counts)
+        if fragment is not None:
+            for symbol, have in fragment.element_counts().items():
+                if have > remaining.get(symbol, 0):
+                    raise ValueError(
+                        f"fragment has {have} {symbol} but formula {formula_text} has {counts.get(symbol, 0)}"
+                    )
+                remaining[symbol] -= have
+        rest = [s for s, c in remaining.items() for _ in range(c)]
+        rest_types = _vocabulary_indices(rest, elements, "formula")
+        sizes = np.full(n, total, dtype=np.int64)
+    if sizes is None:
+        sizes = pipe.statistics.sample_sizes(n, rng, min_atoms=max(k, 2)).astype(np.int64)
+    too_small = sizes[sizes < k]
+    if len(too_small):
+        raise ValueError(f"fragment has {k} atoms but num_atoms is {int(too_small[0])}")
+    bad = sizes[(sizes < 2) | (sizes > max_atoms)]
+    if len(bad):
+        raise ValueError(f"num_atoms must be between 2 and {max_atoms} (the largest training molecule), got {int(bad[0])}")
+    return _Plan(sizes, frag_types, frag_pos, rest_types, formula_text)
+
+
+# ---------------------------------------------------------------------------------------- sampling
+
+
+def _as_noise(initial_noise, total_atoms: int, num_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        pos_noise, h_noise = initial_noise
+    except (TypeError, ValueError):
+        raise ValueError("initial_noise must be a pair (positions (A, 3), features (A, F))") from None
+    pos_noise = torch.as_tensor(pos_noise, dtype=torch.float64).cpu()
+    h_noise = torch.as_tensor(h_noise, dtype=torch.float64).cpu()
+    if tuple(pos_noise.shape) != (total_atoms, 3) or tuple(h_noise.shape) != (total_atoms, num_features):
+        raise ValueError(
+            f"initial_noise must have shapes ({total_atoms}, 3) and ({total_atoms}, {num_features}) "
+            f"(all atoms of all molecules), got {tuple(pos_noise.shape)} and {tuple(h_noise.shape)}"
+        )
+    return pos_noise, h_noise
+
+
+@torch.no_grad()
+def inpaint_arrays(
+    pipe,
+    n: int,
+    *,
+    fragment: Fragment | None = None,
+    formula: str | Mapping[str, int] | None = None,
+    num_atoms: int | Sequence[int] | None = None,
+    steps: int = 100,
+    sampler: str = "ancestral",
+    resample: int = 1,
+    seed: int | None = 0,
+    batch_size: int = 256,
+    initial_noise: tuple[Any, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> SampledArrays:
+    """Sample ``n`` molecules that contain ``fragment`` and/or have the composition ``formula``.
+
+    Args:
+        pipe: a trained (unconditional) pipeline.
+        n: number of molecules.
+        fragment: atoms with fixed relative geometry; they become atoms ``0..k-1`` of every
+            molecule, in the fragment's order, and end exactly at its geometry up to a translation
+            (orientation as given).
+        formula: composition of the whole molecule (``"C7H8O"`` or ``{"C": 7, "H": 8, "O": 1}``);
+            every atom's type is then fixed: the fragment's atoms first, then the rest in the
+            formula's order. Fixes ``N`` to the formula's atom count.
+        num_atoms: ``N`` per molecule: an int, one per molecule, or ``None`` to draw from the
+            training size distribution restricted to ``N >= max(k, 2)``.
+        steps: reverse steps (network calls: ``steps * resample + 1``).
+        sampler: ``"ancestral"``, ``"ddim"`` (deterministic) or ``"ddim:<eta>"``.
+        resample: RePaint resampling: each step is done ``resample`` times, re-noising in between.
+        seed: seeds sizes and all noise; same seed, same output (same device and torch version).
+        batch_size: molecules per network batch.
+        initial_noise: optional pair ``(positions (A, 3), features (A, F))`` of standard normal
+            noise for all ``A = sum(N)`` atoms, molecule after molecule (positions are projected
+            to zero CoM here). Needs fixed sizes (``num_atoms`` or ``formula``). Rotating it
+            together with the fragment rotates the output of a deterministic run.
+        progress: called with the number of molecules finished after each batch.
+
+    Returns:
+        :class:`~moldiff.pipeline.SampledArrays` (positions zero-centroid, Å); ``extra`` holds
+        ``conditioning``, ``num_known_atoms`` (k), ``fragment_symbols``, ``formula`` (Hill
+        order), ``resample``, ``network_evaluations`` per molecule and, with a fragment,
+        ``fragment_offset`` ``(n, 3)`` Å: ``positions[j] + fragment_offset[j]`` puts molecule
+        j's fragment atoms exactly on ``fragment.positions`` (e.g. a binding-site frame).
+
+    Raises:
+        ValueError: one-line reasons: elements outside ``pipe.elements``, a fragment larger than
+            N or the model's maximum, a formula that does not parse / has the wrong atom count /
+            cannot be a neutral closed-shell molecule / does not contain the fragment.
+    """
+    if n <= 0:
+        raise ValueError(f"number of molecules must be positive, got {n}")
+    if batch_size <= 0:
+        raise ValueError(f"batch size must be positive, got {batch_size}")
+    if int(resample) != resample or resample < 1:
+        raise ValueError(f"resample must be an integer >= 1, got {resample}")
+    if steps < 1:
+        raise ValueError(f"need at least one step, got {steps}")
+    rng = np.random.default_rng(seed)
+    if initial_noise is not None and num_atoms is None and formula is None:
+        raise ValueError("initial_noise needs fixed molecule sizes: pass num_atoms (or a formula)")
+    plan = _plan(pipe, n, fragment, formula, num_atoms, rng)
+    noise = None
+    if initial_noise is not None:
+        noise = _as_noise(initial_noise, int(plan.sizes.sum()), pipe.features.dim)
+    device = pipe.device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(rng.integers(2**62)))
+    sampler_obj = make_sampler(sampler, pipe.schedule)
+    conditioning = "+".join(name for name, given in (("fragment", fragment), ("formula", formula)) if given is not None)
+    out = SampledArrays(
+        [], [], [], np.full(n, -1), pipe.elements, steps, sampler, seed,
+        extra={
+            "conditioning": conditioning,
+            "num_known_atoms": plan.num_known,
+            "fragment_symbols": None if fragment is None else list(fragment.symbols),
+            "formula": plan.formula,
+            "resample": int(resample),
+            "network_evaluations": steps * int(resample) + 1,
+        },
+    )  # fmt: skip
+    pipe.denoiser.eval()
+    atom_offsets = np.concatenate([[0], np.cumsum(plan.sizes)])
+    for start in range(0, n, batch_size):
+        chunk = plan.sizes[start : start + batch_size]
+        chunk_noise = None
+        if noise is not None:
+            lo, hi = atom_offsets[start], atom_offsets[start + len(chunk)]
+            chunk_noise = (noise[0][lo:hi], noise[1][lo:hi])
+        pos, types, charges, fault = _inpaint_batch(
+            pipe, plan, chunk, steps, sampler_obj, int(resample), gen, chunk_noise
+        )
+        offsets = np.concatenate([[0], np.cumsum(chunk)])
+        for j in range(len(chunk)):
+            lo, hi = offsets[j], offsets[j + 1]
+            out.positions.append(pos[lo:hi])
+            out.types.append(types[lo:hi])
+            out.charges.append(None if charges is None else charges[lo:hi])
+        out.fault_step[start : start + len(chunk)] = fault
+        if progress is not None:
+            progress(len(chunk))
+    if fragment is not None:
+        # Translation that puts each molecule's fragment atoms back on the input coordinates.
+        k = plan.num_known
+        centre = fragment.positions.mean(0)
+        out.extra["fragment_offset"] = np.stack([centre - p[:k].mean(0) for p in out.positions])
+    return out
+
+
+def _inpaint_batch(pipe, plan: _Plan, sizes, steps, sampler, resample, gen, noise):
+    """Reverse process for one batch of molecules with sizes ``sizes`` (B,); returns numpy
+    ``(pos (A, 3) float64 Å, types (A,), charges (A,) or None, fault_step (B,))``."""
+    device = pipe.device
+    dtype = next(pipe.denoiser.parameters()).dtype
+    num_graphs = len(sizes)
+    sizes_t = torch.as_tensor(sizes, device=device)
+    batch = torch.repeat_interleave(torch.arange(num_graphs, device=device), sizes_t)
+    edge_index = fully_connected_edges(batch)
+    num_total = batch.shape[0]
+    starts = torch.cumsum(sizes_t, 0) - sizes_t
+    local = torch.arange(num_total, device=device) - starts[batch]  # atom index inside its molecule
+
+    # What is known. Positions: the fragment atoms (local index < k). Types: the fragment atoms,
+    # and with a formula every atom.
+    k = plan.num_known
+    known_pos = local < k
+    frag_idx = batch[known_pos]
+    frag = torch.as_tensor(plan.frag_pos, dtype=torch.float64, device=device)[local[known_pos]]
+    frag_x = frag.to(dtype)
+    known_types = torch.full((num_total,), -1, dtype=torch.long, device=device)
+    known_types[known_pos] = torch.as_tensor(plan.frag_types, device=device)[local[known_pos]]
+    if plan.rest_types is not None:
+        known_types[~known_pos] = torch.as_tensor(plan.rest_types, device=device)[local[~known_pos] - k]
+    known_h = known_types >= 0
+    atomic_numbers = torch.as_tensor(pipe.atomic_numbers, device=device)
+    h_x = pipe.features.encode(known_types[known_h], atomic_numbers[known_types[known_h]], dtype=dtype)
+
+    # Initial state z_1: zero-CoM Gaussian positions, Gaussian features (as plain sampling).
+    if noise is None:
+        eps_pos = torch.randn(num_total, 3, generator=gen, dtype=dtype, device=device)
+        eps_h = torch.randn(num_total, pipe.features.dim, generator=gen, dtype=dtype, device=device)
+    else:
+        eps_pos, eps_h = (x.to(device=device, dtype=dtype) for x in noise)
+    pos = remove_mean(eps_pos, batch, num_graphs)
+    h = eps_h.clone()
+    # A deterministic sampler keeps the known atoms on one noise draw (their initial noise), so the
+    # run is a function of the initial noise; stochastic samplers redraw it each step (RePaint).
+    deterministic = isinstance(sampler, DDIMSampler) and sampler.eta == 0.0 and resample == 1
+
+    def per_atom(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return x.to(dtype)[rows].unsqueeze(-1)
+
+    def impose(pos, h, time):
+        """Replace the known parts of z at ``time`` (B,) by a forward-process draw (see module doc)."""
+        alpha, sigma = pipe.schedule.alpha_sigma(time)
+        if deterministic:
+            e_pos, e_h = eps_pos, eps_h
+        else:
+            e_pos = torch.randn(num_total, 3, generator=gen, dtype=dtype, device=device)
+            e_h = torch.randn(num_total, pipe.features.dim, generator=gen, dtype=dtype, device=device)
+        if k > 0:
+            e = e_pos[known_pos]
+            e = e - scatter_mean(e, frag_idx, num_graphs)[frag_idx]  # the fragment's relative part only
+            centroid = scatter_mean(pos[known_pos], frag_idx, num_graphs)[frag_idx]
+            pos = pos.clone()
+            pos[known_pos] = centroid + per_atom(alpha, frag_idx) * frag_x + per_atom(sigma, frag_idx) * e
+            pos = remove_mean(pos, batch, num_graphs)
+        if known_h.any():
+            rows = batch[known_h]
+            h = h.clone()
+            h[known_h] = per_atom(alpha, rows) * h_x + per_atom(sigma, rows) * e_h[known_h]
+        return pos, h
+
+    def renoise(pos, h, s, t):
+        """A draw from q(z_t | z_s), t > s: ``alpha_ts z_s + sigma_ts eps`` (EDM eq. 3)."""
+        alpha_t, sigma_t = pipe.schedule.alpha_sigma(t)
+        alpha_s, sigma_s = pipe.schedule.alpha_sigma(s)
+        a_ts = alpha_t / alpha_s
+        std = torch.sqrt((sigma_t**2 - a_ts**2 * sigma_s**2).clamp(min=0.0))
+        noise_pos = centred_noise(batch, num_graphs, generator=gen, dtype=dtype)
+        noise_h = torch.randn(h.shape, generator=gen, dtype=dtype, device=device)
+        a, sd = per_atom(a_ts, batch), per_atom(std, batch)
+        return a * pos + sd * noise_pos, a * h + sd * noise_h
+
+    fault = torch.full((num_graphs,), -1, dtype=torch.long, device=device)
+    times = sampler.timesteps(steps, device=device)
+    pos, h = impose(pos, h, times[0].expand(num_graphs))
+    for i in range(steps):
+        t = times[i].expand(num_graphs)
+        s = times[i + 1].expand(num_graphs)
+        for r in range(resample):
+            eps_hat_pos, eps_hat_h = pipe.predict_noise(pos, h, t, batch, edge_index=edge_index)
+            step = sampler.step(eps_hat_pos, eps_hat_h, t, s, pos, h, batch, generator=gen)
+            pos, h = impose(step.pos, step.h, s)
+            record_faults(fault, pos, h, batch, num_graphs, i)
+            if r < resample - 1:
+                pos, h = renoise(pos, h, s, t)
+    # Final decode at t = 0 (mean of p(x | z_0), EDM eq. 9-10), then the known atoms exactly.
+    t0 = times[-1].expand(num_graphs)
+    eps_hat_pos, eps_hat_h = pipe.predict_noise(pos, h, t0, batch, edge_index=edge_index)
+    pos, h = sampler.clean_estimate(pos, h, eps_hat_pos, eps_hat_h, t0, batch)
+    record_faults(fault, pos, h, batch, num_graphs, steps)
+    pos = pos.double()
+    if k > 0:
+        # The clean fragment (float64), translated to the centroid the model gave its atoms.
+        centroid = scatter_mean(pos[known_pos], frag_idx, num_graphs)[frag_idx]
+        pos[known_pos] = centroid + frag
+        pos = remove_mean(pos, batch, num_graphs)
+    if known_h.any():
+        h = h.clone()
+        h[known_h] = h_x
+    types, charges = pipe.features.decode(h.nan_to_num(0.0))  # faulty molecules stay flagged
+    return (
+        pos.cpu().numpy(),
+        types.cpu().numpy(),
+        None if charges is None else charges.cpu().numpy(),
+        fault.cpu().numpy(),
+    )
+
+
+# ---------------------------------------------------------------------------------------- reports
+
+
+@dataclass(frozen=True)
+class FragmentReport:
+    """How well one generated molecule carries the fragment.
+
+    Attributes:
+        retained: the fragment is a substructure of the molecule's RDKit graph (anywhere).
+        retained_in_place: its atoms ``0..k-1`` (the fixed ones) themselves form the fragment's
+            bond graph, with the same bond types.
+        rmsd: RMSD (Å) of atoms ``0..k-1`` to the fragment after Kabsch superposition (proper
+            rotations only); ``nan`` when the elements differ or coordinates are not finite.
+        bonds: route that built the molecule: ``"rdDetermineBonds"``, ``"EDM table"``,
+            ``"given"`` (passed in) or ``"none"``.
+        reason: why the molecule could not be checked (else ``None``).
+    """
+
+    retained: bool
+    retained_in_place: bool
+    rmsd: float
+    bonds: str
+    reason: str | None = None
+
+
+def fragment_report(fragment: Fragment, symbols: Sequence[object], positions: np.ndarray, *, mol=None, query=None) -> FragmentReport:
+    """Fragment retention and RMSD of one generated molecule whose first k atoms are the fragment.
+
+    Args:
+        fragment: the conditioning fragment (k atoms).
+        symbols: the molecule's N element symbols.
+        positions: (N, 3) coordinates in Å.
+        mol: the molecule's RDKit ``Mol`` if already built (atom i = sample atom i); by default
+            it is made here (RDKit DetermineBonds, else the EDM table molecule).
+        query: the fragment's substructure query, to reuse across molecules (``fragment.query()``).
+    """
+    k = fragment.num_atoms
+    elements = to_symbols(list(symbols))
+    pos = np.asarray(positions, dtype=np.float64)
+    if len(elements) < k or pos.shape != (len(elements), 3):
+        return FragmentReport(False, False, math.nan, "none", f"sample has {len(elements)} atoms, fragment {k}")
+    if tuple(elements[:k]) == fragment.symbols:
+        rmsd = chem_fragments.kabsch_rmsd(pos[:k], fragment.positions)
+    else:
+        rmsd = math.nan
+    if not np.isfinite(pos).all():
+        return FragmentReport(False, False, rmsd, "none", "non-finite coordinates")
+    route, reason = "given", None
+    if mol is None:
+        mol, route, reason = chem_fragments.bonded_mol(elements, pos)
+    query = fragment.query() if query is None else query
+    return FragmentReport(
+        chem_fragments.substructure_retained(query, mol),
+        chem_fragments.retained_in_place(query, mol),
+        rmsd,
+        route,
+        reason,
+    )
+
+
+def fragment_reports(fragment: Fragment, arrays: SampledArrays) -> list[FragmentReport]:
+    """:func:`fragment_report` for every molecule of a sampling run (faulted ones are not checked)."""
+    query = fragment.query()
+    reports = []
+    for j in range(len(arrays.positions)):
+        if arrays.fault_step[j] >= 0:
+            reports.append(FragmentReport(False, False, math.nan, "none", f"numerical fault at reverse step {arrays.fault_step[j]}"))
+            continue
+        reports.append(fragment_report(fragment, arrays.symbols(j), arrays.positions[j], query=query))
+    return reports
+
+
+def formula_honoured(symbols: Sequence[object], formula: str | Mapping[str, int]) -> bool:
+    """Whether a molecule's element counts are exactly ``formula``'s."""
+    return chem_fragments.element_counts(symbols) == chem_fragments.parse_formula(formula)

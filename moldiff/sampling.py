@@ -1,0 +1,47 @@
+"""What a reverse-diffusion run returns, and how numerical faults are recorded (shared by
+plain sampling in :mod:`moldiff.pipeline` and conditioned sampling in :mod:`moldiff.inpainting`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from moldiff.chemistry.elements import QM9_ELEMENTS
+from moldiff.geometry import num_nodes_per_graph
+
+__all__ = ["SampledArrays", "record_faults"]
+
+
+@dataclass
+class SampledArrays:
+    """Raw output of the reverse process for ``B`` molecules.
+
+    ``positions`` list of ``(N_k, 3)`` float arrays (Å, zero centroid); ``types`` list of ``(N_k,)``
+    element indices; ``charges`` list of ``(N_k,)`` decoded charge channels (or ``None``);
+    ``fault_step[k]`` is the reverse step at which molecule k first became non-finite, or -1.
+    """
+
+    positions: list[np.ndarray]
+    types: list[np.ndarray]
+    charges: list[np.ndarray | None]
+    fault_step: np.ndarray
+    elements: tuple[str, ...] = QM9_ELEMENTS
+    steps: int = 0
+    sampler: str = ""
+    seed: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def symbols(self, k: int) -> list[str]:
+        return [self.elements[i] for i in self.types[k]]
+
+
+
+def record_faults(fault: torch.Tensor, pos: torch.Tensor, h: torch.Tensor, batch: torch.Tensor, num_graphs: int, step_index: int) -> None:
+    """Set ``fault[k] = step_index`` for molecules whose atoms became non-finite at this step
+    (first occurrence only). Faulty molecules are flagged, never repaired."""
+    bad_atom = ~(torch.isfinite(pos).all(-1) & torch.isfinite(h).all(-1))
+    if bad_atom.any():
+        bad_mol = num_nodes_per_graph(batch[bad_atom], num_graphs) > 0
+        fault[bad_mol & (fault < 0)] = step_index

@@ -1,0 +1,385 @@
+"""Fragment- and formula-conditioned sampling (moldiff.inpainting) and its RDKit helpers.
+
+A tiny random pipeline (no training needed: the guarantees tested here hold for any network):
+known atoms end exactly at the fragment geometry up to a rigid motion, formulas are honoured
+exactly, fragment-conditioned sampling is E(3)-equivariant, bad input gives one-line errors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from rdkit import Chem
+from rdkit.Chem import AllChem
+
+from moldiff.chemistry.fragments import (
+    FormulaError,
+    cut_fragment,
+    format_formula,
+    formula_problem,
+    kabsch_rmsd,
+    murcko_scaffold_atoms,
+    parse_formula,
+    retained_in_place,
+    substructure_retained,
+)
+from moldiff.chemistry.io import MoleculeFileError, write_sdf, write_xyz
+from moldiff.geometry import random_orthogonal
+from moldiff.inpainting import Fragment, fragment_report, fragment_reports, formula_honoured, inpaint_arrays
+from moldiff.models import DenoiserConfig
+from moldiff.pipeline import FORMAT_VERSION, MolDiffPipeline
+
+MAX_ATOMS = 20
+
+
+def tiny_config() -> dict:
+    """The config.json a debug_tiny training run writes, with a made-up size distribution."""
+    sizes = [0] * (MAX_ATOMS + 1)
+    for n in range(3, MAX_ATOMS + 1):
+        sizes[n] = 1 + (n % 4)
+    return {
+        "format_version": FORMAT_VERSION,
+        "denoiser": DenoiserConfig(num_features=6, hidden=16, n_layers=2).to_dict(),
+        "schedule": {"kind": "polynomial", "grid": 1000, "power": 2.0, "precision": 1e-5},
+        "features": {"num_types": 5, "include_charges": True, "type_scale": 0.25, "charge_scale": 0.1},
+        "statistics": {"elements": ["H", "C", "N", "O", "F"], "size_counts": sizes, "element_counts": [10, 7, 1, 1, 1]},
+        "atomic_numbers": [1, 6, 7, 8, 9],
+        "parametrization": "eps",
+        "metadata": {},
+    }
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    return MolDiffPipeline.from_config(tiny_config())
+
+
+@pytest.fixture(scope="module")
+def pipe64():
+    torch.manual_seed(0)
+    return MolDiffPipeline.from_config(tiny_config()).to(torch.float64)
+
+
+@pytest.fixture(scope="module")
+def benzene():
+    return Fragment.from_smiles("c1ccccc1")
+
+
+@pytest.fixture(scope="module")
+def acetamide():
+    return Fragment.from_smiles("CC(=O)N", keep_hydrogens=True)
+
+
+def assert_fragment_exact(arrays, fragment):
+    k = fragment.num_atoms
+    for j in range(len(arrays.positions)):
+        assert arrays.fault_step[j] == -1
+        assert tuple(arrays.symbols(j)[:k]) == fragment.symbols
+        assert kabsch_rmsd(arrays.positions[j][:k], fragment.positions) < 1e-5
+        # pairwise distances too: the check does not rely on our own Kabsch
+        d_gen = np.linalg.norm(arrays.positions[j][:k, None] - arrays.positions[j][None, :k], axis=-1)
+        d_ref = np.linalg.norm(fragment.positions[:, None] - fragment.positions[None], axis=-1)
+        assert np.abs(d_gen - d_ref).max() < 1e-5
+        np.testing.assert_allclose(arrays.positions[j].mean(0), 0.0, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------ fragment sampling
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim", "ddim:0.5"])
+def test_known_atoms_end_exactly_at_fragment(pipe, benzene, sampler):
+    arrays = inpaint_arrays(pipe, 3, fragment=benzene, num_atoms=14, steps=8, sampler=sampler, seed=1)
+    assert [len(p) for p in arrays.positions] == [14, 14, 14]
+    assert_fragment_exact(arrays, benzene)
+    assert arrays.extra["num_known_atoms"] == 6 and arrays.extra["conditioning"] == "fragment"
+    # the fragment's place in the molecule is the model's choice, not pinned to the centre
+    assert max(np.linalg.norm(p[:6].mean(0)) for p in arrays.positions) > 1e-3
+    # and fragment_offset moves each molecule back onto the fragment's own coordinates
+    for p, offset in zip(arrays.positions, arrays.extra["fragment_offset"]):
+        np.testing.assert_allclose(p[:6] + offset, benzene.positions, atol=1e-9)
+
+
+def test_fragment_with_hydrogens_and_resampling(pipe, acetamide):
+    arrays = inpaint_arrays(pipe, 2, fragment=acetamide, num_atoms=12, steps=6, resample=3, seed=2)
+    assert_fragment_exact(arrays, acetamide)
+    assert arrays.extra["network_evaluations"] == 6 * 3 + 1
+
+
+def test_sizes_drawn_at_least_fragment_size(pipe, acetamide):
+    arrays = inpaint_arrays(pipe, 12, fragment=acetamide, steps=2, seed=3)
+    sizes = [len(p) for p in arrays.positions]
+    assert min(sizes) >= acetamide.num_atoms and max(sizes) <= MAX_ATOMS
+    assert len(set(sizes)) > 1
+
+
+def test_same_seed_same_output(pipe, benzene):
+    a = inpaint_arrays(pipe, 2, fragment=benzene, num_atoms=10, steps=4, seed=5)
+    b = inpaint_arrays(pipe, 2, fragment=benzene, num_atoms=10, steps=4, seed=5)
+    for pa, pb in zip(a.positions, b.positions):
+        np.testing.assert_array_equal(pa, pb)
+
+
+def test_fragment_sampling_is_equivariant(pipe64, acetamide):
+    """Deterministic DDIM (eta = 0), resample = 1, float64. The free atoms start from noise that a
+    rotated fragment cannot rotate by itself, so the test passes the same noise explicitly
+    (``initial_noise``) and, for the rotated run, that noise rotated as well: every input of the
+    run is then rotated by Q, and the outputs must be exactly the first run's rotated by Q. The
+    fragment is also translated (its frame must not matter) and Q includes a reflection (E(3))."""
+    n, size = 2, 11
+    gen = torch.Generator().manual_seed(7)
+    noise_pos = torch.randn(n * size, 3, generator=gen, dtype=torch.float64)
+    noise_h = torch.randn(n * size, 6, generator=gen, dtype=torch.float64)
+    kwargs = dict(num_atoms=size, steps=12, sampler="ddim", seed=0)
+    ref = inpaint_arrays(pipe64, n, fragment=acetamide, initial_noise=(noise_pos, noise_h), **kwargs)
+    for reflect in (False, True):
+        q = random_orthogonal(generator=gen, reflect=reflect)
+        moved = acetamide.transformed(q.numpy(), np.array([3.0, -1.0, 2.0]))
+        out = inpaint_arrays(pipe64, n, fragment=moved, initial_noise=(noise_pos @ q.T, noise_h), **kwargs)
+        for j in range(n):
+            np.testing.assert_array_equal(ref.types[j], out.types[j])
+            expected = ref.positions[j] @ q.numpy().T
+            scale = np.abs(expected).max()
+            assert np.abs(out.positions[j] - expected).max() <= 1e-9 * max(scale, 1.0)
+        assert_fragment_exact(out, moved)
+
+
+def test_fragment_centroid_is_free_in_the_zero_com_subspace():
+    """The centre-of-mass treatment, checked against an exact answer. With data x ~ N(0, s^2 I) on
+    the zero-CoM subspace the optimal noise predictor is ``sigma_t z / (alpha_t^2 s^2 + sigma_t^2)``
+    and, given the fragment's shape, the fragment's centroid is still free: per coordinate it has
+    variance ``s^2 (1/k - 1/N)``, each free atom ``s^2 (1 - 1/N)``. Pinning the fragment at the
+    molecule's centre (placing it at the origin, then removing the mean) would give ~0."""
+    s2, k, size = 2.25, 4, 10
+    pipe = MolDiffPipeline.from_config(tiny_config())
+
+    def gaussian_oracle(pos_t, h_t, t, batch, context=None, edge_index=None):
+        alpha, sigma = pipe.schedule.alpha_sigma(t)
+        scale = (sigma / (alpha**2 * s2 + sigma**2)).to(pos_t.dtype)[batch].unsqueeze(-1)
+        return scale * pos_t, scale * h_t
+
+    pipe.predict_noise = gaussian_oracle
+    shape = Fragment(["C"] * k, np.random.default_rng(0).normal(size=(k, 3)))
+    arrays = inpaint_arrays(pipe, 300, fragment=shape, num_atoms=size, steps=60, resample=2, seed=0)
+    positions = np.stack(arrays.positions)
+    centroid_var = positions[:, :k].mean(1).var()
+    free_var = positions[:, k:].var()
+    # 60 steps under-disperse by ~10% (unconditional sampling too); sampling error ~5%
+    assert abs(centroid_var / (s2 * (1 / k - 1 / size)) - 1) < 0.25
+    assert abs(free_var / (s2 * (1 - 1 / size)) - 1) < 0.25
+    assert_fragment_exact(arrays, shape)
+
+
+# ------------------------------------------------------------------------------ formula sampling
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
+def test_formula_honoured_exactly(pipe, sampler):
+    arrays = inpaint_arrays(pipe, 3, formula="C7H8O", steps=6, sampler=sampler, seed=4)
+    for j in range(3):
+        assert formula_honoured(arrays.symbols(j), "C7H8O")
+        assert len(arrays.positions[j]) == 16
+    assert arrays.extra["formula"] == "C7H8O"
+
+
+def test_fragment_and_formula_together(pipe, benzene):
+    arrays = inpaint_arrays(pipe, 2, fragment=benzene, formula={"C": 7, "H": 8, "O": 1}, steps=5, resample=2, seed=6)
+    assert_fragment_exact(arrays, benzene)
+    for j in range(2):
+        assert formula_honoured(arrays.symbols(j), "C7OH8")
+    assert arrays.extra["conditioning"] == "fragment+formula"
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def one_line_error(exc_info) -> str:
+    message = str(exc_info.value)
+    assert message and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(fragment=Fragment(["C", "Cl"], [[0, 0, 0], [1.77, 0, 0]]), num_atoms=8), "element Cl is not in the model's vocabulary"),
+        (dict(fragment="c1ccccc1", num_atoms=8), "must be a Fragment"),
+        (dict(num_atoms=8), "give a fragment, a formula or both"),
+        (dict(formula="C2H6S"), "element S is not in the model's vocabulary"),
+        (dict(formula="C7H8O", num_atoms=15), "has 16 atoms but num_atoms is 15"),
+        (dict(formula="C9H20O"), "more than the model's maximum of 20"),
+        (dict(formula="C7H7O"), "cannot make a neutral closed-shell molecule: odd total valence"),
+        (dict(formula="CH6"), "cannot make a neutral closed-shell molecule: too few bonds"),
+        (dict(formula="C7H8O)"), "cannot parse formula"),
+        (dict(formula="Xx2"), "unknown element"),
+        (dict(formula="C2H6", num_atoms=[8, 8]), "got 2 sizes for 3 molecules"),
+        (dict(formula="C2H6", resample=0), "resample must be an integer >= 1"),
+        (dict(formula="C2H6", initial_noise=(np.zeros((3, 3)), np.zeros((3, 6)))), r"initial_noise must have shapes \(24, 3\)"),
+    ],
+)
+def test_bad_conditioning(pipe, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match) as exc_info:
+        inpaint_arrays(pipe, 3, steps=2, **kwargs)
+    one_line_error(exc_info)
+
+
+def test_fragment_size_errors(pipe, benzene):
+    big = Fragment(["C"] * (MAX_ATOMS + 1), np.arange(3 * (MAX_ATOMS + 1), dtype=float).reshape(-1, 3))
+    with pytest.raises(ValueError, match="fragment has 21 atoms, more than the model's maximum of 20") as e:
+        inpaint_arrays(pipe, 1, fragment=big, steps=2)
+    one_line_error(e)
+    with pytest.raises(ValueError, match="fragment has 6 atoms but num_atoms is 5") as e:
+        inpaint_arrays(pipe, 1, fragment=benzene, num_atoms=5, steps=2)
+    one_line_error(e)
+    with pytest.raises(ValueError, match="fragment has 6 C but formula C5H12 has 5") as e:
+        inpaint_arrays(pipe, 1, fragment=benzene, formula="C5H12", steps=2)
+    one_line_error(e)
+    with pytest.raises(ValueError, match="initial_noise needs fixed molecule sizes") as e:
+        inpaint_arrays(pipe, 1, fragment=benzene, steps=2, initial_noise=(np.zeros((6, 3)), np.zeros((6, 6))))
+    one_line_error(e)
+
+
+def test_unparsable_smiles():
+    with pytest.raises(ValueError, match="cannot parse fragment SMILES 'c1cccc'") as e:
+        Fragment.from_smiles("c1cccc")
+    one_line_error(e)
+
+
+def test_bad_fragment_files(tmp_path):
+    garbage = tmp_path / "garbage.sdf"
+    garbage.write_text("this is not\na molecule\n")
+    broken = tmp_path / "broken.sdf"
+    broken.write_text("title\n  program\n\n  2  1  0  0  0  0  0  0  0  0999 V2000\n    0.0 x\nM  END\n$$$$\n")
+    flat = tmp_path / "flat.mol"
+    mol = Chem.MolFromSmiles("CCO")
+    AllChem.Compute2DCoords(mol)
+    Chem.MolToMolFile(mol, str(flat))
+    empty = tmp_path / "empty.sdf"
+    empty.write_text("")
+    for path, match in [
+        (garbage, "no molecule records found"),
+        (broken, "could not be parsed"),
+        (flat, "2D coordinates"),
+        (empty, "empty file"),
+        (tmp_path / "missing.sdf", "no such file"),
+        (tmp_path / "frag.pdb", "unknown fragment file extension"),
+    ]:
+        with pytest.raises(MoleculeFileError, match=match) as e:
+            Fragment.from_file(path)
+        one_line_error(e)
+
+
+# ------------------------------------------------------------------------------ loading fragments
+
+
+def test_fragment_from_smiles_is_deterministic_and_3d(benzene):
+    again = Fragment.from_smiles("c1ccccc1", seed=0)
+    np.testing.assert_array_equal(again.positions, benzene.positions)
+    assert benzene.symbols == ("C",) * 6
+    ring = np.linalg.norm(benzene.positions - np.roll(benzene.positions, 1, axis=0), axis=1)
+    assert np.all(np.abs(ring - 1.39) < 0.03)  # MMFF94 aromatic C-C
+    with_h = Fragment.from_smiles("c1ccccc1", keep_hydrogens=True)
+    assert with_h.symbols.count("H") == 6 and with_h.num_atoms == 12
+
+
+def test_fragment_from_files_round_trip(tmp_path, acetamide):
+    sdf, mol_file, xyz = tmp_path / "a.sdf", tmp_path / "a.mol", tmp_path / "a.xyz"
+    write_sdf(sdf, [acetamide.mol])
+    Chem.MolToMolFile(acetamide.mol, str(mol_file))
+    write_xyz(xyz, [(acetamide.symbols, acetamide.positions)])
+    for path in (sdf, mol_file, xyz):
+        loaded = Fragment.from_file(path)
+        assert loaded.symbols == acetamide.symbols
+        np.testing.assert_allclose(loaded.positions, acetamide.positions, atol=1e-4)
+        assert loaded.mol is not None
+        assert substructure_retained(acetamide.mol, loaded.mol)
+    heavy = Fragment.from_file(sdf, keep_hydrogens=False)
+    assert heavy.symbols == ("C", "C", "O", "N")
+
+
+# ------------------------------------------------------------------------------ reports and helpers
+
+
+def ethylbenzene_ring_first():
+    """Ethylbenzene with H, 3D, renumbered so that its ring carbons are atoms 0..5 (ring order)."""
+    mol = Chem.AddHs(Chem.MolFromSmiles("CCc1ccccc1"))
+    params = AllChem.ETKDGv3()
+    params.randomSeed = 0
+    AllChem.EmbedMolecule(mol, params)
+    AllChem.MMFFOptimizeMolecule(mol)
+    order = [2, 3, 4, 5, 6, 7, 0, 1] + list(range(8, mol.GetNumAtoms()))
+    mol = Chem.RenumberAtoms(mol, order)
+    return [a.GetSymbol() for a in mol.GetAtoms()], mol.GetConformer().GetPositions()
+
+
+def test_fragment_report_on_a_real_molecule(benzene):
+    symbols, positions = ethylbenzene_ring_first()
+    q = random_orthogonal(generator=torch.Generator().manual_seed(0), reflect=False).numpy()
+    ring = Fragment(symbols[:6], positions[:6] @ q.T + 5.0, benzene.mol)  # same ring, another frame
+    report = fragment_report(ring, symbols, positions)
+    assert report.retained and report.retained_in_place and report.bonds == "rdDetermineBonds"
+    assert report.rmsd < 1e-9
+    # ETKDG's benzene on its own is a slightly different ring: retained, small RMSD
+    report = fragment_report(benzene, symbols, positions)
+    assert report.retained and report.retained_in_place and 0 < report.rmsd < 0.1
+    # six carbons that are not the ring: the ring is still in the molecule, but not in place
+    shuffled = [6, 7, 0, 1, 2, 3] + [4, 5] + list(range(8, len(symbols)))
+    report = fragment_report(benzene, [symbols[i] for i in shuffled], positions[shuffled])
+    assert report.retained and not report.retained_in_place
+    # no pyridine in ethylbenzene; a fragment known by coordinates only matches by connectivity
+    pyridine = Fragment.from_smiles("c1ccncc1")
+    assert not fragment_report(pyridine, symbols, positions).retained
+    bare = Fragment(symbols[:6], positions[:6])
+    report = fragment_report(bare, symbols, positions)
+    assert report.retained and report.retained_in_place
+
+
+def test_fragment_reports_over_a_run(pipe, benzene):
+    arrays = inpaint_arrays(pipe, 2, fragment=benzene, num_atoms=12, steps=3, seed=0)
+    reports = fragment_reports(benzene, arrays)
+    assert len(reports) == 2
+    assert all(r.rmsd < 1e-5 for r in reports)
+    assert all(r.bonds in ("rdDetermineBonds", "EDM table", "none") for r in reports)
+
+
+def test_parse_and_format_formula():
+    assert parse_formula("C7H8O") == {"C": 7, "H": 8, "O": 1}
+    assert parse_formula("CH3CH2OH") == {"C": 2, "H": 6, "O": 1}
+    assert parse_formula("Cl2") == {"Cl": 2}
+    assert parse_formula({"C": 2, "H": 6, "N": 0}) == {"C": 2, "H": 6}
+    assert format_formula({"O": 1, "H": 8, "C": 7}) == "C7H8O"
+    assert format_formula({"O": 1, "H": 2}) == "H2O"
+    for bad in ["", "c7h8", "C7H8O+", "C(H3)2", "C0H4", "Qq"]:
+        with pytest.raises(FormulaError):
+            parse_formula(bad)
+    assert formula_problem(parse_formula("C7H8O")) is None
+    assert formula_problem(parse_formula("H2")) is None
+    assert "odd total valence" in formula_problem(parse_formula("CH3"))
+    assert "too few bonds" in formula_problem(parse_formula("C2H8"))
+
+
+def test_kabsch_rmsd_is_rigid_but_not_mirror():
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(7, 3))
+    q = random_orthogonal(generator=torch.Generator().manual_seed(1), reflect=False).numpy()
+    assert kabsch_rmsd(points @ q.T + 4.0, points) < 1e-12
+    mirror = points * np.array([1.0, 1.0, -1.0])
+    assert kabsch_rmsd(mirror, points) > 1e-3
+    assert np.isnan(kabsch_rmsd(np.full((7, 3), np.nan), points))
+
+
+def test_scaffold_cut_and_retention():
+    mol = Chem.AddHs(Chem.MolFromSmiles("Cc1ccc(O)cc1C=O"))
+    scaffold = murcko_scaffold_atoms(mol)
+    assert sorted(mol.GetAtomWithIdx(i).GetSymbol() for i in scaffold) == ["C"] * 6
+    assert all(mol.GetAtomWithIdx(i).GetIsAromatic() for i in scaffold)
+    assert murcko_scaffold_atoms(Chem.AddHs(Chem.MolFromSmiles("CCO"))) == []
+    ring = cut_fragment(mol, scaffold)
+    assert ring.GetNumAtoms() == 6 and ring.GetNumBonds() == 6
+    assert substructure_retained(ring, mol)
+    assert not substructure_retained(ring, Chem.AddHs(Chem.MolFromSmiles("C1CCCCC1")))
+    # in place: the kept atoms come first in the cut, so the molecule renumbered the same way matches
+    rest = [i for i in range(mol.GetNumAtoms()) if i not in scaffold]
+    assert retained_in_place(ring, Chem.RenumberAtoms(mol, scaffold + rest))
+    assert not retained_in_place(ring, mol)
