@@ -203,7 +203,12 @@ def main():
     p.add_argument("--sizes", default="256x9,128x6")
     p.add_argument("--modes", default="padded,flat fp32,flat bf16,flat fp32 compiled,flat bf16 compiled")
     p.add_argument("--out", help="write results as JSON here")
+    p.add_argument("--malloc-default", action="store_true", help="keep glibc's default malloc thresholds (no moldiff tuning)")
     args = p.parse_args()
+    if not args.malloc_default:
+        from moldiff.cli import _tune_allocator
+
+        _tune_allocator()  # what the `moldiff` command does at start-up
     args.modes = args.modes.split(",")
     torch.set_num_threads(args.threads)
     qm9 = load_qm9()
@@ -213,6 +218,7 @@ def main():
         "threads": args.threads,
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "malloc": "glibc default" if args.malloc_default else "moldiff-tuned (mmap/trim thresholds 1 GiB)",
     }
     print(machine, flush=True)
     out = {"machine": machine, "batch_size": args.batch_size, "iters": args.iters, "ref_iters": args.ref_iters, "results": []}

@@ -144,8 +144,11 @@ class Trainer:
             # Epochs drop the last partial batch, so such an epoch is empty and training would never advance.
             raise ValueError(f"the training set has {len(self.data.train)} molecules, fewer than one batch "
                              f"(train.batch_size={cfg.train.batch_size})")
-        torch.manual_seed(cfg.train.seed)  # parameter initialisation only
-        self.pipe = build_pipeline(cfg, self.data).to(self.device)
+        # Parameter initialisation from train.seed, without reseeding the caller's global RNG
+        # (DESIGN: only the CLI seeds global RNGs).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)
+            self.pipe = build_pipeline(cfg, self.data).to(self.device)
         self.model = self.pipe.denoiser
         # What the training forward pass calls: the model, maybe compiled, maybe wrapped in DDP.
         self.forward_model = self.model
