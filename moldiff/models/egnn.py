@@ -26,7 +26,7 @@ def coord_features(pos: torch.Tensor, edge_index: torch.Tensor, norm_constant: f
     ``diff / (|diff| + norm_constant)`` as in EDM's ``coord2diff``: bounded for close atoms.
     """
     row, col = edge_index
-    diff = pos[row] - pos[col]
+    diff = torch.index_select(pos, 0, row) - torch.index_select(pos, 0, col)
     radial = (diff * diff).sum(-1, keepdim=True)
     diff = diff / (torch.sqrt(radial + 1e-8) + norm_constant)
     return radial, diff
@@ -46,12 +46,17 @@ class EdgeInputLinear(nn.Module):
     def forward(self, h: torch.Tensor, edge_index: torch.Tensor, edge_attr: torch.Tensor) -> torch.Tensor:
         w = self.linear.weight
         hid = self.hidden
-        # One (n, H) x (H, 2*out) product for both endpoint projections.
-        both = h @ torch.cat([w[:, :hid], w[:, hid : 2 * hid]], 0).T
         out = w.shape[0]
-        a, b = both[:, :out], both[:, out:]
+        # One (n, H) x (H, 2*out) product for both endpoint projections; the bias joins the
+        # node-level term so that it is added n times, not E times.
+        both = h @ torch.cat([w[:, :hid], w[:, hid : 2 * hid]], 0).T
+        a = both[:, :out] + self.linear.bias
+        b = both[:, out:]
         row, col = edge_index
-        return a[row] + b[col] + edge_attr @ w[:, 2 * hid :].T + self.linear.bias
+        # index_select (backward: a parallel index_add) rather than a[row] (backward: a serial
+        # accumulating index_put); addmm fuses the edge-attribute product with the sum.
+        gathered = torch.index_select(a, 0, row) + torch.index_select(b, 0, col)
+        return torch.addmm(gathered, edge_attr, w[:, 2 * hid :].T)
 
 
 class GCL(nn.Module):
