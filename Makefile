@@ -19,8 +19,8 @@ $(BIN)/moldiff: pyproject.toml
 setup: $(BIN)/moldiff
 
 test: setup
-	$(BIN)/python -m pytest -q
 	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m ""
