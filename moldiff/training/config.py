@@ -65,7 +65,7 @@ class TrainConfig:
     sample_steps: int = 100
     sample_sampler: str = "ancestral"
     checkpoint_minutes: float = 10.0
-    tensorboard: bool = False
+    tensorboard: bool = False  #: also write the log rows as TensorBoard scalars to RUN/tensorboard (needs tensorboard)
 
 
 @dataclass

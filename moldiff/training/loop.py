@@ -171,6 +171,7 @@ class Trainer:
         self.loss_window: list[float] = []
         self.consecutive_bad, self.skipped_total = 0, 0
         self._stop_signal = None
+        self._tb = self._open_tensorboard()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -244,6 +245,25 @@ class Trainer:
         with open(path, newline="") as fh:
             rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= self.step]
         self._write_log_rows(rows, mode="w")
+
+    def _open_tensorboard(self):
+        """A SummaryWriter when ``train.tensorboard`` is set (checked at start, not at the first log)."""
+        if not self.cfg.train.tensorboard or self.rank != 0:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)") from None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _write_tensorboard(self, row: dict) -> None:
+        if self._tb is None:
+            return
+        for key, value in row.items():
+            if key in ("step", "epoch") or value in ("", None):
+                continue
+            self._tb.add_scalar(key, float(value), int(row["step"]))
+        self._tb.flush()
 
     def _write_log_rows(self, rows, mode="a") -> None:
         path = self._log_path()
@@ -415,6 +435,7 @@ class Trainer:
             row.update({k: f"{metrics[k]:.4f}" for k in ("atom_stable", "mol_stable", "validity", "uniqueness") if k in metrics})
         if self.rank == 0:
             self._write_log_rows([row])
+            self._write_tensorboard(row)
             shown = {k: v for k, v in row.items() if v not in ("",)}
             self.log("  ".join(f"{k}={v}" for k, v in shown.items()))
         return row
