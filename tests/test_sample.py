@@ -324,3 +324,22 @@ def test_api_sample_with_fragment_reports_retention(checkpoint):
     assert all(m.symbols[:3] == list(frag.symbols) for m in mols)
     assert all(m.fragment_rmsd is not None and m.fragment_rmsd < 1e-5 for m in mols)
     assert all(m.fragment_retained in (True, False) for m in mols)
+
+
+def test_bf16_inference_is_close_to_fp32_and_leaves_weights_alone(checkpoint):
+    pipe = MolDiffPipeline.from_pretrained(checkpoint)
+    keys = set(pipe.state_dict())
+    g = torch.Generator().manual_seed(0)
+    batch = torch.tensor([0] * 5 + [1] * 7)
+    pos = torch.randn(12, 3, generator=g)
+    h = torch.randn(12, pipe.features.dim, generator=g)
+    t = torch.tensor([0.3, 0.8])
+    ref = pipe.predict_noise(pos, h, t, batch)
+    pipe.configure_inference(precision="bf16")
+    got = pipe.predict_noise(pos, h, t, batch)
+    assert got[0].dtype == torch.float32
+    for a, b in zip(got, ref):
+        assert (a - b).abs().max() <= 0.05 * b.abs().max() + 1e-3  # bf16 has ~3 significant digits
+    assert set(pipe.state_dict()) == keys
+    with pytest.raises(ValueError, match="precision"):
+        pipe.configure_inference(precision="fp8")
