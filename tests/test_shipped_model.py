@@ -1,0 +1,47 @@
+"""The model shipped inside the package: loads offline, samples via API and CLI."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+import moldiff
+from moldiff.pipeline import PRETRAINED_DIR
+
+
+def test_shipped_checkpoint_is_small_and_loads_with_weights_only():
+    weights = PRETRAINED_DIR / "model.pt"
+    assert weights.stat().st_size < 20 * 2**20
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    cfg = json.loads((PRETRAINED_DIR / "config.json").read_text())
+    assert cfg["statistics"]["elements"] == ["H", "C", "N", "O", "F"]
+
+
+def test_load_pretrained_samples_deterministically():
+    pipe = moldiff.load_pretrained()
+    a = pipe.sample(3, steps=3, seed=7)
+    b = pipe.sample(3, steps=3, seed=7)
+    assert [m.num_atoms for m in a] == [m.num_atoms for m in b]
+    for x, y in zip(a, b):
+        assert np.array_equal(x.positions, y.positions) and x.symbols == y.symbols
+    assert all(set(m.symbols) <= {"H", "C", "N", "O", "F"} for m in a)
+    assert all(2 <= m.num_atoms <= pipe.statistics.max_atoms for m in a)
+
+
+def test_cli_sample_with_shipped_model(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "moldiff.cli", "sample", "-n", "4", "--steps", "3", "-o", str(out),
+                        "--no-novelty"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in out.iterdir()} == {"samples.sdf", "samples.csv", "samples.png", "samples.json"}
+    summary = json.loads((out / "samples.json").read_text())
+    assert summary["n"] == 4 and summary["steps"] == 3
+
+
+def test_cli_rejects_impossible_sizes_for_shipped_model(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "moldiff.cli", "sample", "-n", "2", "--num-atoms", "500", "-o",
+                        str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "num_atoms" in r.stderr and not (tmp_path / "x").exists()
