@@ -1,4 +1,4 @@
-"""Training losses and the variational bound.
+"""Training losses.
 
 Dimension counting: a molecule of N atoms with F feature channels has ``3 (N - 1) + F N`` degrees
 of freedom (positions live in the zero-CoM subspace). Squared errors summed over a molecule are
@@ -7,13 +7,11 @@ divided by that number, so that molecules of every size weigh the same per dimen
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from moldiff.geometry import num_nodes_per_graph, scatter_sum
 
-__all__ = ["degrees_of_freedom", "squared_error_per_molecule", "epsilon_loss", "continuous_vlb_diffusion_term"]
+__all__ = ["degrees_of_freedom", "squared_error_per_molecule", "epsilon_loss"]
 
 
 def degrees_of_freedom(batch: torch.Tensor, num_graphs: int, num_features: int) -> torch.Tensor:
@@ -43,19 +41,3 @@ def epsilon_loss(
     if weight is not None:
         per_mol = per_mol * weight.to(per_mol.dtype)
     return per_mol.mean()
-
-
-def continuous_vlb_diffusion_term(sq_err: torch.Tensor, dgamma_dt: torch.Tensor) -> torch.Tensor:
-    """Diffusion part of the continuous-time VLB in nats per molecule (Kingma et al. 2021, eq. 17):
-    ``0.5 * gamma'(t) * ||eps - eps_hat||^2`` for one uniform draw of t; unbiased over t ~ U(0, 1).
-    """
-    return 0.5 * dgamma_dt.to(sq_err.dtype) * sq_err
-
-
-def gaussian_kl_prior(mean_sq: torch.Tensor, sigma1: torch.Tensor, dof: torch.Tensor) -> torch.Tensor:
-    """KL(q(z_1|x) || N(0, I)) summed over ``dof`` dimensions: mean_sq = alpha_1^2 ||x||^2 (B,)."""
-    var = sigma1**2
-    return 0.5 * (mean_sq + dof * (var - 1.0 - torch.log(var)))
-
-
-LOG_2PI = math.log(2.0 * math.pi)
