@@ -348,16 +348,7 @@ def inpaint_arrays(
         if noise is not None:
             lo, hi = atom_offsets[start], atom_offsets[start + len(chunk)]
             chunk_noise = (noise[0][lo:hi], noise[1][lo:hi])
-        pos, types, charges, fault = _inpaint_batch(
-            pipe, plan, chunk, steps, sampler_obj, int(resample), gen, chunk_noise
-        )
-        offsets = np.concatenate([[0], np.cumsum(chunk)])
-        for j in range(len(chunk)):
-            lo, hi = offsets[j], offsets[j + 1]
-            out.positions.append(pos[lo:hi])
-            out.types.append(types[lo:hi])
-            out.charges.append(None if charges is None else charges[lo:hi])
-        out.fault_step[start : start + len(chunk)] = fault
+        out.add_batch(start, chunk, *_inpaint_batch(pipe, plan, chunk, steps, sampler_obj, int(resample), gen, chunk_noise))
         if progress is not None:
             progress(len(chunk))
     if fragment is not None:

@@ -298,14 +298,7 @@ class MolDiffPipeline(torch.nn.Module):
         self.denoiser.eval()
         for start in range(0, n, batch_size):
             chunk = sizes[start : start + batch_size]
-            pos, types, charges, fault = self._sample_batch(chunk, steps, sampler_obj, gen, device)
-            offsets = np.concatenate([[0], np.cumsum(chunk)])
-            for k in range(len(chunk)):
-                lo, hi = offsets[k], offsets[k + 1]
-                out.positions.append(pos[lo:hi])
-                out.types.append(types[lo:hi])
-                out.charges.append(None if charges is None else charges[lo:hi])
-            out.fault_step[start : start + len(chunk)] = fault
+            out.add_batch(start, chunk, *self._sample_batch(chunk, steps, sampler_obj, gen, device))
             if progress is not None:
                 progress(len(chunk))
         return out

@@ -36,6 +36,15 @@ class SampledArrays:
     def symbols(self, k: int) -> list[str]:
         return [self.elements[i] for i in self.types[k]]
 
+    def add_batch(self, start: int, sizes, pos: np.ndarray, types: np.ndarray, charges, fault: np.ndarray) -> None:
+        """Split one denoised flat batch (molecules ``start .. start + len(sizes) - 1``) into per-molecule arrays."""
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        for lo, hi in zip(offsets[:-1], offsets[1:]):
+            self.positions.append(pos[lo:hi])
+            self.types.append(types[lo:hi])
+            self.charges.append(None if charges is None else charges[lo:hi])
+        self.fault_step[start : start + len(sizes)] = fault
+
 
 
 def record_faults(fault: torch.Tensor, pos: torch.Tensor, h: torch.Tensor, batch: torch.Tensor, num_graphs: int, step_index: int) -> None:

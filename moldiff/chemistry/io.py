@@ -31,6 +31,7 @@ __all__ = [
     "write_xyz",
     "write_csv",
     "write_json",
+    "write_bytes",
 ]
 
 
@@ -192,14 +193,14 @@ def read_molecules(path: str | os.PathLike) -> list[MoleculeRecord]:
 # ---------------------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[IO[str]], None]) -> None:
+def _atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = False) -> None:
     """Run ``write(handle)`` on a temporary file next to ``path``, then move it into place."""
     path = Path(path)
     # Same directory as the target, so os.replace is an atomic rename on one filesystem; opened
     # with mode "x" (not mkstemp) so the file gets the usual umask permissions.
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with open(temporary, "x", newline="") as handle:
+        with open(temporary, "xb") if binary else open(temporary, "x", newline="") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -305,3 +306,8 @@ def write_json(path: str | os.PathLike, obj: object) -> None:
     """Write ``obj`` as indented JSON, atomically (a failed write leaves the old file intact)."""
     text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
     _atomic_write(path, lambda fh: fh.write(text))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (e.g. an encoded image)."""
+    _atomic_write(path, lambda fh: fh.write(data), binary=True)

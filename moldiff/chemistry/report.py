@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib.util
 import io as _io
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -34,6 +33,7 @@ from rdkit import Chem, rdBase
 
 from .bonds import rdkit_bond_orders
 from .elements import to_symbols
+from .io import write_bytes
 from .metrics import MoleculeResult, evaluate_molecule
 from .rdkit import build_mol, edm_mol, sanitize_error
 
@@ -298,16 +298,6 @@ def grid_image(
 
 def write_png(path: str | os.PathLike, image) -> None:
     """Save a PIL image as PNG, atomically (temporary file in the target folder, then rename)."""
-    path = Path(path)
     buffer = _io.BytesIO()
     image.save(buffer, format="PNG")
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(temporary, "xb") as handle:
-            handle.write(buffer.getvalue())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_bytes(path, buffer.getvalue())
