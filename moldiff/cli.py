@@ -22,11 +22,11 @@ class UsageError(Exception):
     """A problem with what the user asked for; shown as one line."""
 
 
-def _progress_bar(total: int, desc: str, unit: str):
-    """tqdm on a terminal, nothing in pipes and logs."""
+def _progress_bar(total: int | None, desc: str, unit: str, enabled: bool = True):
+    """tqdm on a terminal, nothing in pipes and logs (or when ``enabled`` is false)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not sys.stderr.isatty(), leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not (enabled and sys.stderr.isatty()), leave=False)
 
 
 def _cache_dir(args) -> str | None:
@@ -166,7 +166,9 @@ def cmd_train(args) -> int:
                       log=lambda m: print(m, flush=True))
     if args.resume:
         trainer.resume()
-    trainer.train()
+    total = cfg.train.max_steps - trainer.step if cfg.train.max_steps is not None else None
+    with _progress_bar(total, "training", "step", enabled=rank == 0) as bar:
+        trainer.train(progress=lambda step, loss: bar.set_postfix(loss=f"{loss:.4f}", refresh=False) or bar.update(1))
     if world_size > 1:
         torch.distributed.destroy_process_group()
     if rank == 0:
