@@ -377,8 +377,12 @@ def cmd_sample(args) -> int:
         fragment = Fragment.from_file(args.fragment) if args.fragment else Fragment.from_smiles(args.fragment_smiles)
     reference = None
     if args.novelty:
-        from moldiff.data.qm9 import training_smiles
+        from moldiff.data.qm9 import CACHE_VERSION, default_cache_dir, training_smiles
 
+        cache_folder = Path(_cache_dir(args) or default_cache_dir())
+        if not (cache_folder / f"qm9_train_smiles_v{CACHE_VERSION}.json").is_file():
+            print(f"building the novelty reference (QM9 training SMILES) once into {cache_folder}; about a minute ...",
+                  file=sys.stderr, flush=True)
         try:
             reference = training_smiles(_cache_dir(args))
         except Exception as exc:  # noqa: BLE001 - say what to do instead

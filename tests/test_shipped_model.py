@@ -45,3 +45,18 @@ def test_cli_rejects_impossible_sizes_for_shipped_model(tmp_path):
     r = subprocess.run([sys.executable, "-m", "moldiff.cli", "sample", "-n", "2", "--num-atoms", "500", "-o",
                         str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "num_atoms" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_cli_sample_with_novelty_reference(tmp_path):
+    """Novelty on (the default): reads the cached reference SMILES and reports novelty in the JSON."""
+    from moldiff.data.qm9 import CACHE_VERSION
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / f"qm9_train_smiles_v{CACHE_VERSION}.json").write_text(json.dumps(["[H]C([H])([H])[H]"]))
+    out = tmp_path / "novel"
+    r = subprocess.run([sys.executable, "-m", "moldiff.cli", "sample", "-n", "3", "--steps", "2", "-o", str(out),
+                        "--cache-dir", str(cache)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "samples.json").read_text())
+    assert "novelty" in summary and (summary["n_valid"] == 0 or summary["novelty"] is not None)
