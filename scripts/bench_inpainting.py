@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler", default="ancestral")
     p.add_argument("--resample", type=int, default=1, help="RePaint resampling per step (default 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="network arithmetic (default fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache-dir", default=None, help="QM9 processed cache (default ~/.cache/moldiff)")
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = MolDiffPipeline.from_pretrained(args.checkpoint, device=args.device)
+    pipe = MolDiffPipeline.from_pretrained(args.checkpoint, device=args.device).configure_inference(args.precision)
     qm9 = load_qm9(args.cache_dir)
     test = edm_split(len(qm9))["test"]
     # Molecules larger than the model's largest training molecule are skipped (only matters for
