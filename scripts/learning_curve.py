@@ -60,6 +60,7 @@ def plot(rows, path: Path) -> None:
     ax.set_xlabel("training hours (one CPU core)")
     ax.set_ylabel("% of samples (EDM protocol)")
     ax.set_ylim(0, 100)
+    ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
     ax.legend()
     n = rows[-1]["samples"] if rows else "?"

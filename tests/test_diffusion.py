@@ -664,3 +664,24 @@ def test_from_pretrained_reports_bad_checkpoints_in_one_line(tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     check(d, "unsupported checkpoint format")
     assert isinstance(CheckpointError("x"), ValueError)
+
+
+def test_loss_weightings_match_their_formulas():
+    from moldiff.diffusion.losses import loss_weight
+
+    snr = torch.tensor([0.01, 0.5, 2.0, 100.0], dtype=torch.float64)
+    assert loss_weight(snr, "uniform") is None
+    assert torch.allclose(loss_weight(snr, "min_snr:5"), torch.tensor([1.0, 1.0, 1.0, 0.05], dtype=torch.float64))
+    assert torch.allclose(loss_weight(snr, "snr_plus_one:10"), torch.tensor([1.01, 1.5, 3.0, 10.0], dtype=torch.float64))
+    for bad in ("min_snr", "min_snr:-1", "snr_plus_one:x", "huber:1"):
+        with pytest.raises(ValueError):
+            loss_weight(snr, bad)
+
+
+def test_trainer_rejects_unknown_loss_weighting():
+    from moldiff.training.config import load_config
+    from moldiff.training.loop import Trainer
+
+    cfg = load_config("configs/debug_tiny.yaml", ["diffusion.loss_weighting=focal:2"])
+    with pytest.raises(ValueError, match="loss weighting"):
+        Trainer(cfg, "/tmp/never-written")

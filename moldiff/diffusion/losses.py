@@ -11,7 +11,7 @@ import torch
 
 from moldiff.geometry import num_nodes_per_graph, scatter_sum
 
-__all__ = ["degrees_of_freedom", "squared_error_per_molecule", "epsilon_loss"]
+__all__ = ["degrees_of_freedom", "squared_error_per_molecule", "epsilon_loss", "loss_weight", "LOSS_WEIGHTINGS"]
 
 
 def degrees_of_freedom(batch: torch.Tensor, num_graphs: int, num_features: int) -> torch.Tensor:
@@ -41,3 +41,33 @@ def epsilon_loss(
     if weight is not None:
         per_mol = per_mol * weight.to(per_mol.dtype)
     return per_mol.mean()
+
+
+LOSS_WEIGHTINGS = ("uniform", "min_snr:<gamma>", "snr_plus_one:<cap>")
+
+
+def loss_weight(snr: torch.Tensor, kind: str = "uniform") -> torch.Tensor | None:
+    """Per-molecule weights ``(B,)`` of the epsilon loss as a function of SNR(t) = alpha^2 / sigma^2.
+
+    - ``"uniform"``: ``None`` (EDM's L2 objective).
+    - ``"min_snr:<gamma>"``: ``min(SNR, gamma) / SNR`` (Hang et al. 2023, Min-SNR-gamma for epsilon
+      prediction): caps the weight of the low-noise end relative to an x0 loss.
+    - ``"snr_plus_one:<cap>"``: ``min(1 + SNR, cap)``: the epsilon loss plus an x0 loss
+      (``SNR * ||eps - eps_hat||^2 = ||x - x_hat||^2 / sigma^2 * sigma^2 / alpha^2 ...`` in epsilon
+      units), capped; emphasises the low-noise end where bond lengths are decided.
+    """
+    name, _, arg = kind.partition(":")
+    if name == "uniform" and not arg:
+        return None
+    try:
+        value = float(arg)
+    except ValueError:
+        raise ValueError(f"loss weighting {kind!r}: expected one of {', '.join(LOSS_WEIGHTINGS)}") from None
+    if not value > 0:
+        raise ValueError(f"loss weighting {kind!r}: the parameter must be positive")
+    if name == "min_snr":
+        return torch.clamp(snr, max=value) / snr
+    if name == "snr_plus_one":
+        return torch.clamp(1.0 + snr, max=value)
+    raise ValueError(f"unknown loss weighting {kind!r}; expected one of {', '.join(LOSS_WEIGHTINGS)}")
+

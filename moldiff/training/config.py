@@ -37,6 +37,7 @@ class DiffusionConfig:
     precision: float = 1e-5
     cosine_s: float = 0.008
     grid: int = 1000
+    loss_weighting: str = "uniform"  #: "uniform" (EDM), "min_snr:<gamma>" or "snr_plus_one:<cap>"
 
 
 @dataclass

@@ -34,6 +34,7 @@ from moldiff.data.batching import MoleculeBatch, MoleculeSet
 from moldiff.data.qm9 import edm_split, load_qm9
 from moldiff.data.statistics import DatasetStatistics, compute_statistics
 from moldiff.diffusion import AtomFeatures, NoiseSchedule, add_noise, epsilon_loss
+from moldiff.diffusion.losses import loss_weight
 from moldiff.models import EGNNDenoiser
 from moldiff.pipeline import MolDiffPipeline
 from moldiff.training.clipping import AdaptiveClipper
@@ -93,8 +94,9 @@ def build_pipeline(cfg: RunConfig, data: TrainingData) -> MolDiffPipeline:
                            metadata={"run_name": cfg.name})
 
 
-def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor, generator, shard=None) -> torch.Tensor:
-    """EDM's L2 loss on one batch at times ``t`` ``(B,)``.
+def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor, generator, shard=None,
+                   weighting: str = "uniform") -> torch.Tensor:
+    """EDM's L2 loss on one batch at times ``t`` ``(B,)`` (optionally SNR-weighted, see ``loss_weight``).
 
     ``shard=(lo, hi)`` restricts the loss to molecules ``lo:hi`` after drawing noise for the whole
     batch (data-parallel ranks use this so that they reproduce single-process noise exactly).
@@ -110,7 +112,8 @@ def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor,
         pos_t, h_t, eps_pos, eps_h = pos_t[keep], h_t[keep], eps_pos[keep], eps_h[keep]
         bvec, num_graphs, tt = bvec[keep] - lo, hi - lo, t[lo:hi]
     pred_pos, pred_h = pipe.predict_noise(pos_t, h_t, tt.to(pos_t.dtype), bvec)
-    return epsilon_loss(pred_pos, eps_pos, pred_h, eps_h, bvec, num_graphs)
+    weight = loss_weight(pipe.schedule.snr(tt), weighting)
+    return epsilon_loss(pred_pos, eps_pos, pred_h, eps_h, bvec, num_graphs, weight=weight)
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -156,6 +159,7 @@ class Trainer:
             self.forward_model = torch.compile(self.forward_model, dynamic=True)
         if world_size > 1:
             self.forward_model = torch.nn.parallel.DistributedDataParallel(self.forward_model)
+        loss_weight(torch.ones(1, dtype=torch.float64), cfg.diffusion.loss_weighting)  # bad names fail here
         if cfg.train.precision not in ("fp32", "bf16"):
             raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {cfg.train.precision!r}")
         o = cfg.optim
@@ -309,7 +313,8 @@ class Trainer:
             per = b // self.world_size
             shard = (self.rank * per, (self.rank + 1) * per)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
-            loss = diffusion_loss(self._loss_pipe(), batch.to(self.device), t, self.generator, shard)
+            loss = diffusion_loss(self._loss_pipe(), batch.to(self.device), t, self.generator, shard,
+                                  weighting=self.cfg.diffusion.loss_weighting)
         if not self._all_ranks(bool(torch.isfinite(loss))):
             self.optimizer.zero_grad(set_to_none=True)
             return float(loss), float("nan"), False, True
