@@ -6,6 +6,10 @@
     python scripts/experiment.py --name lr1e-3 --config configs/qm9_small.yaml --minutes 60 --set optim.lr=1e-3
     # score an existing run (e.g. the long background run) without training:
     python scripts/experiment.py --name shipped-run --score-only runs/qm9_small
+    # protocol B: continue a common checkpoint for a fixed budget with a variant's overrides
+    # (weights, EMA and optimiser state carried over; the overrides apply from the first step):
+    python scripts/experiment.py --name ft-minsnr5 --init-from runs/base_8609 --minutes 15 \
+        --set diffusion.loss_weighting=min_snr:5
 
 Scores: EDM-protocol atom / molecule stability, validity, valid-and-unique, plus diagnostics that
 move before stability does (moldiff.chemistry.diagnostics): molecules in one piece, molecules with
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -53,6 +58,13 @@ def commit() -> str:
 
 
 def train(args, run_dir: Path) -> None:
+    if args.init_from and not (run_dir / "checkpoint.pt").exists():
+        src = Path(args.init_from)
+        if not (src / "checkpoint.pt").is_file():
+            raise SystemExit(f"--init-from: no checkpoint.pt in {src}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / "config.yaml", run_dir / "config.yaml")
+        shutil.copyfile(src / "checkpoint.pt", run_dir / "checkpoint.pt")
     cmd = [sys.executable, "-m", "moldiff.cli", "train", "--config", args.config, "--run-dir", str(run_dir),
            "--threads", str(args.threads), "--set", f"train.max_minutes={args.minutes}", "--set", "train.max_steps=null",
            "--set", "train.sample_every=0"]
@@ -118,6 +130,7 @@ def main() -> None:
     p.add_argument("--sampler", default="ancestral")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--score-only", help="score this run directory instead of training")
+    p.add_argument("--init-from", help="start from this run directory's checkpoint (protocol B: fine-tune a common checkpoint)")
     p.add_argument("--no-record", action="store_true", help="print results without appending to docs/")
     args = p.parse_args()
     if args.score_only:
@@ -126,6 +139,8 @@ def main() -> None:
     else:
         run_dir = ROOT / "runs" / f"exp_{args.name}"
         args.budget_text = f"{args.minutes:g} min x {args.threads} core"
+        if args.init_from:
+            args.budget_text = f"+{args.minutes:g} min x {args.threads} core from {Path(args.init_from).name}"
         train(args, run_dir)
     result = score(args, run_dir)
     print(json.dumps(result, indent=1, default=str))

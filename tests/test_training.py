@@ -186,6 +186,34 @@ def test_train_step_reports_finite_loss_and_counts_steps(tmp_path, debug_data):
     assert load_config(tmp_path / "config.yaml") == cfg
 
 
+@pytest.mark.parametrize("pairing", ["rotation", "permutation"])
+def test_noise_pairing_trains_and_lowers_the_loss_at_high_noise(tmp_path, debug_data, pairing):
+    """With paired noise the target at t -> 1 is predictable from the data's shape, so the loss of a
+    fixed untrained model at t = 0.9 differs from the unpaired loss; training runs with either."""
+    cfg = load_config(DEBUG, ["train.max_steps=2", "train.val_every=0", "train.log_every=1",
+                              f"diffusion.noise_pairing={pairing}"])
+    trainer = Trainer(cfg, tmp_path, data=debug_data, log=quiet)
+    trainer.train()
+    assert all(np.isfinite(float(r["loss"])) for r in read_log(tmp_path))
+    _, batch = next(iter(debug_data.train.batches(32, 0, 0, 0)))
+    t = torch.full((batch.num_graphs,), 0.9)
+    losses = {m: float(diffusion_loss(trainer.pipe, batch, t, torch.Generator().manual_seed(0), pairing=m))
+              for m in ("none", pairing)}
+    assert losses["none"] != losses[pairing]
+
+
+def test_unknown_noise_pairing_is_refused(tmp_path, debug_data):
+    with pytest.raises(ValueError, match="noise_pairing"):
+        Trainer(load_config(DEBUG, ["diffusion.noise_pairing=ot"]), tmp_path, data=debug_data, log=quiet)
+
+
+def test_resume_takes_the_learning_rate_from_the_configuration(tmp_path, debug_data):
+    Trainer(load_config(DEBUG, ["train.max_steps=2"]), tmp_path, data=debug_data, log=quiet).train()
+    resumed = Trainer(load_config(DEBUG, ["train.max_steps=3", "optim.lr=1e-5"]), tmp_path, data=debug_data, log=quiet)
+    assert resumed.resume()
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == [1e-5]
+
+
 def test_trainer_initialises_from_its_seed_without_touching_the_global_rng(tmp_path, debug_data):
     torch.manual_seed(1234)
     state = torch.random.get_rng_state()

@@ -1,6 +1,7 @@
 """Gaussian diffusion over zero-CoM point clouds; it knows nothing of the network."""
 
 from moldiff.diffusion.losses import degrees_of_freedom, epsilon_loss, squared_error_per_molecule
+from moldiff.diffusion.pairing import PAIRINGS, optimal_rotations, pair_noise
 from moldiff.diffusion.process import AtomFeatures, NoisedState, add_noise, centred_noise
 from moldiff.diffusion.samplers import SAMPLERS, AncestralSampler, DDIMSampler, Sampler, SamplerStep, make_sampler
 from moldiff.diffusion.schedules import NoiseSchedule
@@ -10,6 +11,7 @@ __all__ = [
     "AncestralSampler",
     "DDIMSampler",
     "NoiseSchedule",
+    "PAIRINGS",
     "NoisedState",
     "SAMPLERS",
     "Sampler",
@@ -19,5 +21,7 @@ __all__ = [
     "degrees_of_freedom",
     "epsilon_loss",
     "make_sampler",
+    "optimal_rotations",
+    "pair_noise",
     "squared_error_per_molecule",
 ]

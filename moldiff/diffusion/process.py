@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from moldiff.diffusion.pairing import pair_noise
 from moldiff.geometry import remove_mean
 
 __all__ = ["AtomFeatures", "NoisedState", "centred_noise", "add_noise"]
@@ -74,13 +75,17 @@ def add_noise(
     batch: torch.Tensor,
     *,
     generator: torch.Generator | None = None,
+    pairing: str = "none",
 ) -> NoisedState:
     """``z_t = alpha_t x + sigma_t eps`` for zero-CoM ``pos`` ``(n, 3)`` and features ``h`` ``(n, F)``.
 
-    ``alpha``, ``sigma`` are per molecule, shape ``(B,)``.
+    ``alpha``, ``sigma`` are per molecule, shape ``(B,)``. ``pairing`` (``"none"``, EDM; or
+    ``"rotation"`` / ``"permutation"``, see :mod:`moldiff.diffusion.pairing`) moves the position noise
+    towards the molecule before it is used; the random numbers drawn are the same either way.
     """
     num_graphs = alpha.shape[0]
     eps_pos = centred_noise(batch, num_graphs, generator=generator, dtype=pos.dtype)
+    eps_pos = pair_noise(eps_pos, pos, batch, num_graphs, pairing)
     eps_h = torch.randn(h.shape, generator=generator, dtype=h.dtype, device=h.device)
     a = alpha.to(pos.dtype)[batch].unsqueeze(-1)
     s = sigma.to(pos.dtype)[batch].unsqueeze(-1)

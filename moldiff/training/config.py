@@ -38,6 +38,7 @@ class DiffusionConfig:
     cosine_s: float = 0.008
     grid: int = 1000
     loss_weighting: str = "uniform"  #: "uniform" (EDM), "min_snr:<gamma>" or "snr_plus_one:<cap>"
+    noise_pairing: str = "none"  #: "none" (EDM), "rotation" or "permutation" (moldiff.diffusion.pairing)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from moldiff.chemistry.elements import QM9_ELEMENTS, SYMBOL_TO_Z
 from moldiff.data.batching import MoleculeBatch, MoleculeSet
 from moldiff.data.qm9 import edm_split, load_qm9
 from moldiff.data.statistics import DatasetStatistics, compute_statistics
-from moldiff.diffusion import AtomFeatures, NoiseSchedule, add_noise, epsilon_loss
+from moldiff.diffusion import PAIRINGS, AtomFeatures, NoiseSchedule, add_noise, epsilon_loss
 from moldiff.diffusion.losses import loss_weight
 from moldiff.models import EGNNDenoiser
 from moldiff.pipeline import MolDiffPipeline
@@ -95,7 +95,7 @@ def build_pipeline(cfg: RunConfig, data: TrainingData) -> MolDiffPipeline:
 
 
 def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor, generator, shard=None,
-                   weighting: str = "uniform") -> torch.Tensor:
+                   weighting: str = "uniform", pairing: str = "none") -> torch.Tensor:
     """EDM's L2 loss on one batch at times ``t`` ``(B,)`` (optionally SNR-weighted, see ``loss_weight``).
 
     ``shard=(lo, hi)`` restricts the loss to molecules ``lo:hi`` after drawing noise for the whole
@@ -103,7 +103,7 @@ def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor,
     """
     h = pipe.features.encode(batch.types, batch.charges, dtype=batch.pos.dtype)
     alpha, sigma = pipe.schedule.alpha_sigma(t)
-    noised = add_noise(batch.pos, h, alpha, sigma, batch.batch, generator=generator)
+    noised = add_noise(batch.pos, h, alpha, sigma, batch.batch, generator=generator, pairing=pairing)
     bvec, num_graphs, tt = batch.batch, batch.num_graphs, t
     pos_t, h_t, eps_pos, eps_h = noised
     if shard is not None:
@@ -160,6 +160,8 @@ class Trainer:
         if world_size > 1:
             self.forward_model = torch.nn.parallel.DistributedDataParallel(self.forward_model)
         loss_weight(torch.ones(1, dtype=torch.float64), cfg.diffusion.loss_weighting)  # bad names fail here
+        if cfg.diffusion.noise_pairing not in PAIRINGS:
+            raise ValueError(f"diffusion.noise_pairing must be one of {', '.join(PAIRINGS)}, got {cfg.diffusion.noise_pairing!r}")
         if cfg.train.precision not in ("fp32", "bf16"):
             raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {cfg.train.precision!r}")
         o = cfg.optim
@@ -202,6 +204,10 @@ class Trainer:
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
+        # The optimiser's saved hyper-parameters would override the configuration; the configuration
+        # wins, so that ``--resume --set optim.lr=...`` takes effect (unchanged config: same values).
+        for group in self.optimizer.param_groups:
+            group["lr"], group["weight_decay"] = self.cfg.optim.lr, self.cfg.optim.weight_decay
         if self.clipper is not None and state["clipper"] is not None:
             self.clipper.load_state_dict(state["clipper"])
         self.generator.set_state(state["generator"])
@@ -314,7 +320,8 @@ class Trainer:
             shard = (self.rank * per, (self.rank + 1) * per)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
             loss = diffusion_loss(self._loss_pipe(), batch.to(self.device), t, self.generator, shard,
-                                  weighting=self.cfg.diffusion.loss_weighting)
+                                  weighting=self.cfg.diffusion.loss_weighting,
+                                  pairing=self.cfg.diffusion.noise_pairing)
         if not self._all_ranks(bool(torch.isfinite(loss))):
             self.optimizer.zero_grad(set_to_none=True)
             return float(loss), float("nan"), False, True
