@@ -242,12 +242,20 @@ class MolDiffPipeline(torch.nn.Module):
         object.__setattr__(self, "_compiled", torch.compile(self.denoiser, dynamic=True) if compile else None)
         return self
 
-    def predict_noise(self, pos_t, h_t, t, batch, context=None, edge_index=None):
-        """Noise prediction ``(eps_pos (n, 3), eps_h (n, F))`` at times ``t`` ``(B,)``, in ``pos_t``'s dtype."""
+    @property
+    def self_condition(self) -> bool:
+        """Whether the network takes its previous clean-molecule estimate as input (self-conditioning)."""
+        return bool(getattr(self.denoiser.config, "self_condition", False))
+
+    def predict_noise(self, pos_t, h_t, t, batch, context=None, edge_index=None, cond=None):
+        """Noise prediction ``(eps_pos (n, 3), eps_h (n, F))`` at times ``t`` ``(B,)``, in ``pos_t``'s dtype.
+
+        ``cond``: for self-conditioned models, the previous clean estimate ``(pos_hat, h_hat)`` (or None).
+        """
         net = getattr(self, "_compiled", None) or self.denoiser
         bf16 = getattr(self, "_precision", "fp32") == "bf16"
         with torch.autocast(pos_t.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = net(pos_t, h_t, t, batch, context=context, edge_index=edge_index)
+            out = net(pos_t, h_t, t, batch, context=context, edge_index=edge_index, cond=cond)
         return out.pos.to(pos_t.dtype), out.h.to(h_t.dtype)
 
     # ------------------------------------------------------------------ sampling
@@ -371,16 +379,19 @@ class MolDiffPipeline(torch.nn.Module):
         h = torch.randn(batch.shape[0], self.features.dim, generator=gen, dtype=dtype, device=device)
         fault = torch.full((num_graphs,), -1, dtype=torch.long, device=device)
         times = sampler.timesteps(steps, device=device)
+        cond = None  # self-conditioning: the previous step's clean estimate
         for i in range(steps):
             t = times[i].expand(num_graphs)
             s = times[i + 1].expand(num_graphs)
-            eps_pos, eps_h = self.predict_noise(pos, h, t, batch, edge_index=edge_index)
+            eps_pos, eps_h = self.predict_noise(pos, h, t, batch, edge_index=edge_index, cond=cond)
+            if self.self_condition:
+                cond = sampler.clean_estimate(pos, h, eps_pos, eps_h, t, batch)
             step = sampler.step(eps_pos, eps_h, t, s, pos, h, batch, generator=gen)
             pos, h = step.pos, step.h
             record_faults(fault, pos, h, batch, num_graphs, i)
         # Final decode at t = 0: x = (z_0 - sigma_0 eps_hat) / alpha_0 (mean of p(x | z_0), EDM eq. 9-10).
         t0 = times[-1].expand(num_graphs)
-        eps_pos, eps_h = self.predict_noise(pos, h, t0, batch, edge_index=edge_index)
+        eps_pos, eps_h = self.predict_noise(pos, h, t0, batch, edge_index=edge_index, cond=cond)
         pos, h = sampler.clean_estimate(pos, h, eps_pos, eps_h, t0, batch)
         record_faults(fault, pos, h, batch, num_graphs, steps)
         types, charges = self.features.decode(h.nan_to_num(0.0))  # decode only; faulty molecules stay flagged

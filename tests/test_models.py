@@ -192,6 +192,37 @@ def test_conditional_denoiser_is_equivariant_and_uses_its_context():
         net(pos, h, t, batch)
 
 
+def test_self_conditioned_denoiser_is_equivariant_with_its_estimate():
+    """The clean estimate (pos_hat, h_hat) is transformed with the input: rotations, reflections,
+    translations (of either point set independently) and permutations."""
+    net = tiny_denoiser(seed=9, self_condition=True)
+    pos, h, batch = make_batch(seed=9)
+    pos_hat, h_hat, _ = make_batch(seed=10)
+    t = torch.tensor([0.2, 0.5, 0.7, 0.95], dtype=torch.float64)
+    ref = net(pos, h, t, batch, cond=(pos_hat, h_hat))
+    g = gen(11)
+    for _ in range(4):
+        q, shift, perm = random_transform(batch, generator=g)
+        out = net((pos @ q.T + shift)[perm], h[perm], t, batch, cond=((pos_hat @ q.T - 2 * shift)[perm], h_hat[perm]))
+        torch.testing.assert_close(out.pos, (ref.pos @ q.T)[perm], atol=1e-9, rtol=0)
+        torch.testing.assert_close(out.h, ref.h[perm], atol=1e-9, rtol=0)
+
+
+def test_self_conditioning_input_is_used_and_none_means_a_blank_estimate():
+    net = tiny_denoiser(seed=12, self_condition=True)
+    pos, h, batch = make_batch(seed=12)
+    pos_hat, h_hat, _ = make_batch(seed=13)
+    t = torch.tensor([0.2, 0.5, 0.7, 0.95], dtype=torch.float64)
+    with torch.no_grad():  # the new input columns of a fresh model are random, not zero
+        blank = net(pos, h, t, batch)
+        zeros = net(pos, h, t, batch, cond=(torch.zeros_like(pos), torch.zeros_like(h)))
+        used = net(pos, h, t, batch, cond=(pos_hat, h_hat))
+    torch.testing.assert_close(blank.pos, zeros.pos, atol=1e-12, rtol=0)
+    assert (used.h - blank.h).abs().max() > 1e-4 and (used.pos - blank.pos).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="self_condition"):
+        tiny_denoiser()(pos, h, t, batch, cond=(pos_hat, h_hat))
+
+
 def test_denoiser_outputs_are_independent_across_molecules():
     """Molecules in one flat batch must not see each other (no cross-molecule edges or pooling)."""
     net = tiny_denoiser(seed=6)

@@ -207,6 +207,37 @@ def test_unknown_noise_pairing_is_refused(tmp_path, debug_data):
         Trainer(load_config(DEBUG, ["diffusion.noise_pairing=ot"]), tmp_path, data=debug_data, log=quiet)
 
 
+def test_self_conditioning_switched_on_at_resume_keeps_the_function_then_trains(tmp_path, debug_data):
+    """A plain run resumed with model.self_condition=true: zero new input columns, so the network's
+    predictions are unchanged whatever the estimate; training then continues and samples."""
+    Trainer(load_config(DEBUG, ["train.max_steps=2"]), tmp_path, data=debug_data, log=quiet).train()
+    plain = Trainer(load_config(DEBUG, ["train.max_steps=2"]), tmp_path / "p", data=debug_data, log=quiet)
+    plain.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=False))
+    sc_cfg = load_config(DEBUG, ["train.max_steps=6", "train.log_every=1", "model.self_condition=true"])
+    sc = Trainer(sc_cfg, tmp_path, data=debug_data, log=quiet)
+    assert sc.resume()
+    _, batch = next(iter(debug_data.train.batches(8, 0, 0, 0)))
+    h = sc.pipe.features.encode(batch.types, batch.charges)
+    t = torch.full((batch.num_graphs,), 0.4)
+    cond = (torch.randn(batch.pos.shape, generator=torch.Generator().manual_seed(0)), torch.rand(h.shape))
+    with torch.no_grad():
+        a = plain.model(batch.pos, h, t, batch.batch)
+        b = sc.model(batch.pos, h, t, batch.batch, cond=cond)
+    torch.testing.assert_close(b.pos, a.pos, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.h, a.h, atol=1e-6, rtol=0)
+    sc.train()
+    rows = read_log(tmp_path)
+    assert [int(r["step"]) for r in rows][-4:] == [3, 4, 5, 6]
+    assert all(np.isfinite(float(r["loss"])) for r in rows)
+    emb = sc.model.embedding.weight
+    assert emb[:, -6:].abs().max() > 0  # the new columns learn
+    arrays = sc.export_pipeline().sample_arrays(3, steps=4, seed=0)
+    assert np.isfinite(arrays.positions[0]).all()
+    back = Trainer(load_config(DEBUG, ["train.max_steps=8"]), tmp_path, data=debug_data, log=quiet)
+    with pytest.raises(ValueError, match="self-conditioned"):
+        back.resume()
+
+
 def test_resume_takes_the_learning_rate_from_the_configuration(tmp_path, debug_data):
     Trainer(load_config(DEBUG, ["train.max_steps=2"]), tmp_path, data=debug_data, log=quiet).train()
     resumed = Trainer(load_config(DEBUG, ["train.max_steps=3", "optim.lr=1e-5"]), tmp_path, data=debug_data, log=quiet)

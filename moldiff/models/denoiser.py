@@ -32,6 +32,9 @@ class DenoiserConfig:
     norm_constant: float = 1.0
     normalization_factor: float = 1.0
     context_dim: int = 0  #: per-molecule conditioning vector length (0: unconditional)
+    #: self-conditioning (Chen et al., ICLR 2023, "Analog Bits"): the network also sees its previous
+    #: estimate of the clean molecule, as invariant inputs (features per atom, distances per edge)
+    self_condition: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> "DenoiserConfig":
@@ -66,7 +69,10 @@ class EGNNDenoiser(nn.Module):
         self.config = config
         c = config
         in_nf = c.num_features + 1 + c.context_dim
-        self.embedding = nn.Linear(in_nf, c.hidden)
+        # Self-conditioning inputs are appended after the plain ones (last columns of the embedding
+        # and of every edge MLP's first layer), so a plain model's weights load into a
+        # self-conditioned one with zero columns and compute the same function.
+        self.embedding = nn.Linear(in_nf + (c.num_features if c.self_condition else 0), c.hidden)
         self.blocks = nn.ModuleList(
             EquivariantBlock(
                 c.hidden,
@@ -76,6 +82,7 @@ class EGNNDenoiser(nn.Module):
                 c.coords_range,
                 c.norm_constant,
                 c.normalization_factor,
+                extra_edge_attr=int(c.self_condition),
             )
             for _ in range(c.n_layers)
         )
@@ -89,6 +96,7 @@ class EGNNDenoiser(nn.Module):
         batch: torch.Tensor,
         context: torch.Tensor | None = None,
         edge_index: torch.Tensor | None = None,
+        cond: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> DenoiserOutput:
         """Predict on a flat batch.
 
@@ -99,6 +107,10 @@ class EGNNDenoiser(nn.Module):
             batch: ``(n,)`` sorted molecule index of each atom.
             context: ``(B, context_dim)`` or ``None``.
             edge_index: optional precomputed ``fully_connected_edges(batch)``.
+            cond: self-conditioning input ``(pos_hat (n, 3), h_hat (n, F))``, the previous estimate of
+                the clean molecule, or ``None`` (no estimate yet: zeros). Only for ``self_condition``
+                models. It enters as ``tanh(h_hat)`` per atom and ``log(1 + |pos_hat_i - pos_hat_j|^2)``
+                per edge: invariant, and bounded where the estimate is poor (high noise).
         """
         num_graphs = t.shape[0]
         if edge_index is None:
@@ -108,11 +120,23 @@ class EGNNDenoiser(nn.Module):
             if context is None:
                 raise ValueError("this denoiser is conditional: pass a context of shape (B, context_dim)")
             parts.append(context.to(h_t.dtype)[batch])
-        h = self.embedding(torch.cat(parts, -1))
         radial0, _ = coord_features(pos_t, edge_index, self.config.norm_constant)
+        static = radial0
+        if self.config.self_condition:
+            if cond is None:
+                parts.append(torch.zeros_like(h_t))
+                static = torch.cat([radial0, torch.zeros_like(radial0)], -1)
+            else:
+                pos_hat, h_hat = cond
+                parts.append(torch.tanh(h_hat.to(h_t.dtype)))
+                radial_hat, _ = coord_features(pos_hat.to(pos_t.dtype), edge_index, self.config.norm_constant)
+                static = torch.cat([radial0, torch.log1p(radial_hat)], -1)
+        elif cond is not None:
+            raise ValueError("cond was given but this denoiser was not built with self_condition")
+        h = self.embedding(torch.cat(parts, -1))
         pos = pos_t
         for block in self.blocks:
-            h, pos = block(h, pos, edge_index, radial0)
+            h, pos = block(h, pos, edge_index, static)
         h_out = self.embedding_out(h)[:, : self.config.num_features]
         vel = remove_mean(pos - pos_t, batch, num_graphs)
         return DenoiserOutput(vel, h_out)

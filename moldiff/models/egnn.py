@@ -125,9 +125,11 @@ class EquivariantBlock(nn.Module):
         coords_range: float = 15.0,
         norm_constant: float = 1.0,
         normalization_factor: float = 1.0,
+        extra_edge_attr: int = 0,
     ):
         super().__init__()
-        edge_attr_dim = 2  # squared distance now and at the input of the network
+        # squared distance now, at the input of the network, then ``extra_edge_attr`` static columns
+        edge_attr_dim = 2 + extra_edge_attr
         self.gcls = nn.ModuleList(
             GCL(hidden, edge_attr_dim, attention, normalization_factor) for _ in range(inv_sublayers)
         )
@@ -135,7 +137,8 @@ class EquivariantBlock(nn.Module):
         self.norm_constant = norm_constant
 
     def forward(self, h, pos, edge_index, radial0):
-        """``(h (n, H), pos (n, 3))`` -> updated ``(h, pos)``; ``radial0`` ``(E, 1)`` input distances."""
+        """``(h (n, H), pos (n, 3))`` -> updated ``(h, pos)``; ``radial0`` ``(E, 1 + extra_edge_attr)``:
+        the input distances and any other invariant edge attributes that stay fixed through the network."""
         radial, coord_diff = coord_features(pos, edge_index, self.norm_constant)
         edge_attr = torch.cat([radial, radial0], -1)
         for gcl in self.gcls:

@@ -111,7 +111,17 @@ def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor,
         keep = (bvec >= lo) & (bvec < hi)
         pos_t, h_t, eps_pos, eps_h = pos_t[keep], h_t[keep], eps_pos[keep], eps_h[keep]
         bvec, num_graphs, tt = bvec[keep] - lo, hi - lo, t[lo:hi]
-    pred_pos, pred_h = pipe.predict_noise(pos_t, h_t, tt.to(pos_t.dtype), bvec)
+    cond = None
+    # Self-conditioning (Chen et al. 2023): on a coin flip per batch, first estimate the clean
+    # molecule without gradients and feed it back as an input. The coin comes from the training
+    # generator (reproducible, identical on every data-parallel rank); plain models draw nothing.
+    if pipe.self_condition and bool(torch.rand((), generator=generator, device=generator.device) < 0.5):
+        with torch.no_grad():
+            e_pos, e_h = pipe.predict_noise(pos_t, h_t, tt.to(pos_t.dtype), bvec)
+            a, s = pipe.schedule.alpha_sigma(tt)
+            a, s = a.to(pos_t.dtype)[bvec].unsqueeze(-1), s.to(pos_t.dtype)[bvec].unsqueeze(-1)
+            cond = ((pos_t - s * e_pos) / a, (h_t - s * e_h) / a)
+    pred_pos, pred_h = pipe.predict_noise(pos_t, h_t, tt.to(pos_t.dtype), bvec, cond=cond)
     weight = loss_weight(pipe.schedule.snr(tt), weighting)
     return epsilon_loss(pred_pos, eps_pos, pred_h, eps_h, bvec, num_graphs, weight=weight)
 
@@ -125,6 +135,22 @@ def _atomic_torch_save(obj, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _pad(tensor: torch.Tensor, shape) -> torch.Tensor:
+    """Zero-pad ``tensor`` at the end of its last dimension to ``shape`` (other dimensions equal)."""
+    if tuple(tensor.shape) == tuple(shape):
+        return tensor
+    if tensor.dim() != len(shape) or tuple(tensor.shape[:-1]) != tuple(shape[:-1]) or tensor.shape[-1] > shape[-1]:
+        raise ValueError(f"cannot widen a tensor of shape {tuple(tensor.shape)} to {tuple(shape)}")
+    out = tensor.new_zeros(shape)
+    out[..., : tensor.shape[-1]] = tensor
+    return out
+
+
+def _widen(saved: dict, target: dict) -> dict:
+    """A plain model's state dict laid out for the self-conditioned model ``target`` (zero new columns)."""
+    return {k: _pad(v, target[k].shape) for k, v in saved.items()}
 
 
 class Trainer:
@@ -200,6 +226,22 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        saved_sc = bool(state.get("config", {}).get("model", {}).get("self_condition", False))
+        if saved_sc != self.cfg.model.self_condition:
+            if saved_sc:
+                raise ValueError("this checkpoint is self-conditioned; it cannot continue as a plain model")
+            # Switching self-conditioning on mid-run: the new input columns start at zero, so the
+            # network computes what it computed before, and optimiser moments start at zero for them.
+            state = dict(state)
+            state["model"] = _widen(state["model"], self.model.state_dict())
+            if state["ema"] is not None:
+                state["ema"] = _widen(state["ema"], self.model.state_dict())
+            opt = dict(state["optimizer"])
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            opt["state"] = {i: {k: (_pad(v, params[i].shape) if torch.is_tensor(v) and v.dim() else v) for k, v in st.items()}
+                            for i, st in opt["state"].items()}
+            state["optimizer"] = opt
+            self.log("self-conditioning switched on: new input weights start at zero")
         self.model.load_state_dict(state["model"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
@@ -351,11 +393,11 @@ class Trainer:
         wrapper = self.forward_model
 
         class _Proxy:
-            features, schedule = self.pipe.features, self.pipe.schedule
+            features, schedule, self_condition = self.pipe.features, self.pipe.schedule, self.pipe.self_condition
 
             @staticmethod
-            def predict_noise(pos_t, h_t, t, batch):
-                out = wrapper(pos_t, h_t, t, batch)
+            def predict_noise(pos_t, h_t, t, batch, cond=None):
+                out = wrapper(pos_t, h_t, t, batch, cond=cond)
                 return out.pos, out.h
 
         return _Proxy()
