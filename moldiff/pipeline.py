@@ -227,19 +227,21 @@ class MolDiffPipeline(torch.nn.Module):
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
 
-    def configure_inference(self, precision: str = "fp32", compile: bool = False) -> "MolDiffPipeline":
+    def configure_inference(self, precision: str = "fp32", compile: bool = False,
+                            compile_backend: str = "inductor") -> "MolDiffPipeline":
         """How :meth:`predict_noise` runs the network when sampling.
 
         ``precision="bf16"`` runs the network's matrix products under bf16 autocast (fast on CPUs with
         AMX / AVX512-BF16 and on GPUs); sampler arithmetic stays in the state's dtype. ``compile=True``
         wraps the denoiser in ``torch.compile(dynamic=True)``: tens of seconds once (cached on disk
-        by PyTorch for later processes), then faster steps. Training is unaffected. Returns ``self``.
+        by PyTorch for later processes), then faster steps; ``compile_backend`` is passed to
+        ``torch.compile``. Training is unaffected. Returns ``self``.
         """
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         # Plain attributes (not submodules), so state_dict() and saving are unchanged.
         object.__setattr__(self, "_precision", precision)
-        object.__setattr__(self, "_compiled", torch.compile(self.denoiser, dynamic=True) if compile else None)
+        object.__setattr__(self, "_compiled", torch.compile(self.denoiser, dynamic=True, backend=compile_backend) if compile else None)
         return self
 
     @property
@@ -252,7 +254,8 @@ class MolDiffPipeline(torch.nn.Module):
 
         ``cond``: for self-conditioned models, the previous clean estimate ``(pos_hat, h_hat)`` (or None).
         """
-        net = getattr(self, "_compiled", None) or self.denoiser
+        compiled = getattr(self, "_compiled", None)
+        net = self.denoiser if compiled is None else compiled  # (a compiled module has no truth value)
         bf16 = getattr(self, "_precision", "fp32") == "bf16"
         with torch.autocast(pos_t.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = net(pos_t, h_t, t, batch, context=context, edge_index=edge_index, cond=cond)

@@ -8,7 +8,7 @@
     python scripts/experiment.py --name shipped-run --score-only runs/qm9_small
     # protocol B: continue a common checkpoint for a fixed budget with a variant's overrides
     # (weights, EMA and optimiser state carried over; the overrides apply from the first step):
-    python scripts/experiment.py --name ft-minsnr5 --init-from runs/base_8609 --minutes 15 \
+    python scripts/experiment.py --name ft-minsnr5 --init-from runs/base_8609 --train-steps 800 \
         --set diffusion.loss_weighting=min_snr:5
 
 Scores: EDM-protocol atom / molecule stability, validity, valid-and-unique, plus diagnostics that
@@ -22,6 +22,7 @@ docs/experiments.jsonl.
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
 import shutil
@@ -71,6 +72,12 @@ def train(args, run_dir: Path) -> None:
     if (run_dir / "checkpoint.pt").exists():
         cmd = [sys.executable, "-m", "moldiff.cli", "train", "--resume", "--run-dir", str(run_dir),
                "--threads", str(args.threads), "--set", f"train.max_minutes={args.minutes}"]
+    if args.train_steps is not None:
+        # A step budget (fair between variants when the machine's load varies): stop after this
+        # many optimiser steps from where the run starts, whatever the clock says.
+        start = int(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["step"]) \
+            if (run_dir / "checkpoint.pt").exists() else 0
+        cmd += ["--set", f"train.max_steps={start + args.train_steps}", "--set", "train.max_minutes=null"]
     for s in args.set:
         cmd += ["--set", s]
     print(" ".join(cmd), flush=True)
@@ -94,7 +101,19 @@ def score(args, run_dir: Path) -> dict:
         "faults": int((arrays.fault_step >= 0).sum()),
         "sample_seconds": sample_s,
         "trained": pipe.metadata,
+        "last_val_loss": _last_val_loss(run_dir),
     }
+
+
+def _last_val_loss(run_dir: Path):
+    """(step, EMA validation loss) of the run's last validation row: EDM's uniform, unpaired loss on
+    fixed times and noise, so comparable between variants whatever they train with."""
+    log = run_dir / "log.csv"
+    if not log.is_file():
+        return None
+    with open(log, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("val_loss")]
+    return (int(rows[-1]["step"]), float(rows[-1]["val_loss"])) if rows else None
 
 
 def append(args, result: dict) -> None:
@@ -124,6 +143,7 @@ def main() -> None:
     p.add_argument("--config", default="configs/qm9_small.yaml")
     p.add_argument("--set", action="append", default=[], help="config override, repeatable")
     p.add_argument("--minutes", type=float, default=60.0, help="training budget (wall clock, one core)")
+    p.add_argument("--train-steps", type=int, help="budget in optimiser steps instead of minutes (from the start point)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--steps", type=int, default=100)
@@ -139,8 +159,10 @@ def main() -> None:
     else:
         run_dir = ROOT / "runs" / f"exp_{args.name}"
         args.budget_text = f"{args.minutes:g} min x {args.threads} core"
+        if args.train_steps is not None:
+            args.budget_text = f"{args.train_steps} steps x {args.threads} core"
         if args.init_from:
-            args.budget_text = f"+{args.minutes:g} min x {args.threads} core from {Path(args.init_from).name}"
+            args.budget_text = "+" + args.budget_text + f" from {Path(args.init_from).name}"
         train(args, run_dir)
     result = score(args, run_dir)
     print(json.dumps(result, indent=1, default=str))
