@@ -29,7 +29,8 @@ from moldiff.chemistry.metrics import MetricsReport, MoleculeResult, evaluate_mo
 from moldiff.chemistry.report import assess_sample
 from moldiff.data.statistics import DatasetStatistics
 from moldiff.diffusion import AtomFeatures, NoiseSchedule, centred_noise, make_sampler
-from moldiff.geometry import fully_connected_edges
+from moldiff.diffusion.likelihood import NLLTerms, estimate_nll
+from moldiff.geometry import fully_connected_edges, num_nodes_per_graph, remove_mean
 from moldiff.inpainting import fragment_report, inpaint_arrays
 from moldiff.sampling import SampledArrays, record_faults
 from moldiff.models import DenoiserConfig, EGNNDenoiser
@@ -260,6 +261,22 @@ class MolDiffPipeline(torch.nn.Module):
         with torch.autocast(pos_t.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = net(pos_t, h_t, t, batch, context=context, edge_index=edge_index, cond=cond)
         return out.pos.to(pos_t.dtype), out.h.to(h_t.dtype)
+
+    # ------------------------------------------------------------------ likelihood
+    @torch.no_grad()
+    def nll_terms(self, pos, types, charges, batch, num_graphs: int, *, generator=None, steps: int = 1000) -> NLLTerms:
+        """One-sample estimate of the bound on ``-log p(x, h, N)`` (nats) per molecule, as EDM reports
+        it on QM9 (see :mod:`moldiff.diffusion.likelihood`). ``pos`` ``(n, 3)`` Å, ``types`` ``(n,)``
+        indices into :attr:`elements`, ``charges`` ``(n,)`` atomic numbers, sorted ``batch`` ``(n,)``."""
+        self.denoiser.eval()
+        sizes = num_nodes_per_graph(batch, num_graphs).cpu().numpy()
+        p_size = self.statistics.size_distribution()
+        with np.errstate(divide="ignore"):  # a size the training data never had: p(N) = 0, NLL = inf
+            log_p = np.log(np.where(sizes < len(p_size), p_size[np.minimum(sizes, len(p_size) - 1)], 0.0))
+        log_p_size = torch.as_tensor(log_p, dtype=torch.float64, device=pos.device)
+        pos = remove_mean(pos.to(next(self.denoiser.parameters()).dtype), batch, num_graphs)
+        return estimate_nll(lambda p, h, t, b: self.predict_noise(p, h, t, b), self.schedule, self.features,
+                            pos, types, charges, batch, num_graphs, log_p_size, steps=steps, generator=generator)
 
     # ------------------------------------------------------------------ sampling
     def check_sizes(self, num_atoms: Sequence[int]) -> None:

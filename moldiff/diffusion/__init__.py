@@ -1,5 +1,6 @@
 """Gaussian diffusion over zero-CoM point clouds; it knows nothing of the network."""
 
+from moldiff.diffusion.likelihood import NLLTerms, estimate_nll, kl_prior, reconstruction_nll
 from moldiff.diffusion.losses import degrees_of_freedom, epsilon_loss, squared_error_per_molecule
 from moldiff.diffusion.pairing import PAIRINGS, optimal_rotations, pair_noise
 from moldiff.diffusion.process import AtomFeatures, NoisedState, add_noise, centred_noise
@@ -12,6 +13,7 @@ __all__ = [
     "DDIMSampler",
     "NoiseSchedule",
     "PAIRINGS",
+    "NLLTerms",
     "NoisedState",
     "SAMPLERS",
     "Sampler",
@@ -20,8 +22,11 @@ __all__ = [
     "centred_noise",
     "degrees_of_freedom",
     "epsilon_loss",
+    "estimate_nll",
+    "kl_prior",
     "make_sampler",
     "optimal_rotations",
     "pair_noise",
+    "reconstruction_nll",
     "squared_error_per_molecule",
 ]
