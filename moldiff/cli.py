@@ -503,7 +503,7 @@ def cmd_sample(args) -> int:
         "num_atoms": args.num_atoms,
         "batch_size": args.batch_size,
         "device": args.device,
-        "precision": args.precision,
+        "precision": pipe.inference_precision,
         "compile": args.compile,
         "checkpoint": str(checkpoint),
         "seconds": round(t2 - t0, 3),
@@ -603,8 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip novelty (otherwise compared with the cached QM9 training SMILES)")
     s.add_argument("--threads", type=int, metavar="T", help="torch CPU threads (default: torch's choice)")
     s.add_argument("--cache-dir", metavar="DIR", help="processed-data cache for the novelty reference")
-    s.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="network arithmetic: fp32 (default) or bf16 autocast (faster on CPUs with AMX/AVX512-BF16)")
+    s.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="network arithmetic: fp32 (default), bf16 autocast (faster on CPUs with AMX/AVX512-BF16), "
+                   "or auto (bf16 where the CPU has native bf16, else fp32)")
     s.add_argument("--compile", action="store_true",
                    help="torch.compile the network (~20-60 s once, cached by PyTorch; faster steps for large runs)")
     g = s.add_argument_group("conditioning (inpainting, docs/inpainting.md)")

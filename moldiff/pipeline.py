@@ -233,17 +233,25 @@ class MolDiffPipeline(torch.nn.Module):
         """How :meth:`predict_noise` runs the network when sampling.
 
         ``precision="bf16"`` runs the network's matrix products under bf16 autocast (fast on CPUs with
-        AMX / AVX512-BF16 and on GPUs); sampler arithmetic stays in the state's dtype. ``compile=True``
+        AMX / AVX512-BF16 and on GPUs); sampler arithmetic stays in the state's dtype. ``"auto"``:
+        bf16 on CPUs with native bf16 arithmetic, fp32 elsewhere (see :func:`auto_precision`). ``compile=True``
         wraps the denoiser in ``torch.compile(dynamic=True)``: tens of seconds once (cached on disk
         by PyTorch for later processes), then faster steps; ``compile_backend`` is passed to
         ``torch.compile``. Training is unaffected. Returns ``self``.
         """
+        if precision == "auto":
+            precision = auto_precision(self.device)
         if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+            raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
         # Plain attributes (not submodules), so state_dict() and saving are unchanged.
         object.__setattr__(self, "_precision", precision)
         object.__setattr__(self, "_compiled", torch.compile(self.denoiser, dynamic=True, backend=compile_backend) if compile else None)
         return self
+
+    @property
+    def inference_precision(self) -> str:
+        """``"fp32"`` or ``"bf16"``: how :meth:`predict_noise` runs the network (:meth:`configure_inference`)."""
+        return getattr(self, "_precision", "fp32")
 
     @property
     def self_condition(self) -> bool:
@@ -500,6 +508,21 @@ class MolDiffPipeline(torch.nn.Module):
 
 
 # ---------------------------------------------------------------------------- loading and scoring
+def auto_precision(device: str | torch.device = "cpu") -> str:
+    """``"bf16"`` on a CPU with native bf16 arithmetic (AMX or AVX512-BF16), else ``"fp32"``.
+
+    GPUs get fp32 (TF32 where enabled): sampling there is fast already and fp32 is the reference.
+    """
+    if torch.device(device).type != "cpu":
+        return "fp32"
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    try:
+        return "bf16" if any(c is not None and c() for c in checks) else "fp32"
+    except RuntimeError:  # a torch build without these probes
+        return "fp32"
+
+
 def _check_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)

@@ -86,7 +86,9 @@ def train(args, run_dir: Path) -> None:
 
 def score(args, run_dir: Path) -> dict:
     torch.set_num_threads(args.threads)
-    pipe = MolDiffPipeline.from_pretrained(run_dir / "pipeline")
+    # a training run directory (its exported EMA pipeline) or a pipeline folder itself
+    pipe = MolDiffPipeline.from_pretrained(run_dir / "pipeline" if (run_dir / "pipeline").is_dir() else run_dir)
+    pipe.configure_inference(precision=args.precision)
     t0 = time.monotonic()
     arrays = pipe.sample_arrays(args.samples, steps=args.steps, sampler=args.sampler, seed=args.seed)
     sample_s = time.monotonic() - t0
@@ -122,7 +124,7 @@ def append(args, result: dict) -> None:
     ch = f"{d.get('bond_C-H_mean_err', float('nan')):+.3f} / {d.get('bond_C-H_std', float('nan')):.3f}"
     row = (
         f"| {datetime.date.today()} | {args.name} | {args.budget_text} | {meta.get('step', '?')} | {meta.get('train_hours', '?')} "
-        f"| {args.sampler} {args.steps} | {pct(m['atom_stable'])} | {pct(m['mol_stable'])} | {pct(m['validity'])} "
+        f"| {args.sampler} {args.steps}{'' if args.precision == 'fp32' else ' ' + args.precision} | {pct(m['atom_stable'])} | {pct(m['mol_stable'])} | {pct(m['validity'])} "
         f"| {pct(m['valid_and_unique'])} | {pct(d['one_piece'])} | {pct(d['close_contact'])} | {ch} | {commit()} |\n"
     )
     if not TABLE.exists() or "| date | variant" not in TABLE.read_text():
@@ -133,7 +135,7 @@ def append(args, result: dict) -> None:
         fh.write(row)
     with open(JSONL, "a") as fh:
         fh.write(json.dumps({"name": args.name, "config": args.config, "overrides": args.set, "budget": args.budget_text,
-                             "samples": args.samples, "steps": args.steps, "sampler": args.sampler, "commit": commit(), **result}) + "\n")
+                             "samples": args.samples, "steps": args.steps, "sampler": args.sampler, "precision": args.precision, "commit": commit(), **result}) + "\n")
     print(row, end="")
 
 
@@ -148,6 +150,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--sampler", default="ancestral")
+    p.add_argument("--precision", default="fp32", help="sampling arithmetic: fp32 (default), bf16 or auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--score-only", help="score this run directory instead of training")
     p.add_argument("--init-from", help="start from this run directory's checkpoint (protocol B: fine-tune a common checkpoint)")

@@ -358,3 +358,13 @@ def test_compiled_inference_gives_the_eager_predictions(checkpoint):
     got = pipe.configure_inference(compile=True, compile_backend="eager").predict_noise(pos, h, t, batch)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_auto_precision_follows_the_cpu(checkpoint):
+    from moldiff.pipeline import auto_precision
+
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert auto_precision("cpu") == ("bf16" if native else "fp32")
+    assert auto_precision("cuda") == "fp32"
+    pipe = MolDiffPipeline.from_pretrained(checkpoint).configure_inference(precision="auto")
+    assert pipe.inference_precision == auto_precision("cpu")
