@@ -380,6 +380,11 @@ def cmd_nll(args) -> int:
     return 0
 
 
+#: ``moldiff sample`` compiles the network by default from this many molecule-steps (n x steps) on:
+#: 1,000 molecules x 50 steps and up, where the one-off compilation pays for itself (docs/benchmarks.md).
+COMPILE_AUTO_WORK = 20_000
+
+
 def cmd_sample(args) -> int:
     # Everything that can be wrong is checked before a single molecule is sampled, the cheap
     # checks before torch and RDKit are imported.
@@ -425,6 +430,8 @@ def cmd_sample(args) -> int:
         raise UsageError(f"no pretrained model is shipped in {PRETRAINED_DIR} yet; give --checkpoint DIR "
                          "(a checkpoint folder or a `moldiff train` run folder)") from None
     pipe = load_pretrained(checkpoint, device=args.device)
+    if args.compile is None:  # auto: worth its one-off compilation only for long CPU runs
+        args.compile = pipe.device.type == "cpu" and args.n * args.steps >= COMPILE_AUTO_WORK
     pipe.configure_inference(precision=args.precision, compile=args.compile)
     if args.num_atoms is not None:
         pipe.check_sizes([args.num_atoms])
@@ -606,8 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
                    help="network arithmetic: fp32 (default), bf16 autocast (faster on CPUs with AMX/AVX512-BF16), "
                    "or auto (bf16 where the CPU has native bf16, else fp32)")
-    s.add_argument("--compile", action="store_true",
-                   help="torch.compile the network (~20-60 s once, cached by PyTorch; faster steps for large runs)")
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the network: ~20-60 s once (cached on disk by PyTorch), then faster steps. "
+                   f"Default: on for CPU runs of at least {COMPILE_AUTO_WORK:,} molecule-steps (n x steps), else off")
     g = s.add_argument_group("conditioning (inpainting, docs/inpainting.md)")
     frag = g.add_mutually_exclusive_group()
     frag.add_argument("--fragment", metavar="FILE", help="every molecule contains this fragment (.sdf/.mol/.xyz, 3D) at its geometry")
