@@ -610,9 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip novelty (otherwise compared with the cached QM9 training SMILES)")
     s.add_argument("--threads", type=int, metavar="T", help="torch CPU threads (default: torch's choice)")
     s.add_argument("--cache-dir", metavar="DIR", help="processed-data cache for the novelty reference")
-    s.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
-                   help="network arithmetic: fp32 (default), bf16 autocast (faster on CPUs with AMX/AVX512-BF16), "
-                   "or auto (bf16 where the CPU has native bf16, else fp32)")
+    s.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto",
+                   help="network arithmetic: auto (default: bf16 autocast on CPUs with native bf16, AMX or "
+                   "AVX512-BF16, else fp32; same quality, docs/experiments.md), fp32 or bf16")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the network: ~20-60 s once (cached on disk by PyTorch), then faster steps. "
                    f"Default: on for CPU runs of at least {COMPILE_AUTO_WORK:,} molecule-steps (n x steps), else off")

@@ -438,11 +438,12 @@ def _inpaint_batch(pipe, plan: _Plan, sizes, steps, sampler, resample, gen, nois
     times = sampler.timesteps(steps, device=device)
     pos, h = impose(pos, h, times[0].expand(num_graphs))
     cond = None  # self-conditioning: the latest clean estimate
+    sc = (lambda c: {"cond": c}) if pipe.self_condition else (lambda c: {})  # noqa: E731
     for i in range(steps):
         t = times[i].expand(num_graphs)
         s = times[i + 1].expand(num_graphs)
         for r in range(resample):
-            eps_hat_pos, eps_hat_h = pipe.predict_noise(pos, h, t, batch, edge_index=edge_index, cond=cond)
+            eps_hat_pos, eps_hat_h = pipe.predict_noise(pos, h, t, batch, edge_index=edge_index, **sc(cond))
             if pipe.self_condition:
                 cond = sampler.clean_estimate(pos, h, eps_hat_pos, eps_hat_h, t, batch)
             step = sampler.step(eps_hat_pos, eps_hat_h, t, s, pos, h, batch, generator=gen)
@@ -452,7 +453,7 @@ def _inpaint_batch(pipe, plan: _Plan, sizes, steps, sampler, resample, gen, nois
                 pos, h = renoise(pos, h, s, t)
     # Final decode at t = 0 (mean of p(x | z_0), EDM eq. 9-10), then the known atoms exactly.
     t0 = times[-1].expand(num_graphs)
-    eps_hat_pos, eps_hat_h = pipe.predict_noise(pos, h, t0, batch, edge_index=edge_index, cond=cond)
+    eps_hat_pos, eps_hat_h = pipe.predict_noise(pos, h, t0, batch, edge_index=edge_index, **sc(cond))
     pos, h = sampler.clean_estimate(pos, h, eps_hat_pos, eps_hat_h, t0, batch)
     record_faults(fault, pos, h, batch, num_graphs, steps)
     pos = pos.double()

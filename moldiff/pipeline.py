@@ -408,10 +408,11 @@ class MolDiffPipeline(torch.nn.Module):
         fault = torch.full((num_graphs,), -1, dtype=torch.long, device=device)
         times = sampler.timesteps(steps, device=device)
         cond = None  # self-conditioning: the previous step's clean estimate
+        sc = (lambda c: {"cond": c}) if self.self_condition else (lambda c: {})  # noqa: E731
         for i in range(steps):
             t = times[i].expand(num_graphs)
             s = times[i + 1].expand(num_graphs)
-            eps_pos, eps_h = self.predict_noise(pos, h, t, batch, edge_index=edge_index, cond=cond)
+            eps_pos, eps_h = self.predict_noise(pos, h, t, batch, edge_index=edge_index, **sc(cond))
             if self.self_condition:
                 cond = sampler.clean_estimate(pos, h, eps_pos, eps_h, t, batch)
             step = sampler.step(eps_pos, eps_h, t, s, pos, h, batch, generator=gen)
@@ -419,7 +420,7 @@ class MolDiffPipeline(torch.nn.Module):
             record_faults(fault, pos, h, batch, num_graphs, i)
         # Final decode at t = 0: x = (z_0 - sigma_0 eps_hat) / alpha_0 (mean of p(x | z_0), EDM eq. 9-10).
         t0 = times[-1].expand(num_graphs)
-        eps_pos, eps_h = self.predict_noise(pos, h, t0, batch, edge_index=edge_index, cond=cond)
+        eps_pos, eps_h = self.predict_noise(pos, h, t0, batch, edge_index=edge_index, **sc(cond))
         pos, h = sampler.clean_estimate(pos, h, eps_pos, eps_h, t0, batch)
         record_faults(fault, pos, h, batch, num_graphs, steps)
         types, charges = self.features.decode(h.nan_to_num(0.0))  # decode only; faulty molecules stay flagged
