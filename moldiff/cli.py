@@ -158,7 +158,11 @@ def cmd_train(args) -> int:
         raise UsageError("train.device is cuda but no CUDA GPU is available")
     if world_size > 1:
         backend = "nccl" if cfg.train.device.startswith("cuda") else "gloo"
-        torch.distributed.init_process_group(backend)
+        # Rank 0 alone samples for the periodic metrics check while the others wait at the next
+        # collective: allow that well beyond the default timeout (10 min for NCCL).
+        import datetime
+
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
         if cfg.train.device.startswith("cuda"):
             cfg.train.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     evaluate = _sampled_metrics if cfg.train.sample_every else None
