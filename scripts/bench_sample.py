@@ -36,6 +36,7 @@ def main() -> None:
         wall = time.monotonic() - t0
         summary = json.loads((Path(tmp) / "out" / "samples.json").read_text())
     print(f"\n{' '.join(cmd[2:])}")
+    print(f"precision {summary.get('precision')}, compile {summary.get('compile')}, batch size {summary.get('batch_size')}")
     print(f"wall {wall:.1f} s; denoising {summary['seconds_sampling']:.1f} s; "
           f"validity {100 * summary['validity']:.1f}%, molecule stability {100 * summary['mol_stable']:.1f}%")
 
