@@ -330,13 +330,17 @@ def test_api_sample_with_fragment_reports_retention(checkpoint):
     assert all(m.fragment_retained in (True, False) for m in mols)
 
 
+def _noisy_probe(pipe, sizes, seed):
+    """Random noisy inputs ``(pos, h, batch)`` for molecules of the given sizes."""
+    g = torch.Generator().manual_seed(seed)
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    return torch.randn(len(batch), 3, generator=g), torch.randn(len(batch), pipe.features.dim, generator=g), batch
+
+
 def test_bf16_inference_is_close_to_fp32_and_leaves_weights_alone(checkpoint):
     pipe = MolDiffPipeline.from_pretrained(checkpoint)
     keys = set(pipe.state_dict())
-    g = torch.Generator().manual_seed(0)
-    batch = torch.tensor([0] * 5 + [1] * 7)
-    pos = torch.randn(12, 3, generator=g)
-    h = torch.randn(12, pipe.features.dim, generator=g)
+    pos, h, batch = _noisy_probe(pipe, [5, 7], seed=0)
     t = torch.tensor([0.3, 0.8])
     ref = pipe.predict_noise(pos, h, t, batch)
     pipe.configure_inference(precision="bf16")
@@ -353,10 +357,7 @@ def test_compiled_inference_gives_the_eager_predictions(checkpoint):
     """``configure_inference(compile=True)`` (``moldiff sample --compile``) runs and agrees with eager.
     The "eager" backend exercises the same compiled-module wrapper in seconds (inductor: minutes)."""
     pipe = MolDiffPipeline.from_pretrained(checkpoint)
-    g = torch.Generator().manual_seed(1)
-    batch = torch.tensor([0] * 4 + [1] * 6)
-    pos = torch.randn(10, 3, generator=g)
-    h = torch.randn(10, pipe.features.dim, generator=g)
+    pos, h, batch = _noisy_probe(pipe, [4, 6], seed=1)
     t = torch.tensor([0.2, 0.6])
     ref = pipe.predict_noise(pos, h, t, batch)
     got = pipe.configure_inference(compile=True, compile_backend="eager").predict_noise(pos, h, t, batch)
