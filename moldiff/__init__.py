@@ -27,6 +27,7 @@ _EXPORTS = {
     "CheckpointError": "moldiff.pipeline",
     "evaluate_molecules": "moldiff.pipeline",
     "format_table": "moldiff.chemistry.metrics",
+    "tune_allocator": "moldiff.runtime",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from moldiff.runtime import tune_allocator
+
 __all__ = ["main"]
 
 
@@ -630,31 +632,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _tune_allocator() -> None:
-    """Keep freed memory in the process instead of returning it to the OS after every tensor.
-
-    glibc serves allocations above a (dynamic, at most 32 MB) threshold with fresh mmap pages and
-    trims the heap top eagerly; the edge tensors of a batch (E x H floats, tens of MB) then cost a
-    page fault per 4 kB on every layer of every step. Raising both thresholds keeps those pages
-    mapped. Measured by scripts/bench_engine.py (--malloc-default for the comparison).
-    """
-    if sys.platform != "linux" or os.environ.get("MOLDIFF_DEFAULT_MALLOC"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-        libc.mallopt(m_mmap_threshold, 1 << 30)
-        libc.mallopt(m_trim_threshold, 1 << 30)
-    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _tune_allocator()
+    tune_allocator()
     try:
         status = args.func(args)
         sys.stdout.flush()  # a closed pipe shows up here rather than at interpreter exit

@@ -206,9 +206,9 @@ def main():
     p.add_argument("--malloc-default", action="store_true", help="keep glibc's default malloc thresholds (no moldiff tuning)")
     args = p.parse_args()
     if not args.malloc_default:
-        from moldiff.cli import _tune_allocator
+        from moldiff.runtime import tune_allocator
 
-        _tune_allocator()  # what the `moldiff` command does at start-up
+        tune_allocator()  # what the `moldiff` command does at start-up
     args.modes = args.modes.split(",")
     torch.set_num_threads(args.threads)
     qm9 = load_qm9()

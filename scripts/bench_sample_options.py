@@ -35,9 +35,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="timed calls per option (the best is kept)")
     args = p.parse_args()
-    from moldiff.cli import _tune_allocator
+    from moldiff.runtime import tune_allocator
 
-    _tune_allocator()  # what the `moldiff` command does at start-up (edge tensors without page-fault storms)
+    tune_allocator()  # what the `moldiff` command does at start-up (edge tensors without page-fault storms)
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     pipe = load_pretrained()

@@ -7,7 +7,7 @@ prediction with the same shapes (the diffusion module decides what that predicti
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -97,6 +97,7 @@ class EGNNDenoiser(nn.Module):
         context: torch.Tensor | None = None,
         edge_index: torch.Tensor | None = None,
         cond: tuple[torch.Tensor, torch.Tensor] | None = None,
+        blocks: Sequence[Callable] | None = None,
     ) -> DenoiserOutput:
         """Predict on a flat batch.
 
@@ -111,6 +112,8 @@ class EGNNDenoiser(nn.Module):
                 the clean molecule, or ``None`` (no estimate yet: zeros). Only for ``self_condition``
                 models. It enters as ``tanh(h_hat)`` per atom and ``log(1 + |pos_hat_i - pos_hat_j|^2)``
                 per edge: invariant, and bounded where the estimate is poor (high noise).
+            blocks: callables to run in place of ``self.blocks``, one per block with the same
+                signature (e.g. compiled versions of them, see ``MolDiffPipeline.configure_inference``).
         """
         num_graphs = t.shape[0]
         if edge_index is None:
@@ -135,7 +138,7 @@ class EGNNDenoiser(nn.Module):
             raise ValueError("cond was given but this denoiser was not built with self_condition")
         h = self.embedding(torch.cat(parts, -1))
         pos = pos_t
-        for block in self.blocks:
+        for block in self.blocks if blocks is None else blocks:
             h, pos = block(h, pos, edge_index, static)
         h_out = self.embedding_out(h)[:, : self.config.num_features]
         vel = remove_mean(pos - pos_t, batch, num_graphs)
