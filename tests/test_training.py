@@ -367,3 +367,26 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     state_s = torch.load(straight / "checkpoint.pt", weights_only=False)
     assert_same_state(state_k["model"], state_s["model"])
     assert_same_state(state_k["ema"], state_s["ema"])
+
+
+def test_learning_rate_annealing_follows_its_closed_form():
+    o = load_config(DEBUG, ["optim.lr=2e-4", "optim.lr_decay_start=100", "optim.lr_decay_steps=50", "optim.lr_final=0.1"]).optim
+    assert o.lr_at(0) == o.lr_at(99) == 2e-4  # constant before the start
+    assert o.lr_at(125) == pytest.approx(2e-4 * (1 - 0.5 * 0.9))  # halfway down the line
+    assert o.lr_at(150) == o.lr_at(10_000) == pytest.approx(2e-5)  # the floor, then constant
+    assert load_config(DEBUG).optim.lr_at(10_000) == load_config(DEBUG).optim.lr  # default: no annealing
+    for bad, message in (("optim.lr_decay_steps=0", "lr_decay_steps"), ("optim.lr_final=1.5", "lr_final")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(DEBUG, [bad])
+
+
+def test_annealed_run_updates_with_the_scheduled_rate_and_resumes_onto_it(tmp_path, debug_data):
+    sets = ["optim.lr=1e-3", "optim.lr_decay_start=2", "optim.lr_decay_steps=4", "optim.lr_final=0.25"]
+    trainer = Trainer(load_config(DEBUG, [*sets, "train.max_steps=5"]), tmp_path, data=debug_data, log=quiet)
+    trainer.train()
+    # the last update was taken at step 4: 1e-3 * (1 - (4 - 2) / 4 * 0.75)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [pytest.approx(1e-3 * 0.625)]
+    resumed = Trainer(load_config(DEBUG, [*sets, "train.max_steps=7"]), tmp_path, data=debug_data, log=quiet)
+    assert resumed.resume()
+    resumed.train()
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == [pytest.approx(1e-3 * 0.25)]  # step 6: the floor

@@ -48,6 +48,26 @@ class OptimConfig:
     amsgrad: bool = True
     ema_decay: float = 0.999  #: 0 disables EMA
     clip: str = "edm"  #: "edm" (adaptive: 1.5 x mean + 2 x std of the last 50 norms), "none", or a number
+    #: learning-rate annealing: constant ``lr`` until step ``lr_decay_start`` (None: constant for
+    #: ever), then linear over ``lr_decay_steps`` steps down to ``lr * lr_final``, constant after.
+    #: A function of the step, so resumed runs follow it exactly; set it on ``--resume`` to anneal
+    #: the end of a long run.
+    lr_decay_start: int | None = None
+    lr_decay_steps: int = 1000
+    lr_final: float = 0.0
+
+    def __post_init__(self):
+        if self.lr_decay_steps < 1:
+            raise ConfigError(f"optim.lr_decay_steps must be at least 1, got {self.lr_decay_steps}")
+        if not 0.0 <= self.lr_final <= 1.0:
+            raise ConfigError(f"optim.lr_final is a fraction of optim.lr in [0, 1], got {self.lr_final}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for the update that takes the model from ``step`` to ``step + 1``."""
+        if self.lr_decay_start is None or step < self.lr_decay_start:
+            return self.lr
+        frac = min(1.0, (step - self.lr_decay_start) / max(1, self.lr_decay_steps))
+        return self.lr * (1.0 - frac * (1.0 - self.lr_final))
 
 
 @dataclass

@@ -377,6 +377,9 @@ class Trainer:
             clipped = norm > self.fixed_clip
         else:
             norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf")))
+        lr = self.cfg.optim.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
