@@ -404,7 +404,7 @@ def cmd_sample(args) -> int:
         raise UsageError(f"--num-atoms must be at least 2, got {args.num_atoms}")
     if args.threads is not None and args.threads <= 0:
         raise UsageError(f"--threads must be positive, got {args.threads}")
-    if args.resample <= 0:
+    if args.resample is not None and args.resample <= 0:
         raise UsageError(f"--resample must be positive, got {args.resample}")
     folder, files = _output_files(args.output)
     _check_writable(folder, files)
@@ -526,7 +526,7 @@ def cmd_sample(args) -> int:
     }
     if conditioned:
         summary["conditioning"] = {"fragment": args.fragment or args.fragment_smiles, "formula": args.formula,
-                                   "resample": args.resample}
+                                   "resample": int(arrays.extra["resample"])}
     if fragment is not None:
         summary["fragment_retention"] = sum(bool(m.fragment_retained) for m in molecules) / len(molecules)
     _write_outputs(folder, files, {
@@ -627,7 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     frag.add_argument("--fragment", metavar="FILE", help="every molecule contains this fragment (.sdf/.mol/.xyz, 3D) at its geometry")
     frag.add_argument("--fragment-smiles", metavar="SMILES", help="fragment as SMILES, embedded in 3D by RDKit (heavy atoms only)")
     g.add_argument("--formula", metavar="FORMULA", help="composition of every molecule, e.g. C7H8O (isomer generation)")
-    g.add_argument("--resample", type=int, default=1, metavar="R", help="RePaint resampling rounds per step (default 1)")
+    g.add_argument("--resample", type=int, default=None, metavar="R",
+                   help="RePaint resampling rounds per step with --fragment*/--formula (default 10; cost x R)")
     s.set_defaults(func=cmd_sample)
     return p
 

@@ -59,7 +59,13 @@ from moldiff.diffusion import DDIMSampler, centred_noise, make_sampler
 from moldiff.geometry import fully_connected_edges, num_nodes_per_graph, remove_mean, scatter_mean
 from moldiff.sampling import SampledArrays, record_faults
 
+#: RePaint rounds per step unless asked otherwise. Measured on 20 QM9 fragments (docs/inpainting_results*.md,
+#: shipped model, 50 ancestral steps): 10 rounds instead of 1 raise fragment retention from 11% to 27%
+#: and validity from 8% to 28% (unconditional at the same sizes: 35%); formulas: atom stability 41% -> 59%.
+DEFAULT_RESAMPLE = 10
+
 __all__ = [
+    "DEFAULT_RESAMPLE",
     "Fragment",
     "FragmentReport",
     "inpaint_arrays",
@@ -267,7 +273,7 @@ def inpaint_arrays(
     num_atoms: int | Sequence[int] | None = None,
     steps: int = 100,
     sampler: str = "ancestral",
-    resample: int = 1,
+    resample: int | None = None,
     seed: int | None = 0,
     batch_size: int = 256,
     initial_noise: tuple[Any, Any] | None = None,
@@ -288,7 +294,8 @@ def inpaint_arrays(
             training size distribution restricted to ``N >= max(k, 2)``.
         steps: reverse steps (network calls: ``steps * resample + 1``).
         sampler: ``"ancestral"``, ``"ddim"`` (deterministic) or ``"ddim:<eta>"``.
-        resample: RePaint resampling: each step is done ``resample`` times, re-noising in between.
+        resample: RePaint resampling: each step is done ``resample`` times, re-noising in between;
+            ``None``: :data:`DEFAULT_RESAMPLE`.
         seed: seeds sizes and all noise; same seed, same output (same device and torch version).
         batch_size: molecules per network batch.
         initial_noise: optional pair ``(positions (A, 3), features (A, F))`` of standard normal
@@ -313,6 +320,8 @@ def inpaint_arrays(
         raise ValueError(f"number of molecules must be positive, got {n}")
     if batch_size <= 0:
         raise ValueError(f"batch size must be positive, got {batch_size}")
+    if resample is None:
+        resample = DEFAULT_RESAMPLE
     if int(resample) != resample or resample < 1:
         raise ValueError(f"resample must be an integer >= 1, got {resample}")
     if steps < 1:

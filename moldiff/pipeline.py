@@ -356,7 +356,7 @@ class MolDiffPipeline(torch.nn.Module):
         progress: Callable[[int], None] | None = None,
         fragment=None,
         formula=None,
-        resample: int = 1,
+        resample: int | None = None,
     ) -> list[GeneratedMolecule]:
         """Sample ``n`` molecules and interpret them chemically.
 
@@ -377,7 +377,8 @@ class MolDiffPipeline(torch.nn.Module):
                 geometry (its atoms come first); ``fragment_retained`` / ``fragment_rmsd`` report
                 on it per molecule. See docs/inpainting.md.
             formula: the composition of every molecule, e.g. ``"C7H8O"`` (isomer generation).
-            resample: RePaint resampling rounds per step when ``fragment`` or ``formula`` is given.
+            resample: RePaint resampling rounds per step when ``fragment`` or ``formula`` is given
+                (``None``: ``moldiff.inpainting.DEFAULT_RESAMPLE``, 10).
 
         Returns:
             ``n`` :class:`GeneratedMolecule` in sampling order, invalid and faulty ones included

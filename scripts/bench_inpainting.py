@@ -43,7 +43,7 @@ from moldiff.chemistry.fragments import (
 )
 from moldiff.chemistry.metrics import evaluate_molecules
 from moldiff.data.qm9 import edm_split, load_qm9
-from moldiff.inpainting import Fragment, formula_honoured, fragment_report, fragment_reports, inpaint_arrays
+from moldiff.inpainting import DEFAULT_RESAMPLE, Fragment, formula_honoured, fragment_report, fragment_reports, inpaint_arrays
 from moldiff.pipeline import MolDiffPipeline
 
 
@@ -165,7 +165,7 @@ def markdown(args, frag_rows, frag_s, form_rows, form_s, command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Checkpoint `{args.checkpoint}`; sampler `{args.sampler}`, {args.steps} steps, resample {args.resample}, "
+        f"Checkpoint `{args.checkpoint}`; sampler `{args.sampler}`, {args.steps} steps, resample {args.resample if args.resample is not None else DEFAULT_RESAMPLE}, "
         f"{args.n} molecules per fragment / formula, seed {args.seed}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. Unconditional rows: the same sampler at the same sizes.",
         "",
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=10, help="molecules per fragment / formula (default 10)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--sampler", default="ancestral")
-    p.add_argument("--resample", type=int, default=1, help="RePaint resampling per step (default 1)")
+    p.add_argument("--resample", type=int, default=None, help="RePaint resampling per step (default: the package's, 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="network arithmetic (default fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -131,7 +131,7 @@ def test_fragment_sampling_is_equivariant(pipe64, acetamide):
     gen = torch.Generator().manual_seed(7)
     noise_pos = torch.randn(n * size, 3, generator=gen, dtype=torch.float64)
     noise_h = torch.randn(n * size, 6, generator=gen, dtype=torch.float64)
-    kwargs = dict(num_atoms=size, steps=12, sampler="ddim", seed=0)
+    kwargs = dict(num_atoms=size, steps=12, sampler="ddim", resample=1, seed=0)
     ref = inpaint_arrays(pipe64, n, fragment=acetamide, initial_noise=(noise_pos, noise_h), **kwargs)
     for reflect in (False, True):
         q = random_orthogonal(generator=gen, reflect=reflect)
@@ -383,3 +383,12 @@ def test_scaffold_cut_and_retention():
     rest = [i for i in range(mol.GetNumAtoms()) if i not in scaffold]
     assert retained_in_place(ring, Chem.RenumberAtoms(mol, scaffold + rest))
     assert not retained_in_place(ring, mol)
+
+
+def test_resampling_defaults_to_the_measured_setting(pipe):
+    """``resample=None`` (the API and CLI default) means DEFAULT_RESAMPLE rounds per step."""
+    from moldiff.inpainting import DEFAULT_RESAMPLE
+
+    arrays = inpaint_arrays(pipe, 1, formula="CH4", steps=3, seed=0)
+    assert arrays.extra["resample"] == DEFAULT_RESAMPLE > 1
+    assert np.all(arrays.extra["network_evaluations"] == 3 * DEFAULT_RESAMPLE + 1)
