@@ -611,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder, or a `moldiff train` run folder "
                    "(default: the QM9 model shipped with moldiff)")
     s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    s.add_argument("--batch-size", type=int, default=256, metavar="B", help="molecules denoised together (default 256)")
+    s.add_argument("--batch-size", type=int, default=1000, metavar="B", help="molecules denoised together (default 1000)")
     s.add_argument("--no-novelty", dest="novelty", action="store_false",
                    help="skip novelty (otherwise compared with the cached QM9 training SMILES)")
     s.add_argument("--threads", type=int, metavar="T", help="torch CPU threads (default: torch's choice)")

@@ -61,6 +61,9 @@ PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained" / "qm9"
 #: Defaults of :meth:`MolDiffPipeline.sample` and ``moldiff sample``.
 DEFAULT_STEPS = 50
 DEFAULT_SAMPLER = "ancestral"
+#: molecules denoised together by default: one batch of 1,000 (QM9 sizes: ~330k edges, a few hundred MB
+#: in bf16) was the fastest setting measured (docs/benchmarks.md, scripts/bench_sample*.py)
+DEFAULT_BATCH_SIZE = 1000
 
 
 class CheckpointError(ValueError):
@@ -308,7 +311,7 @@ class MolDiffPipeline(torch.nn.Module):
         sampler: str = "ancestral",
         seed: int | None = 0,
         num_atoms: int | Sequence[int] | None = None,
-        batch_size: int = 256,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         progress: Callable[[int], None] | None = None,
     ) -> SampledArrays:
         """Sample ``n`` molecules; returns raw arrays (see :class:`SampledArrays`).
@@ -352,7 +355,7 @@ class MolDiffPipeline(torch.nn.Module):
         sampler: str = DEFAULT_SAMPLER,
         seed: int | None = 0,
         num_atoms: int | Sequence[int] | None = None,
-        batch_size: int = 256,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         progress: Callable[[int], None] | None = None,
         fragment=None,
         formula=None,
