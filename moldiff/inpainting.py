@@ -57,7 +57,7 @@ from moldiff.chemistry import fragments as chem_fragments
 from moldiff.chemistry.elements import to_symbols
 from moldiff.diffusion import DDIMSampler, centred_noise, make_sampler
 from moldiff.geometry import fully_connected_edges, num_nodes_per_graph, remove_mean, scatter_mean
-from moldiff.sampling import SampledArrays, record_faults
+from moldiff.sampling import DEFAULT_TIME_POWER, SampledArrays, record_faults
 
 #: RePaint rounds per step unless asked otherwise. Measured on 20 QM9 fragments (docs/inpainting_results*.md,
 #: shipped model, 50 ancestral steps): 10 rounds instead of 1 raise fragment retention from 11% to 27%
@@ -278,6 +278,7 @@ def inpaint_arrays(
     batch_size: int = 256,
     initial_noise: tuple[Any, Any] | None = None,
     progress: Callable[[int], None] | None = None,
+    time_power: float = DEFAULT_TIME_POWER,
 ) -> SampledArrays:
     """Sample ``n`` molecules that contain ``fragment`` and/or have the composition ``formula``.
 
@@ -298,6 +299,7 @@ def inpaint_arrays(
             ``None``: :data:`DEFAULT_RESAMPLE`.
         seed: seeds sizes and all noise; same seed, same output (same device and torch version).
         batch_size: molecules per network batch.
+        time_power: the time grid ``t_k = (k / steps) ** time_power`` (see :data:`DEFAULT_TIME_POWER`).
         initial_noise: optional pair ``(positions (A, 3), features (A, F))`` of standard normal
             noise for all ``A = sum(N)`` atoms, molecule after molecule (positions are projected
             to zero CoM here). Needs fixed sizes (``num_atoms`` or ``formula``). Rotating it
@@ -336,10 +338,10 @@ def inpaint_arrays(
     device = pipe.device
     gen = torch.Generator(device=device)
     gen.manual_seed(int(rng.integers(2**62)))
-    sampler_obj = make_sampler(sampler, pipe.schedule)
+    sampler_obj = make_sampler(sampler, pipe.schedule, time_power=time_power)
     conditioning = "+".join(name for name, given in (("fragment", fragment), ("formula", formula)) if given is not None)
     out = SampledArrays(
-        [], [], [], np.full(n, -1), pipe.elements, steps, sampler, seed,
+        [], [], [], np.full(n, -1), pipe.elements, steps, sampler, seed, time_power,
         extra={
             "conditioning": conditioning,
             "num_known_atoms": plan.num_known,

@@ -32,7 +32,7 @@ from moldiff.diffusion import AtomFeatures, NoiseSchedule, centred_noise, make_s
 from moldiff.diffusion.likelihood import NLLTerms, estimate_nll
 from moldiff.geometry import fully_connected_edges, num_nodes_per_graph, remove_mean
 from moldiff.inpainting import fragment_report, inpaint_arrays
-from moldiff.sampling import SampledArrays, record_faults
+from moldiff.sampling import DEFAULT_TIME_POWER, SampledArrays, record_faults
 from moldiff.models import DenoiserConfig, EGNNDenoiser
 
 if TYPE_CHECKING:  # RDKit types only; all RDKit work happens in moldiff.chemistry
@@ -49,6 +49,7 @@ __all__ = [
     "resolve_checkpoint",
     "DEFAULT_STEPS",
     "DEFAULT_SAMPLER",
+    "DEFAULT_TIME_POWER",
     "molecules_from_arrays",
     "evaluate_molecules",
 ]
@@ -313,6 +314,7 @@ class MolDiffPipeline(torch.nn.Module):
         num_atoms: int | Sequence[int] | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         progress: Callable[[int], None] | None = None,
+        time_power: float = DEFAULT_TIME_POWER,
     ) -> SampledArrays:
         """Sample ``n`` molecules; returns raw arrays (see :class:`SampledArrays`).
 
@@ -337,8 +339,8 @@ class MolDiffPipeline(torch.nn.Module):
         device = self.device
         gen = torch.Generator(device=device)
         gen.manual_seed(int(rng.integers(2**62)))
-        sampler_obj = make_sampler(sampler, self.schedule)
-        out = SampledArrays([], [], [], np.full(n, -1), self.elements, steps, sampler, seed)
+        sampler_obj = make_sampler(sampler, self.schedule, time_power=time_power)
+        out = SampledArrays([], [], [], np.full(n, -1), self.elements, steps, sampler, seed, time_power)
         self.denoiser.eval()
         for start in range(0, n, batch_size):
             chunk = sizes[start : start + batch_size]
@@ -360,6 +362,7 @@ class MolDiffPipeline(torch.nn.Module):
         fragment=None,
         formula=None,
         resample: int | None = None,
+        time_power: float = DEFAULT_TIME_POWER,
     ) -> list[GeneratedMolecule]:
         """Sample ``n`` molecules and interpret them chemically.
 
@@ -382,6 +385,8 @@ class MolDiffPipeline(torch.nn.Module):
             formula: the composition of every molecule, e.g. ``"C7H8O"`` (isomer generation).
             resample: RePaint resampling rounds per step when ``fragment`` or ``formula`` is given
                 (``None``: ``moldiff.inpainting.DEFAULT_RESAMPLE``, 10).
+            time_power: the time grid ``t_k = (k / steps) ** time_power`` (> 0; 1: EDM's uniform
+                grid; default :data:`DEFAULT_TIME_POWER`, more steps at low noise).
 
         Returns:
             ``n`` :class:`GeneratedMolecule` in sampling order, invalid and faulty ones included
@@ -395,11 +400,13 @@ class MolDiffPipeline(torch.nn.Module):
             raise ValueError(f"steps must be positive, got {steps}")
         if fragment is None and formula is None:
             arrays = self.sample_arrays(
-                n, steps=steps, sampler=sampler, seed=seed, num_atoms=num_atoms, batch_size=batch_size, progress=progress
+                n, steps=steps, sampler=sampler, seed=seed, num_atoms=num_atoms, batch_size=batch_size, progress=progress,
+                time_power=time_power,
             )
             return molecules_from_arrays(arrays)
         arrays = inpaint_arrays(self, n, fragment=fragment, formula=formula, num_atoms=num_atoms, steps=steps,
-                                sampler=sampler, resample=resample, seed=seed, batch_size=batch_size, progress=progress)
+                                sampler=sampler, resample=resample, seed=seed, batch_size=batch_size, progress=progress,
+                                time_power=time_power)
         molecules = molecules_from_arrays(arrays)
         if fragment is not None:
             for m in molecules:

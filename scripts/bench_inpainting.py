@@ -45,6 +45,7 @@ from moldiff.chemistry.metrics import evaluate_molecules
 from moldiff.data.qm9 import edm_split, load_qm9
 from moldiff.inpainting import DEFAULT_RESAMPLE, Fragment, formula_honoured, fragment_report, fragment_reports, inpaint_arrays
 from moldiff.pipeline import MolDiffPipeline
+from moldiff.sampling import DEFAULT_TIME_POWER
 
 
 # ----------------------------------------------------------------------------- picking the inputs
@@ -109,11 +110,13 @@ def pct(x: float | None) -> str:
 def run_fragments(pipe, fragments, args) -> tuple[list[dict], float]:
     start = time.perf_counter()
     sizes = [size for _, _, size in fragments for _ in range(args.n)]
-    free = pipe.sample_arrays(len(sizes), num_atoms=sizes, steps=args.steps, sampler=args.sampler, seed=args.seed)
+    free = pipe.sample_arrays(len(sizes), num_atoms=sizes, steps=args.steps, sampler=args.sampler, seed=args.seed,
+                              time_power=args.time_power)
     rows = []
     for i, (fragment, index, size) in enumerate(fragments):
         cond = inpaint_arrays(pipe, args.n, fragment=fragment, num_atoms=size, steps=args.steps,
-                              sampler=args.sampler, resample=args.resample, seed=args.seed + i)  # fmt: skip
+                              sampler=args.sampler, resample=args.resample, seed=args.seed + i,
+                              time_power=args.time_power)  # fmt: skip
         cond_reports = fragment_reports(fragment, cond)
         free_mols = split_arrays(free, i * args.n, (i + 1) * args.n)
         query = fragment.query()
@@ -133,11 +136,12 @@ def run_fragments(pipe, fragments, args) -> tuple[list[dict], float]:
 def run_formulas(pipe, formulas, args) -> tuple[list[dict], float]:
     start = time.perf_counter()
     sizes = [size for _, _, size in formulas for _ in range(args.n)]
-    free = pipe.sample_arrays(len(sizes), num_atoms=sizes, steps=args.steps, sampler=args.sampler, seed=args.seed + 1)
+    free = pipe.sample_arrays(len(sizes), num_atoms=sizes, steps=args.steps, sampler=args.sampler, seed=args.seed + 1,
+                              time_power=args.time_power)
     rows = []
     for i, (formula, index, size) in enumerate(formulas):
         cond = inpaint_arrays(pipe, args.n, formula=formula, steps=args.steps, sampler=args.sampler,
-                              resample=args.resample, seed=args.seed + 1000 + i)  # fmt: skip
+                              resample=args.resample, seed=args.seed + 1000 + i, time_power=args.time_power)  # fmt: skip
         cond_mols = split_arrays(cond, 0, args.n)
         free_mols = split_arrays(free, i * args.n, (i + 1) * args.n)
         rows.append({
@@ -165,7 +169,7 @@ def markdown(args, frag_rows, frag_s, form_rows, form_s, command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Checkpoint `{args.checkpoint}`; sampler `{args.sampler}`, {args.steps} steps, resample {args.resample if args.resample is not None else DEFAULT_RESAMPLE}, "
+        f"Checkpoint `{args.checkpoint}`; sampler `{args.sampler}`, {args.steps} steps, time grid power {args.time_power:g}, resample {args.resample if args.resample is not None else DEFAULT_RESAMPLE}, "
         f"{args.n} molecules per fragment / formula, seed {args.seed}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. Unconditional rows: the same sampler at the same sizes.",
         "",
@@ -231,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=10, help="molecules per fragment / formula (default 10)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--sampler", default="ancestral")
+    p.add_argument("--time-power", type=float, default=DEFAULT_TIME_POWER,
+                   help=f"time grid t_k = (k/K)^P (default {DEFAULT_TIME_POWER:g}, the package's; 1 = uniform)")
     p.add_argument("--resample", type=int, default=None, help="RePaint resampling per step (default: the package's, 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="network arithmetic (default fp32)")

@@ -469,6 +469,25 @@ def test_sampler_contract(name):
     assert torch.allclose(det32[0].double(), det64[0], atol=1e-5) and torch.allclose(det32[1].double(), det64[1], atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["ancestral", "ddim:0.5"])
+def test_time_power_grid(name):
+    """``t_k = (k/K)^p``: endpoints 1 and 0, strictly descending, p = 1 is the uniform grid, and p > 1
+    puts more steps at low noise (a smaller first step below t = 1/2 count)."""
+    sched = NoiseSchedule.polynomial()
+    uniform = make_sampler(name, sched).timesteps(10)
+    assert torch.equal(uniform, torch.linspace(1.0, 0.0, 11, dtype=F64))
+    for p in (0.5, 2.0, 3.0):
+        grid = make_sampler(name, sched, time_power=p).timesteps(10)
+        k = torch.arange(10, -1, -1, dtype=F64)
+        assert torch.allclose(grid, (k / 10) ** p, atol=0, rtol=1e-15)
+        assert grid[0].item() == 1.0 and grid[-1].item() == 0.0 and torch.all(grid[1:] < grid[:-1])
+        below_half = int((grid < 0.5).sum())
+        assert below_half > int((uniform < 0.5).sum()) if p > 1 else below_half < int((uniform < 0.5).sum())
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="time_power"):
+            make_sampler(name, sched, time_power=bad)
+
+
 def test_make_sampler_rejects_bad_names():
     sched = NoiseSchedule.polynomial()
     assert make_sampler("ddim:0.25", sched).eta == 0.25

@@ -22,12 +22,12 @@ from moldiff.cli import main
 from moldiff.data.statistics import DatasetStatistics
 from moldiff.diffusion import AtomFeatures, NoiseSchedule
 from moldiff.models import DenoiserConfig, EGNNDenoiser
-from moldiff.pipeline import GeneratedMolecule, MolDiffPipeline, SampledArrays, molecules_from_arrays
+from moldiff.pipeline import DEFAULT_TIME_POWER, GeneratedMolecule, MolDiffPipeline, SampledArrays, molecules_from_arrays
 
 MAX_ATOMS = 9
-TAGS = ("SMILES", "valid", "mol_stable", "num_atoms", "sampler", "steps", "seed", "reason")
+TAGS = ("SMILES", "valid", "mol_stable", "num_atoms", "sampler", "steps", "time_power", "seed", "reason")
 METRICS = ("atom_stable", "mol_stable", "validity", "uniqueness", "valid_and_unique", "novelty",
-           "n", "n_faults", "sampler", "steps", "seed", "seconds")
+           "n", "n_faults", "sampler", "steps", "time_power", "seed", "seconds")
 
 # QM9 molecule 100 (cyclopropane-1,2-diol), coordinates in Å.
 DIOL = (
@@ -93,6 +93,22 @@ def test_same_seed_same_molecules_other_seed_differs(pipe):
         np.testing.assert_array_equal(x.positions, y.positions)
     assert any(x.positions.shape != z.positions.shape or not np.array_equal(x.positions, z.positions)
                for x, z in zip(a, c))
+
+
+def test_time_power_is_used_and_recorded(pipe):
+    """The time grid changes the trajectory (same seed, same sizes and initial noise), is recorded,
+    and the CLI's help names the package default."""
+    grid2 = pipe.sample_arrays(2, steps=3, seed=7, time_power=2.0)
+    grid1 = pipe.sample_arrays(2, steps=3, seed=7, time_power=1.0)
+    assert grid2.time_power == 2.0 and grid1.time_power == 1.0
+    assert [p.shape for p in grid2.positions] == [p.shape for p in grid1.positions]
+    assert not all(np.array_equal(x, y) for x, y in zip(grid2.positions, grid1.positions))
+    assert pipe.sample_arrays(2, steps=3, seed=7).time_power == DEFAULT_TIME_POWER
+    from moldiff.cli import build_parser
+
+    sample_help = next(a for a in build_parser()._subparsers._group_actions[0].choices["sample"]._actions
+                       if "--time-power" in a.option_strings).help
+    assert f"default {DEFAULT_TIME_POWER:g}," in sample_help
 
 
 def test_num_atoms_int_and_list_are_honoured(pipe):
@@ -185,9 +201,10 @@ def test_cli_sample_writes_sdf_csv_png_json(checkpoint, tmp_path):
         props = m.GetPropsAsDict()
         assert set(TAGS) <= set(props)
         assert props["num_atoms"] == m.GetNumAtoms() and props["sampler"] == "ancestral"
-        assert props["steps"] == 2 and props["seed"] == 5
+        assert props["steps"] == 2 and props["seed"] == 5 and props["time_power"] == DEFAULT_TIME_POWER
     metrics = json.loads(out.with_suffix(".json").read_text())
     assert set(METRICS) <= set(metrics) and metrics["n"] == 3 and metrics["novelty"] is None
+    assert metrics["time_power"] == DEFAULT_TIME_POWER
     assert metrics["compile"] is False  # a short run: no compilation by default
     from moldiff.pipeline import auto_precision
 
@@ -215,6 +232,8 @@ BAD_INPUTS = {
     "num atoms above max": ["--num-atoms", str(MAX_ATOMS + 1)],
     "unknown sampler": ["--sampler", "heun"],
     "bad ddim eta": ["--sampler", "ddim:x"],
+    "time power zero": ["--time-power", "0"],
+    "time power nan": ["--time-power", "nan"],
     "missing checkpoint": ["--checkpoint", "{tmp}/nowhere"],
     "corrupt checkpoint": ["--checkpoint", "{corrupt}"],
     "unwritable output": ["-o", "/etc/hostname/x.sdf"],

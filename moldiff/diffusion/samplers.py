@@ -1,6 +1,8 @@
 """Reverse-process samplers over the same trained noise predictor.
 
-A sampler owns a schedule, turns a number of steps into a descending time grid from 1 to 0, and
+A sampler owns a schedule, turns a number of steps into a descending time grid from 1 to 0
+(``t_k = (k / K) ** time_power``: 1 is EDM's uniform grid, larger powers put more of the steps at
+low noise, where bond lengths are decided; docs/experiments.md measures it), and
 performs one reverse ``step`` from time ``t`` to ``s < t`` given the network's noise prediction
 (the pipeline writes the loop and calls the network; samplers never import one).
 
@@ -13,6 +15,7 @@ Positions are kept in the zero centre-of-mass subspace at every step.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -41,14 +44,19 @@ class Sampler:
 
     name = "base"
 
-    def __init__(self, schedule: NoiseSchedule):
+    def __init__(self, schedule: NoiseSchedule, time_power: float = 1.0):
+        if not (math.isfinite(time_power) and time_power > 0):
+            raise ValueError(f"time_power must be a positive number, got {time_power}")
         self.schedule = schedule
+        self.time_power = float(time_power)
 
     def timesteps(self, num_steps: int, device=None) -> torch.Tensor:
-        """Descending times ``(num_steps + 1,)`` from 1 to 0, uniform like EDM's grid."""
+        """Descending times ``(num_steps + 1,)`` from 1 to 0: ``t_k = (k / num_steps) ** time_power``
+        (``time_power = 1``: uniform, EDM's grid)."""
         if num_steps < 1:
             raise ValueError(f"need at least one step, got {num_steps}")
-        return torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64, device=device)
+        grid = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64, device=device)
+        return grid if self.time_power == 1.0 else grid**self.time_power
 
     def clean_estimate(self, pos_t, h_t, eps_pos, eps_h, t, batch):
         """x_hat = (z_t - sigma_t eps_hat) / alpha_t for positions and features (B-shaped ``t``)."""
@@ -98,8 +106,8 @@ class DDIMSampler(Sampler):
 
     name = "ddim"
 
-    def __init__(self, schedule: NoiseSchedule, eta: float = 0.0):
-        super().__init__(schedule)
+    def __init__(self, schedule: NoiseSchedule, eta: float = 0.0, time_power: float = 1.0):
+        super().__init__(schedule, time_power)
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         self.eta = eta
@@ -127,7 +135,8 @@ SAMPLERS = {"ancestral": AncestralSampler, "ddim": DDIMSampler}
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, **kwargs) -> Sampler:
-    """``"ancestral"``, ``"ddim"`` (eta=0) or ``"ddim:<eta>"``."""
+    """``"ancestral"``, ``"ddim"`` (eta=0) or ``"ddim:<eta>"``; ``kwargs`` go to the sampler
+    (e.g. ``time_power``)."""
     base, _, arg = name.partition(":")
     if base not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose from {sorted(SAMPLERS)} (e.g. 'ddim:0.5')")
