@@ -129,7 +129,8 @@ def bench_config(hidden, layers, train_set, args):
         net = model
         if mode.endswith("compiled"):
             # dynamic=True: one graph for all batch sizes; compile time is reported separately.
-            compiled = compiled or torch.compile(model, dynamic=True)
+            if compiled is None:  # (a compiled module has no truth value)
+                compiled = torch.compile(model, dynamic=True)
             net = compiled
 
         def fwd(pos_t, h_t, t, b, n):

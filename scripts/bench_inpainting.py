@@ -52,6 +52,8 @@ from moldiff.sampling import DEFAULT_TIME_POWER
 def pick_fragments(qm9, test, count: int, elements, max_atoms: int) -> list[tuple[Fragment, int, int]]:
     """``(fragment, QM9 index, N of the source molecule)`` for the first ``count`` usable test molecules."""
     picked, seen = [], set()
+    if count <= 0:
+        return picked
     for k in test:
         symbols, positions = qm9.molecule(int(k))
         if not set(symbols) <= set(elements) or len(symbols) > max_atoms:
@@ -78,6 +80,8 @@ def pick_fragments(qm9, test, count: int, elements, max_atoms: int) -> list[tupl
 def pick_formulas(qm9, test, count: int, elements, max_atoms: int) -> list[tuple[str, int, int]]:
     """``(formula, QM9 index, N)`` of the first ``count`` distinct formulas of the test split."""
     picked, seen = [], set()
+    if count <= 0:
+        return picked
     for k in test:
         symbols, _ = qm9.molecule(int(k))
         if not set(symbols) <= set(elements) or len(symbols) > max_atoms:
@@ -108,6 +112,8 @@ def pct(x: float | None) -> str:
 
 
 def run_fragments(pipe, fragments, args) -> tuple[list[dict], float]:
+    if not fragments:
+        return [], 0.0
     start = time.perf_counter()
     sizes = [size for _, _, size in fragments for _ in range(args.n)]
     free = pipe.sample_arrays(len(sizes), num_atoms=sizes, steps=args.steps, sampler=args.sampler, seed=args.seed,
@@ -134,6 +140,8 @@ def run_fragments(pipe, fragments, args) -> tuple[list[dict], float]:
 
 
 def run_formulas(pipe, formulas, args) -> tuple[list[dict], float]:
+    if not formulas:
+        return [], 0.0
     start = time.perf_counter()
     sizes = [size for _, _, size in formulas for _ in range(args.n)]
     free = pipe.sample_arrays(len(sizes), num_atoms=sizes, steps=args.steps, sampler=args.sampler, seed=args.seed + 1,
@@ -163,7 +171,6 @@ def unique_valid(rows, side: str) -> int:
 
 
 def markdown(args, frag_rows, frag_s, form_rows, form_s, command: str) -> str:
-    n_frag, n_form = len(frag_rows) * args.n, len(form_rows) * args.n
     lines = [
         "# Inpainting results",
         "",
@@ -172,6 +179,17 @@ def markdown(args, frag_rows, frag_s, form_rows, form_s, command: str) -> str:
         f"Checkpoint `{args.checkpoint}`; sampler `{args.sampler}`, {args.steps} steps, time grid power {args.time_power:g}, resample {args.resample if args.resample is not None else DEFAULT_RESAMPLE}, "
         f"{args.n} molecules per fragment / formula, seed {args.seed}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. Unconditional rows: the same sampler at the same sizes.",
+    ]
+    if frag_rows:
+        lines += fragment_section(args, frag_rows, frag_s)
+    if form_rows:
+        lines += formula_section(args, form_rows, form_s)
+    return "\n".join(lines) + "\n"
+
+
+def fragment_section(args, frag_rows, frag_s) -> list[str]:
+    n_frag = len(frag_rows) * args.n
+    lines = [
         "",
         f"## Fragments ({len(frag_rows)} Bemis-Murcko frameworks cut from QM9 test molecules, {n_frag} molecules per row, {frag_s:.0f} s)",
         "",
@@ -192,7 +210,12 @@ def markdown(args, frag_rows, frag_s, form_rows, form_s, command: str) -> str:
             f"| `{r['fragment']}` | {r['qm9_index']} | {r['N']} | {r['k']} | {pct(c['retained'])} / {pct(f['retained'])} | "
             f"{pct(c['in_place'])} | {pct(c['validity'])} / {pct(f['validity'])} | {pct(c['mol_stable'])} / {pct(f['mol_stable'])} |"
         )
-    lines += [
+    return lines
+
+
+def formula_section(args, form_rows, form_s) -> list[str]:
+    n_form = len(form_rows) * args.n
+    lines = [
         "",
         f"## Formulas ({len(form_rows)} formulas of QM9 test molecules, {n_form} molecules per row, {form_s:.0f} s)",
         "",
@@ -212,7 +235,7 @@ def markdown(args, frag_rows, frag_s, form_rows, form_s, command: str) -> str:
             f"| {r['formula']} | {r['qm9_index']} | {r['N']} | {pct(c['validity'])} / {pct(f['validity'])} | "
             f"{pct(c['mol_stable'])} / {pct(f['mol_stable'])} | {len(set(c['smiles']))} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_atomic(path: Path, text: str) -> None:
