@@ -417,10 +417,12 @@ def cmd_sample(args) -> int:
 
     import torch
 
+    from moldiff.inpainting import DEFAULT_INPAINT_TIME_POWER
     from moldiff.sampling import DEFAULT_TIME_POWER
 
     if args.time_power is None:
-        args.time_power = DEFAULT_TIME_POWER
+        conditioning = args.fragment or args.fragment_smiles or args.formula
+        args.time_power = DEFAULT_INPAINT_TIME_POWER if conditioning else DEFAULT_TIME_POWER
 
     from moldiff.chemistry.io import write_csv, write_json, write_sdf
     from moldiff.chemistry.metrics import format_table
@@ -620,7 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", default="ancestral", metavar="NAME", help="ancestral (default), ddim, or ddim:<eta> e.g. ddim:0.5")
     s.add_argument("--time-power", type=float, default=None, metavar="P",
                    help="time grid t_k = (k/K)^P: 1 is EDM's uniform grid, larger puts more steps at low noise "
-                   "(default 2, moldiff.sampling.DEFAULT_TIME_POWER; docs/experiments.md)")
+                   "(default 2, moldiff.sampling.DEFAULT_TIME_POWER; 1 with --fragment*/--formula, where it "
+                   "measured better; docs/experiments.md)")
     s.add_argument("--seed", type=int, default=0, help="same seed, same molecules (default 0)")
     s.add_argument("--num-atoms", type=int, metavar="N", help="atoms per molecule (default: drawn from the training sizes)")
     s.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder, or a `moldiff train` run folder "

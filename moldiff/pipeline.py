@@ -362,7 +362,7 @@ class MolDiffPipeline(torch.nn.Module):
         fragment=None,
         formula=None,
         resample: int | None = None,
-        time_power: float = DEFAULT_TIME_POWER,
+        time_power: float | None = None,
     ) -> list[GeneratedMolecule]:
         """Sample ``n`` molecules and interpret them chemically.
 
@@ -386,7 +386,9 @@ class MolDiffPipeline(torch.nn.Module):
             resample: RePaint resampling rounds per step when ``fragment`` or ``formula`` is given
                 (``None``: ``moldiff.inpainting.DEFAULT_RESAMPLE``, 10).
             time_power: the time grid ``t_k = (k / steps) ** time_power`` (> 0; 1: EDM's uniform
-                grid; default :data:`DEFAULT_TIME_POWER`, more steps at low noise).
+                grid). ``None``: :data:`DEFAULT_TIME_POWER` (2, more steps at low noise) for plain
+                sampling, ``moldiff.inpainting.DEFAULT_INPAINT_TIME_POWER`` (1) with ``fragment`` or
+                ``formula`` (each measured best for its task, docs/experiments.md).
 
         Returns:
             ``n`` :class:`GeneratedMolecule` in sampling order, invalid and faulty ones included
@@ -401,7 +403,7 @@ class MolDiffPipeline(torch.nn.Module):
         if fragment is None and formula is None:
             arrays = self.sample_arrays(
                 n, steps=steps, sampler=sampler, seed=seed, num_atoms=num_atoms, batch_size=batch_size, progress=progress,
-                time_power=time_power,
+                time_power=DEFAULT_TIME_POWER if time_power is None else time_power,
             )
             return molecules_from_arrays(arrays)
         arrays = inpaint_arrays(self, n, fragment=fragment, formula=formula, num_atoms=num_atoms, steps=steps,

@@ -43,9 +43,8 @@ from moldiff.chemistry.fragments import (
 )
 from moldiff.chemistry.metrics import evaluate_molecules
 from moldiff.data.qm9 import edm_split, load_qm9
-from moldiff.inpainting import DEFAULT_RESAMPLE, Fragment, formula_honoured, fragment_report, fragment_reports, inpaint_arrays
+from moldiff.inpainting import DEFAULT_INPAINT_TIME_POWER, DEFAULT_RESAMPLE, Fragment, formula_honoured, fragment_report, fragment_reports, inpaint_arrays
 from moldiff.pipeline import MolDiffPipeline
-from moldiff.sampling import DEFAULT_TIME_POWER
 
 
 # ----------------------------------------------------------------------------- picking the inputs
@@ -258,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=10, help="molecules per fragment / formula (default 10)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--sampler", default="ancestral")
-    p.add_argument("--time-power", type=float, default=DEFAULT_TIME_POWER,
-                   help=f"time grid t_k = (k/K)^P (default {DEFAULT_TIME_POWER:g}, the package's; 1 = uniform)")
+    p.add_argument("--time-power", type=float, default=DEFAULT_INPAINT_TIME_POWER,
+                   help=f"time grid t_k = (k/K)^P of both the conditioned and the unconditional rows "
+                   f"(default {DEFAULT_INPAINT_TIME_POWER:g}, the package's inpainting default; 1 = uniform)")
     p.add_argument("--resample", type=int, default=None, help="RePaint resampling per step (default: the package's, 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="network arithmetic (default fp32)")

@@ -104,6 +104,11 @@ def test_time_power_is_used_and_recorded(pipe):
     assert [p.shape for p in grid2.positions] == [p.shape for p in grid1.positions]
     assert not all(np.array_equal(x, y) for x, y in zip(grid2.positions, grid1.positions))
     assert pipe.sample_arrays(2, steps=3, seed=7).time_power == DEFAULT_TIME_POWER
+    from moldiff.inpainting import DEFAULT_INPAINT_TIME_POWER, inpaint_arrays
+
+    assert DEFAULT_INPAINT_TIME_POWER != DEFAULT_TIME_POWER  # (else this test checks nothing below)
+    assert inpaint_arrays(pipe, 1, formula="C2H6O", steps=2, resample=1).time_power == DEFAULT_INPAINT_TIME_POWER
+    assert inpaint_arrays(pipe, 1, formula="C2H6O", steps=2, resample=1, time_power=3.0).time_power == 3.0
     from moldiff.cli import build_parser
 
     sample_help = next(a for a in build_parser()._subparsers._group_actions[0].choices["sample"]._actions
@@ -322,7 +327,13 @@ def test_cli_sample_with_fragment_and_formula(tmp_path, checkpoint):
     records = list(Chem.SDMolSupplier(str(out / "samples.sdf"), removeHs=False, sanitize=False))
     assert len(records) == 3 and all(m.HasProp("fragment_rmsd") for m in records)
     assert all(float(m.GetProp("fragment_rmsd")) < 1e-5 for m in records)  # fixed atoms at the fragment geometry
-    assert "fragment_retention" in _json.loads((out / "samples.json").read_text())
+    summary = _json.loads((out / "samples.json").read_text())
+    assert "fragment_retention" in summary
+    from moldiff.inpainting import DEFAULT_INPAINT_TIME_POWER
+
+    # conditioned sampling has its own default time grid, recorded like the plain one
+    assert summary["time_power"] == DEFAULT_INPAINT_TIME_POWER
+    assert all(float(m.GetProp("time_power")) == DEFAULT_INPAINT_TIME_POWER for m in records)
 
     out2 = tmp_path / "formula"
     r = _sp.run([_sys.executable, "-m", "moldiff.cli", "sample", "-n", "2", "--steps", "2", "--checkpoint",
