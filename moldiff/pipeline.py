@@ -320,6 +320,7 @@ class MolDiffPipeline(torch.nn.Module):
 
         ``num_atoms``: ``None`` draws sizes from the training p(N); an int fixes every size; a list
         gives one size per molecule. ``progress(k)`` is called after each batch with molecules done.
+        ``time_power``: the time grid ``t_k = (k / steps) ** time_power`` (1: EDM's uniform grid).
         Same ``seed``, same output (on the same device and torch version).
         """
         if n <= 0:
