@@ -420,9 +420,9 @@ def cmd_sample(args) -> int:
     from moldiff.inpainting import DEFAULT_INPAINT_TIME_POWER
     from moldiff.sampling import DEFAULT_TIME_POWER
 
+    conditioned = args.fragment or args.fragment_smiles or args.formula
     if args.time_power is None:
-        conditioning = args.fragment or args.fragment_smiles or args.formula
-        args.time_power = DEFAULT_INPAINT_TIME_POWER if conditioning else DEFAULT_TIME_POWER
+        args.time_power = DEFAULT_INPAINT_TIME_POWER if conditioned else DEFAULT_TIME_POWER
 
     from moldiff.chemistry.io import write_csv, write_json, write_sdf
     from moldiff.chemistry.metrics import format_table
@@ -456,7 +456,6 @@ def cmd_sample(args) -> int:
 
     make_sampler(args.sampler, pipe.schedule)  # a bad sampler fails here, not after loading data
     fragment = None
-    conditioned = args.fragment or args.fragment_smiles or args.formula
     if args.fragment or args.fragment_smiles:
         from moldiff.inpainting import Fragment
 
