@@ -10,7 +10,7 @@ from torch import nn
 from moldiff.equivariance import assert_equivariant, random_transform
 from moldiff.geometry import fully_connected_edges, remove_mean, scatter_mean
 from moldiff.models import DenoiserConfig, DenoiserOutput, EGNNDenoiser
-from moldiff.models.egnn import GCL, EdgeInputLinear, EquivariantBlock, EquivariantUpdate, coord_features
+from moldiff.models.egnn import GCL, EdgeInputLinear, EquivariantBlock, EquivariantUpdate, coord_features, edge_head
 
 HIDDEN = 16
 SIZES = [1, 2, 5, 9]  # includes a lone atom (no edges) and a two-atom molecule
@@ -60,6 +60,27 @@ def test_edge_input_linear_equals_plain_linear_on_concatenated_inputs(edge_attr_
     layer.linear.weight.grad = None
     layer.linear(torch.cat([h[row], h[col], edge_attr], -1)).square().sum().backward()
     assert torch.allclose(grad_fast, layer.linear.weight.grad, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_edge_head_is_the_linear_layer_eagerly_and_when_compiled(bias):
+    """Under torch.compile the one-column edge heads are written as reductions: same numbers."""
+    g = torch.Generator().manual_seed(3)
+    layer = nn.Linear(HIDDEN, 1, bias=bias).double()
+    x = torch.randn(40, HIDDEN, generator=g, dtype=torch.float64)
+    graphs = []
+
+    def capture(gm, example_inputs):  # run the traced graph as it is (the compiled branch), count it
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda v: edge_head(layer, v), backend=capture, fullgraph=True)
+    got = compiled(x)
+    targets = [getattr(n.target, "__name__", n.target) for n in graphs[0].graph.nodes]
+    assert "sum" in targets and "linear" not in targets  # the reduction, not the layer, was traced
+    torch.testing.assert_close(edge_head(layer, x), layer(x), rtol=0, atol=0)
+    torch.testing.assert_close(got, layer(x), rtol=1e-12, atol=1e-12)
+    assert got.shape == (40, 1)
 
 
 def test_coord_features_are_squared_distances_and_bounded_directions():
