@@ -462,14 +462,16 @@ def cmd_sample(args) -> int:
         fragment = Fragment.from_file(args.fragment) if args.fragment else Fragment.from_smiles(args.fragment_smiles)
     reference = None
     if args.novelty:
-        from moldiff.data.qm9 import CACHE_VERSION, default_cache_dir, training_smiles
+        from moldiff.data.qm9 import default_cache_dir, training_smiles
 
         cache_folder = Path(_cache_dir(args) or default_cache_dir())
-        if not (cache_folder / f"qm9_train_smiles_v{CACHE_VERSION}.json").is_file():
+
+        def announce():  # only when neither the cache nor the shipped reference (same RDKit) serves
             print(f"building the novelty reference (QM9 training SMILES) once into {cache_folder}; about a minute ...",
                   file=sys.stderr, flush=True)
+
         try:
-            reference = training_smiles(_cache_dir(args))
+            reference = training_smiles(_cache_dir(args), on_build=announce)
         except Exception as exc:  # noqa: BLE001 - say what to do instead
             raise UsageError(f"cannot load QM9 training SMILES for novelty ({exc}); use --no-novelty") from None
 

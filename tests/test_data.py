@@ -115,3 +115,47 @@ def test_epoch_order_is_a_deterministic_permutation():
     a, b, c = epoch_order(50, 0, 1), epoch_order(50, 0, 1), epoch_order(50, 0, 2)
     assert sorted(a.tolist()) == list(range(50))
     assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
+
+
+def test_shipped_novelty_reference_matches_the_training_split(qm9, split, tmp_path):
+    """The reference shipped for novelty holds exactly what the build gives for training molecules,
+    none of the test molecules that are not also training molecules, and an empty cache uses it."""
+    from moldiff.chemistry.metrics import reference_smiles_set
+    from moldiff.data.qm9 import shipped_training_smiles, training_smiles
+
+    shipped = shipped_training_smiles()
+    if shipped is None:
+        from rdkit import rdBase
+
+        pytest.skip(f"shipped reference was written by another RDKit than {rdBase.rdkitVersion} (rebuilt at use)")
+    assert len(shipped) > 90_000
+    train = reference_smiles_set(qm9.molecules(split["train"][:300]))
+    assert train <= shipped
+    test_only = reference_smiles_set(qm9.molecules(split["test"][:300])) - shipped
+    assert test_only, "no test molecule is novel: the reference is not the training split alone"
+
+    built = []
+    assert training_smiles(tmp_path, on_build=lambda: built.append(1)) == shipped  # no build, no cache
+    assert not built and not list(tmp_path.iterdir())
+
+
+def test_shipped_novelty_reference_is_refused_when_stale(tmp_path):
+    """Another RDKit version, another cache version, or a damaged file: not trusted (None)."""
+    import gzip
+    import json
+
+    from moldiff.data.qm9 import shipped_training_smiles, write_shipped_training_smiles
+
+    path = tmp_path / "ref.json.gz"
+    write_shipped_training_smiles({"C", "O", "N"}, path)
+    assert shipped_training_smiles(path) == {"C", "O", "N"}
+    first = path.read_bytes()
+    write_shipped_training_smiles({"N", "O", "C"}, path)
+    assert path.read_bytes() == first  # byte-reproducible
+    doc = json.loads(gzip.decompress(first))
+    for key, value in (("rdkit", "2001.01.1"), ("cache_version", doc["cache_version"] + 1)):
+        path.write_bytes(gzip.compress(json.dumps(doc | {key: value}).encode()))
+        assert shipped_training_smiles(path) is None
+    path.write_bytes(first[: len(first) // 2])
+    assert shipped_training_smiles(path) is None
+    assert shipped_training_smiles(tmp_path / "missing.json.gz") is None

@@ -194,6 +194,21 @@ def run_cli(*args, **kw):
                           capture_output=True, text=True, timeout=120, **kw)
 
 
+def test_cli_sample_novelty_uses_the_shipped_reference_on_a_fresh_cache(checkpoint, tmp_path):
+    """Default novelty on an empty cache: the reference shipped for this RDKit serves, nothing is built."""
+    from moldiff.data.qm9 import shipped_training_smiles
+
+    if shipped_training_smiles() is None:
+        pytest.skip("shipped novelty reference not valid for the installed RDKit (it is rebuilt at use)")
+    cache = tmp_path / "cache"
+    out = tmp_path / "out"
+    r = run_cli("sample", "-n", 2, "--steps", 1, "--checkpoint", checkpoint, "-o", out,
+                env=dict(os.environ, MOLDIFF_CACHE=str(cache)))
+    assert r.returncode == 0, r.stderr
+    assert "building the novelty reference" not in r.stderr and "novelty" in r.stdout
+    assert not cache.exists() or not any(cache.iterdir())
+
+
 def test_cli_sample_writes_sdf_csv_png_json(checkpoint, tmp_path):
     out = tmp_path / "out" / "s.sdf"
     r = run_cli("sample", "-n", 3, "--steps", 2, "--checkpoint", checkpoint, "-o", out, "--no-novelty", "--seed", 5)

@@ -13,7 +13,9 @@ check and are not in the data, leaving 130,831.
 from __future__ import annotations
 
 import csv
+import gzip
 import importlib.util
+import json
 import os
 import sys
 import tempfile
@@ -244,16 +246,60 @@ def load_qm9(cache_dir: str | os.PathLike | None = None, *, progress: bool = Fal
     return data
 
 
-def training_smiles(cache_dir: str | os.PathLike | None = None, *, workers: int = 1, data: QM9 | None = None) -> set[str]:
-    """SMILES of the EDM training split built as EDM builds its novelty reference (cached on disk).
+#: The novelty reference shipped in the package (``scripts/build_novelty_reference.py``): the
+#: training SMILES of :func:`training_smiles`, with the RDKit version that canonicalised them.
+SHIPPED_REFERENCE = Path(__file__).with_name("qm9_train_smiles.json.gz")
 
-    The first call sanitizes 100,000 table-bonded molecules (about a minute per core); later calls
-    read ``qm9_train_smiles_v{CACHE_VERSION}.json`` from the cache folder.
+
+def shipped_training_smiles(path: str | os.PathLike | None = None) -> set[str] | None:
+    """The shipped novelty reference, or ``None`` when it is missing, unreadable, or was written by
+    another RDKit version or cache version (canonical SMILES can change between RDKit releases, so
+    only an exact match is trusted; otherwise the reference is rebuilt from QM9)."""
+    from rdkit import rdBase
+
+    try:
+        with gzip.open(path or SHIPPED_REFERENCE, "rt", encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except (OSError, ValueError, EOFError):
+        return None
+    if not isinstance(doc, dict) or doc.get("rdkit") != rdBase.rdkitVersion or doc.get("cache_version") != CACHE_VERSION:
+        return None
+    return set(doc["smiles"])
+
+
+def write_shipped_training_smiles(smiles, path: str | os.PathLike) -> None:
+    """Write ``smiles`` as a reference :func:`shipped_training_smiles` accepts (byte-reproducible)."""
+    from rdkit import rdBase
+
+    doc = {"cache_version": CACHE_VERSION, "rdkit": rdBase.rdkitVersion, "split": "EDM train",
+           "count": len(smiles), "smiles": sorted(smiles)}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as fh:
+        fh.write(json.dumps(doc, separators=(",", ":")).encode("utf-8"))
+    os.replace(tmp, path)
+
+
+def training_smiles(cache_dir: str | os.PathLike | None = None, *, workers: int = 1, data: QM9 | None = None,
+                    use_shipped: bool = True, on_build=None) -> set[str]:
+    """SMILES of the EDM training split built as EDM builds its novelty reference.
+
+    Read from ``qm9_train_smiles_v{CACHE_VERSION}.json`` in the cache folder when present; else,
+    with ``use_shipped``, from the reference shipped in the package when it was written by the
+    installed RDKit version (:func:`shipped_training_smiles`); else built and cached: 100,000
+    table-bonded molecules sanitized, about a minute per core (``on_build()`` is called first).
     """
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cached = folder / f"qm9_train_smiles_v{CACHE_VERSION}.json"
+    if use_shipped and data is None and not cached.is_file():
+        shipped = shipped_training_smiles()
+        if shipped is not None:
+            return shipped
 
     def build():
+        if on_build is not None:
+            on_build()
         qm9 = data if data is not None else load_qm9(folder)
         return reference_smiles_set(qm9.molecules(edm_split(len(qm9))["train"]), workers=workers)
 
-    return reference_smiles_cached(folder / f"qm9_train_smiles_v{CACHE_VERSION}.json", build)
+    return reference_smiles_cached(cached, build)
