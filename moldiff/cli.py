@@ -475,6 +475,9 @@ def cmd_sample(args) -> int:
         except Exception as exc:  # noqa: BLE001 - say what to do instead
             raise UsageError(f"cannot load QM9 training SMILES for novelty ({exc}); use --no-novelty") from None
 
+    if args.compile and sys.stderr.isatty():
+        print("compiling the network on the first step (PyTorch caches it: ~30 s on a new machine, a few s later)",
+              file=sys.stderr, flush=True)
     t0 = time.monotonic()
     with _progress_bar(args.n, "sampling", "mol") as bar:
         if conditioned:
@@ -484,8 +487,12 @@ def cmd_sample(args) -> int:
                                     steps=args.steps, sampler=args.sampler, resample=args.resample, seed=args.seed,
                                     batch_size=args.batch_size, progress=bar.update, time_power=args.time_power)
         else:
+            def advance(done):  # after every network evaluation: move the bar to the molecules done
+                bar.n = int(done)
+                bar.refresh()
+
             arrays = pipe.sample_arrays(args.n, steps=args.steps, sampler=args.sampler, seed=args.seed,
-                                        num_atoms=args.num_atoms, batch_size=args.batch_size, progress=bar.update,
+                                        num_atoms=args.num_atoms, batch_size=args.batch_size, on_step=advance,
                                         time_power=args.time_power)
     t1 = time.monotonic()
     with _progress_bar(args.n, "bonds + RDKit", "mol") as bar:

@@ -315,11 +315,14 @@ class MolDiffPipeline(torch.nn.Module):
         batch_size: int = DEFAULT_BATCH_SIZE,
         progress: Callable[[int], None] | None = None,
         time_power: float = DEFAULT_TIME_POWER,
+        on_step: Callable[[float], None] | None = None,
     ) -> SampledArrays:
         """Sample ``n`` molecules; returns raw arrays (see :class:`SampledArrays`).
 
         ``num_atoms``: ``None`` draws sizes from the training p(N); an int fixes every size; a list
         gives one size per molecule. ``progress(k)`` is called after each batch with molecules done.
+        ``on_step(done)`` is called after every network evaluation with the molecules done so far,
+        the batch in progress counted by the fraction of its evaluations made (for progress bars).
         ``time_power``: the time grid ``t_k = (k / steps) ** time_power`` (1: EDM's uniform grid).
         Same ``seed``, same output (on the same device and torch version).
         """
@@ -345,7 +348,11 @@ class MolDiffPipeline(torch.nn.Module):
         self.denoiser.eval()
         for start in range(0, n, batch_size):
             chunk = sizes[start : start + batch_size]
-            out.add_batch(start, chunk, *self._sample_batch(chunk, steps, sampler_obj, gen, device))
+            tick = None
+            if on_step is not None:
+                def tick(i, total, start=start, b=len(chunk)):  # noqa: E306 - bind this batch's offset
+                    on_step(start + b * i / total)
+            out.add_batch(start, chunk, *self._sample_batch(chunk, steps, sampler_obj, gen, device, tick))
             if progress is not None:
                 progress(len(chunk))
         return out
@@ -417,7 +424,7 @@ class MolDiffPipeline(torch.nn.Module):
                 m.fragment_retained, m.fragment_rmsd = rep.retained, rep.rmsd
         return molecules
 
-    def _sample_batch(self, sizes, steps, sampler, gen, device):
+    def _sample_batch(self, sizes, steps, sampler, gen, device, tick=None):
         num_graphs = len(sizes)
         batch = torch.repeat_interleave(torch.arange(num_graphs, device=device), torch.as_tensor(sizes, device=device))
         edge_index = fully_connected_edges(batch)
@@ -437,11 +444,15 @@ class MolDiffPipeline(torch.nn.Module):
             step = sampler.step(eps_pos, eps_h, t, s, pos, h, batch, generator=gen)
             pos, h = step.pos, step.h
             record_faults(fault, pos, h, batch, num_graphs, i)
+            if tick is not None:
+                tick(i + 1, steps + 1)
         # Final decode at t = 0: x = (z_0 - sigma_0 eps_hat) / alpha_0 (mean of p(x | z_0), EDM eq. 9-10).
         t0 = times[-1].expand(num_graphs)
         eps_pos, eps_h = self.predict_noise(pos, h, t0, batch, edge_index=edge_index, **sc(cond))
         pos, h = sampler.clean_estimate(pos, h, eps_pos, eps_h, t0, batch)
         record_faults(fault, pos, h, batch, num_graphs, steps)
+        if tick is not None:
+            tick(steps + 1, steps + 1)
         types, charges = self.features.decode(h.nan_to_num(0.0))  # decode only; faulty molecules stay flagged
         return (
             pos.double().cpu().numpy(),

@@ -116,6 +116,18 @@ def test_time_power_is_used_and_recorded(pipe):
     assert f"default {DEFAULT_TIME_POWER:g}," in sample_help
 
 
+def test_on_step_reports_progress_after_every_network_evaluation(pipe):
+    """3 batches (2 + 2 + 1 molecules) x (3 steps + final decode): 12 calls, rising to n, each batch
+    ending on its molecule count; the molecules themselves do not depend on being watched."""
+    seen = []
+    watched = pipe.sample_arrays(5, steps=3, seed=2, batch_size=2, on_step=seen.append)
+    assert len(seen) == 3 * 4
+    assert all(a < b for a, b in zip(seen, seen[1:]))
+    assert seen[3] == 2 and seen[7] == 4 and seen[-1] == 5 and seen[0] == pytest.approx(0.5)
+    plain = pipe.sample_arrays(5, steps=3, seed=2, batch_size=2)
+    assert all(np.array_equal(a, b) for a, b in zip(watched.positions, plain.positions))
+
+
 def test_num_atoms_int_and_list_are_honoured(pipe):
     assert [m.num_atoms for m in pipe.sample(3, steps=2, num_atoms=5)] == [5, 5, 5]
     assert [m.num_atoms for m in pipe.sample(3, steps=2, num_atoms=[2, 9, 4], batch_size=2)] == [2, 9, 4]
