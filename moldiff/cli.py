@@ -480,17 +480,17 @@ def cmd_sample(args) -> int:
               file=sys.stderr, flush=True)
     t0 = time.monotonic()
     with _progress_bar(args.n, "sampling", "mol") as bar:
+        def advance(done):  # after every network evaluation: move the bar to the molecules done
+            bar.n = int(done)
+            bar.refresh()
+
         if conditioned:
             from moldiff.inpainting import inpaint_arrays
 
             arrays = inpaint_arrays(pipe, args.n, fragment=fragment, formula=args.formula, num_atoms=args.num_atoms,
                                     steps=args.steps, sampler=args.sampler, resample=args.resample, seed=args.seed,
-                                    batch_size=args.batch_size, progress=bar.update, time_power=args.time_power)
+                                    batch_size=args.batch_size, on_step=advance, time_power=args.time_power)
         else:
-            def advance(done):  # after every network evaluation: move the bar to the molecules done
-                bar.n = int(done)
-                bar.refresh()
-
             arrays = pipe.sample_arrays(args.n, steps=args.steps, sampler=args.sampler, seed=args.seed,
                                         num_atoms=args.num_atoms, batch_size=args.batch_size, on_step=advance,
                                         time_power=args.time_power)

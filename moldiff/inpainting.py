@@ -285,6 +285,7 @@ def inpaint_arrays(
     initial_noise: tuple[Any, Any] | None = None,
     progress: Callable[[int], None] | None = None,
     time_power: float | None = None,
+    on_step: Callable[[float], None] | None = None,
 ) -> SampledArrays:
     """Sample ``n`` molecules that contain ``fragment`` and/or have the composition ``formula``.
 
@@ -312,6 +313,8 @@ def inpaint_arrays(
             to zero CoM here). Needs fixed sizes (``num_atoms`` or ``formula``). Rotating it
             together with the fragment rotates the output of a deterministic run.
         progress: called with the number of molecules finished after each batch.
+        on_step: called after every network evaluation with the molecules done so far, the batch
+            in progress counted by the fraction of its evaluations made (for progress bars).
 
     Returns:
         :class:`~moldiff.pipeline.SampledArrays` (positions zero-centroid, Å); ``extra`` holds
@@ -368,7 +371,12 @@ def inpaint_arrays(
         if noise is not None:
             lo, hi = atom_offsets[start], atom_offsets[start + len(chunk)]
             chunk_noise = (noise[0][lo:hi], noise[1][lo:hi])
-        out.add_batch(start, chunk, *_inpaint_batch(pipe, plan, chunk, steps, sampler_obj, int(resample), gen, chunk_noise))
+        tick = None
+        if on_step is not None:
+            def tick(i, total, start=start, b=len(chunk)):  # noqa: E306 - bind this batch's offset
+                on_step(start + b * i / total)
+        out.add_batch(start, chunk, *_inpaint_batch(pipe, plan, chunk, steps, sampler_obj, int(resample), gen,
+                                                    chunk_noise, tick))
         if progress is not None:
             progress(len(chunk))
     if fragment is not None:
@@ -379,7 +387,7 @@ def inpaint_arrays(
     return out
 
 
-def _inpaint_batch(pipe, plan: _Plan, sizes, steps, sampler, resample, gen, noise):
+def _inpaint_batch(pipe, plan: _Plan, sizes, steps, sampler, resample, gen, noise, tick=None):
     """Reverse process for one batch of molecules with sizes ``sizes`` (B,); returns numpy
     ``(pos (A, 3) float64 Å, types (A,), charges (A,) or None, fault_step (B,))``."""
     device = pipe.device
@@ -471,11 +479,15 @@ def _inpaint_batch(pipe, plan: _Plan, sizes, steps, sampler, resample, gen, nois
             record_faults(fault, pos, h, batch, num_graphs, i)
             if r < resample - 1:
                 pos, h = renoise(pos, h, s, t)
+            if tick is not None:
+                tick(i * resample + r + 1, steps * resample + 1)
     # Final decode at t = 0 (mean of p(x | z_0), EDM eq. 9-10), then the known atoms exactly.
     t0 = times[-1].expand(num_graphs)
     eps_hat_pos, eps_hat_h = pipe.predict_noise(pos, h, t0, batch, edge_index=edge_index, **sc(cond))
     pos, h = sampler.clean_estimate(pos, h, eps_hat_pos, eps_hat_h, t0, batch)
     record_faults(fault, pos, h, batch, num_graphs, steps)
+    if tick is not None:
+        tick(steps * resample + 1, steps * resample + 1)
     pos = pos.double()
     if k > 0:
         # The clean fragment (float64), translated to the centroid the model gave its atoms.

@@ -387,6 +387,18 @@ def test_api_sample_with_fragment_reports_retention(checkpoint):
     assert all(m.fragment_retained in (True, False) for m in mols)
 
 
+def test_inpainting_on_step_counts_resampling_rounds(checkpoint):
+    """2 batches (2 + 1 molecules) x (2 steps x 2 RePaint rounds + final decode) = 10 calls."""
+    from moldiff.inpainting import Fragment, inpaint_arrays
+
+    pipe = MolDiffPipeline.from_pretrained(checkpoint)
+    seen = []
+    inpaint_arrays(pipe, 3, fragment=Fragment.from_smiles("CCO"), num_atoms=8, steps=2, resample=2, batch_size=2,
+                   on_step=seen.append)
+    assert len(seen) == 10 and all(a < b for a, b in zip(seen, seen[1:]))
+    assert seen[0] == pytest.approx(0.4) and seen[4] == 2 and seen[-1] == 3
+
+
 def _noisy_probe(pipe, sizes, seed):
     """Random noisy inputs ``(pos, h, batch)`` for molecules of the given sizes."""
     g = torch.Generator().manual_seed(seed)
