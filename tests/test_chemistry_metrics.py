@@ -272,3 +272,16 @@ def test_ten_thousand_qm9_size_molecules_in_well_under_30_seconds():
     elapsed = time.perf_counter() - start
     assert report.n == 10_000 and report.validity > 0.9
     assert elapsed < 30.0, f"{elapsed:.1f} s"
+
+
+def test_objects_with_symbols_and_positions_are_evaluated_like_pairs():
+    """Sampled molecules (any object with ``symbols`` and ``positions``) are scored, not counted as
+    malformed: the same report as for the plain pairs."""
+    from types import SimpleNamespace
+
+    pairs = [embedded("O"), embedded("C"), (("C", "H"), np.array([[0.0, 0, 0], [np.nan, 0, 0]]))]
+    objects = [SimpleNamespace(symbols=s, positions=p, other=1) for s, p in pairs]
+    a = evaluate_molecules(pairs).to_dict(per_molecule=False)
+    b = evaluate_molecules(objects).to_dict(per_molecule=False)
+    assert a == b and a["validity"] == pytest.approx(2 / 3)
+    assert reference_smiles_set(objects) == reference_smiles_set(pairs)

@@ -270,16 +270,25 @@ def evaluate_molecule(symbols: Sequence[object], positions: np.ndarray) -> Molec
     )
 
 
+def _as_pair(molecule):
+    """``(symbols, positions)`` of a pair, or of an object carrying both as attributes (such as
+    ``moldiff.pipeline.GeneratedMolecule``); raises ``TypeError``/``ValueError`` for anything else."""
+    if hasattr(molecule, "symbols") and hasattr(molecule, "positions"):
+        return molecule.symbols, molecule.positions
+    symbols, positions = molecule
+    return symbols, positions
+
+
 def _evaluate_pair(molecule: Molecule) -> MoleculeResult:
     try:
-        symbols, positions = molecule
+        symbols, positions = _as_pair(molecule)
     except (TypeError, ValueError):
         return MoleculeResult(None, False, False, 0, 0, "malformed: expected a (symbols, positions) pair")
     return evaluate_molecule(symbols, positions)
 
 
 def _reference_pair(molecule: Molecule) -> str | None:
-    symbols, positions = molecule
+    symbols, positions = _as_pair(molecule)
     return reference_smiles(symbols, positions)
 
 
@@ -354,7 +363,8 @@ def evaluate_molecules(
 
     Args:
         molecules: iterable of ``(symbols, positions)``: n element symbols or atomic numbers and
-            (n, 3) float coordinates in Å. Malformed entries are counted, never raised.
+            (n, 3) float coordinates in Å, or objects with ``symbols`` and ``positions``
+            attributes (e.g. sampled molecules). Malformed entries are counted, never raised.
         reference: reference SMILES for novelty, built with :func:`reference_smiles`
             (e.g. :func:`reference_smiles_set` of the training split); ``None`` skips novelty.
         workers: processes to use (1 = this process).
