@@ -321,6 +321,7 @@ def _sample_tags(m, k: int, args) -> dict:
         "sampler": args.sampler,
         "steps": args.steps,
         "time_power": args.time_power,
+        "noise_scale": args.noise_scale,
         "seed": args.seed,
         "reason": reason,
     } | ({} if m.fragment_retained is None else {"fragment_retained": m.fragment_retained, "fragment_rmsd": m.fragment_rmsd})
@@ -410,6 +411,8 @@ def cmd_sample(args) -> int:
         raise UsageError(f"--resample must be positive, got {args.resample}")
     if args.time_power is not None and not (math.isfinite(args.time_power) and args.time_power > 0):
         raise UsageError(f"--time-power must be a positive number, got {args.time_power}")
+    if args.noise_scale is not None and not (math.isfinite(args.noise_scale) and 0 <= args.noise_scale <= 1):
+        raise UsageError(f"--noise-scale must be between 0 and 1, got {args.noise_scale}")
     folder, files = _output_files(args.output)
     _check_writable(folder, files)
     _check_sampler_name(args.sampler)
@@ -417,12 +420,14 @@ def cmd_sample(args) -> int:
 
     import torch
 
-    from moldiff.inpainting import DEFAULT_INPAINT_TIME_POWER
-    from moldiff.sampling import DEFAULT_TIME_POWER
+    from moldiff.inpainting import DEFAULT_INPAINT_NOISE_SCALE, DEFAULT_INPAINT_TIME_POWER
+    from moldiff.sampling import DEFAULT_NOISE_SCALE, DEFAULT_TIME_POWER
 
     conditioned = args.fragment or args.fragment_smiles or args.formula
     if args.time_power is None:
         args.time_power = DEFAULT_INPAINT_TIME_POWER if conditioned else DEFAULT_TIME_POWER
+    if args.noise_scale is None:
+        args.noise_scale = DEFAULT_INPAINT_NOISE_SCALE if conditioned else DEFAULT_NOISE_SCALE
 
     from moldiff.chemistry.io import write_csv, write_json, write_sdf
     from moldiff.chemistry.metrics import format_table
@@ -489,11 +494,12 @@ def cmd_sample(args) -> int:
 
             arrays = inpaint_arrays(pipe, args.n, fragment=fragment, formula=args.formula, num_atoms=args.num_atoms,
                                     steps=args.steps, sampler=args.sampler, resample=args.resample, seed=args.seed,
-                                    batch_size=args.batch_size, on_step=advance, time_power=args.time_power)
+                                    batch_size=args.batch_size, on_step=advance, time_power=args.time_power,
+                                    noise_scale=args.noise_scale)
         else:
             arrays = pipe.sample_arrays(args.n, steps=args.steps, sampler=args.sampler, seed=args.seed,
                                         num_atoms=args.num_atoms, batch_size=args.batch_size, on_step=advance,
-                                        time_power=args.time_power)
+                                        time_power=args.time_power, noise_scale=args.noise_scale)
     t1 = time.monotonic()
     with _progress_bar(args.n, "bonds + RDKit", "mol") as bar:
         molecules = molecules_from_arrays(arrays, progress=bar.update)
@@ -533,6 +539,7 @@ def cmd_sample(args) -> int:
         "sampler": args.sampler,
         "steps": args.steps,
         "time_power": args.time_power,
+        "noise_scale": args.noise_scale,
         "seed": args.seed,
         "num_atoms": args.num_atoms,
         "batch_size": args.batch_size,
@@ -558,7 +565,7 @@ def cmd_sample(args) -> int:
     })
 
     print(f"sampled {args.n} molecules in {t2 - t0:.1f} s ({args.sampler}, {args.steps} steps, time power "
-          f"{args.time_power:g}, seed {args.seed}, "
+          f"{args.time_power:g}, noise scale {args.noise_scale:g}, seed {args.seed}, "
           f"device {args.device}; denoising {t1 - t0:.1f} s)")
     print(format_table(report))
     if fragment is not None:
@@ -632,6 +639,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time grid t_k = (k/K)^P: 1 is EDM's uniform grid, larger puts more steps at low noise "
                    "(default 2, moldiff.sampling.DEFAULT_TIME_POWER; 1 with --fragment*/--formula, where it "
                    "measured better; docs/experiments.md)")
+    s.add_argument("--noise-scale", type=float, default=None, metavar="L",
+                   help="factor in [0, 1] on each reverse step's fresh noise: 1 is EDM's ancestral sampler, lower "
+                   "is lower-temperature sampling (default 0.5, moldiff.sampling.DEFAULT_NOISE_SCALE; 1 with "
+                   "--fragment*/--formula; docs/experiments.md)")
     s.add_argument("--seed", type=int, default=0, help="same seed, same molecules (default 0)")
     s.add_argument("--num-atoms", type=int, metavar="N", help="atoms per molecule (default: drawn from the training sizes)")
     s.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder, or a `moldiff train` run folder "

@@ -68,10 +68,15 @@ DEFAULT_RESAMPLE = 10
 #: grid kept fragments better: on 20 QM9 fragments (step 24,603, 50 steps, resample 10) retention
 #: 31% vs 20% and validity 28% vs 21% (docs/inpainting_results_s24603_p1.md / _p2.md).
 DEFAULT_INPAINT_TIME_POWER = 1.0
+#: Noise factor of conditioned sampling unless asked otherwise: 1, the model's posterior. Plain
+#: sampling defaults to lower-temperature steps (moldiff.sampling.DEFAULT_NOISE_SCALE); with RePaint's
+#: forward re-noising between rounds that has not been measured, so conditioned sampling keeps 1.
+DEFAULT_INPAINT_NOISE_SCALE = 1.0
 
 __all__ = [
     "DEFAULT_RESAMPLE",
     "DEFAULT_INPAINT_TIME_POWER",
+    "DEFAULT_INPAINT_NOISE_SCALE",
     "Fragment",
     "FragmentReport",
     "inpaint_arrays",
@@ -286,6 +291,7 @@ def inpaint_arrays(
     progress: Callable[[int], None] | None = None,
     time_power: float | None = None,
     on_step: Callable[[float], None] | None = None,
+    noise_scale: float | None = None,
 ) -> SampledArrays:
     """Sample ``n`` molecules that contain ``fragment`` and/or have the composition ``formula``.
 
@@ -315,6 +321,8 @@ def inpaint_arrays(
         progress: called with the number of molecules finished after each batch.
         on_step: called after every network evaluation with the molecules done so far, the batch
             in progress counted by the fraction of its evaluations made (for progress bars).
+        noise_scale: factor on each reverse step's fresh noise, in [0, 1]; ``None``:
+            :data:`DEFAULT_INPAINT_NOISE_SCALE` (1, the model's posterior).
 
     Returns:
         :class:`~moldiff.pipeline.SampledArrays` (positions zero-centroid, Å); ``extra`` holds
@@ -336,6 +344,8 @@ def inpaint_arrays(
         resample = DEFAULT_RESAMPLE
     if time_power is None:
         time_power = DEFAULT_INPAINT_TIME_POWER
+    if noise_scale is None:
+        noise_scale = DEFAULT_INPAINT_NOISE_SCALE
     if int(resample) != resample or resample < 1:
         raise ValueError(f"resample must be an integer >= 1, got {resample}")
     if steps < 1:
@@ -350,10 +360,10 @@ def inpaint_arrays(
     device = pipe.device
     gen = torch.Generator(device=device)
     gen.manual_seed(int(rng.integers(2**62)))
-    sampler_obj = make_sampler(sampler, pipe.schedule, time_power=time_power)
+    sampler_obj = make_sampler(sampler, pipe.schedule, time_power=time_power, noise_scale=noise_scale)
     conditioning = "+".join(name for name, given in (("fragment", fragment), ("formula", formula)) if given is not None)
     out = SampledArrays(
-        [], [], [], np.full(n, -1), pipe.elements, steps, sampler, seed, time_power,
+        [], [], [], np.full(n, -1), pipe.elements, steps, sampler, seed, time_power, noise_scale,
         extra={
             "conditioning": conditioning,
             "num_known_atoms": plan.num_known,

@@ -32,7 +32,7 @@ from moldiff.diffusion import AtomFeatures, NoiseSchedule, centred_noise, make_s
 from moldiff.diffusion.likelihood import NLLTerms, estimate_nll
 from moldiff.geometry import fully_connected_edges, num_nodes_per_graph, remove_mean
 from moldiff.inpainting import fragment_report, inpaint_arrays
-from moldiff.sampling import DEFAULT_TIME_POWER, SampledArrays, record_faults
+from moldiff.sampling import DEFAULT_NOISE_SCALE, DEFAULT_TIME_POWER, SampledArrays, record_faults
 from moldiff.models import DenoiserConfig, EGNNDenoiser
 
 if TYPE_CHECKING:  # RDKit types only; all RDKit work happens in moldiff.chemistry
@@ -50,6 +50,7 @@ __all__ = [
     "DEFAULT_STEPS",
     "DEFAULT_SAMPLER",
     "DEFAULT_TIME_POWER",
+    "DEFAULT_NOISE_SCALE",
     "molecules_from_arrays",
     "evaluate_molecules",
 ]
@@ -316,6 +317,7 @@ class MolDiffPipeline(torch.nn.Module):
         progress: Callable[[int], None] | None = None,
         time_power: float = DEFAULT_TIME_POWER,
         on_step: Callable[[float], None] | None = None,
+        noise_scale: float = DEFAULT_NOISE_SCALE,
     ) -> SampledArrays:
         """Sample ``n`` molecules; returns raw arrays (see :class:`SampledArrays`).
 
@@ -324,6 +326,7 @@ class MolDiffPipeline(torch.nn.Module):
         ``on_step(done)`` is called after every network evaluation with the molecules done so far,
         the batch in progress counted by the fraction of its evaluations made (for progress bars).
         ``time_power``: the time grid ``t_k = (k / steps) ** time_power`` (1: EDM's uniform grid).
+        ``noise_scale``: factor in [0, 1] on each step's fresh noise (1: EDM's ancestral sampler).
         Same ``seed``, same output (on the same device and torch version).
         """
         if n <= 0:
@@ -343,8 +346,8 @@ class MolDiffPipeline(torch.nn.Module):
         device = self.device
         gen = torch.Generator(device=device)
         gen.manual_seed(int(rng.integers(2**62)))
-        sampler_obj = make_sampler(sampler, self.schedule, time_power=time_power)
-        out = SampledArrays([], [], [], np.full(n, -1), self.elements, steps, sampler, seed, time_power)
+        sampler_obj = make_sampler(sampler, self.schedule, time_power=time_power, noise_scale=noise_scale)
+        out = SampledArrays([], [], [], np.full(n, -1), self.elements, steps, sampler, seed, time_power, noise_scale)
         self.denoiser.eval()
         for start in range(0, n, batch_size):
             chunk = sizes[start : start + batch_size]
@@ -371,6 +374,7 @@ class MolDiffPipeline(torch.nn.Module):
         formula=None,
         resample: int | None = None,
         time_power: float | None = None,
+        noise_scale: float | None = None,
     ) -> list[GeneratedMolecule]:
         """Sample ``n`` molecules and interpret them chemically.
 
@@ -397,6 +401,10 @@ class MolDiffPipeline(torch.nn.Module):
                 grid). ``None``: :data:`DEFAULT_TIME_POWER` (2, more steps at low noise) for plain
                 sampling, ``moldiff.inpainting.DEFAULT_INPAINT_TIME_POWER`` (1) with ``fragment`` or
                 ``formula`` (each measured best for its task, docs/experiments.md).
+            noise_scale: factor in [0, 1] on the fresh noise of each reverse step (1: EDM's
+                ancestral sampler; lower is lower-temperature sampling). ``None``:
+                :data:`DEFAULT_NOISE_SCALE` for plain sampling,
+                ``moldiff.inpainting.DEFAULT_INPAINT_NOISE_SCALE`` (1) with ``fragment`` or ``formula``.
 
         Returns:
             ``n`` :class:`GeneratedMolecule` in sampling order, invalid and faulty ones included
@@ -412,11 +420,12 @@ class MolDiffPipeline(torch.nn.Module):
             arrays = self.sample_arrays(
                 n, steps=steps, sampler=sampler, seed=seed, num_atoms=num_atoms, batch_size=batch_size, progress=progress,
                 time_power=DEFAULT_TIME_POWER if time_power is None else time_power,
+                noise_scale=DEFAULT_NOISE_SCALE if noise_scale is None else noise_scale,
             )
             return molecules_from_arrays(arrays)
         arrays = inpaint_arrays(self, n, fragment=fragment, formula=formula, num_atoms=num_atoms, steps=steps,
                                 sampler=sampler, resample=resample, seed=seed, batch_size=batch_size, progress=progress,
-                                time_power=time_power)
+                                time_power=time_power, noise_scale=noise_scale)
         molecules = molecules_from_arrays(arrays)
         if fragment is not None:
             for m in molecules:

@@ -43,7 +43,7 @@ from moldiff.chemistry.fragments import (
 )
 from moldiff.chemistry.metrics import evaluate_molecules
 from moldiff.data.qm9 import edm_split, load_qm9
-from moldiff.inpainting import DEFAULT_INPAINT_TIME_POWER, DEFAULT_RESAMPLE, Fragment, formula_honoured, fragment_report, fragment_reports, inpaint_arrays
+from moldiff.inpainting import DEFAULT_INPAINT_NOISE_SCALE, DEFAULT_INPAINT_TIME_POWER, DEFAULT_RESAMPLE, Fragment, formula_honoured, fragment_report, fragment_reports, inpaint_arrays
 from moldiff.pipeline import MolDiffPipeline
 
 
@@ -116,12 +116,12 @@ def run_fragments(pipe, fragments, args) -> tuple[list[dict], float]:
     start = time.perf_counter()
     sizes = [size for _, _, size in fragments for _ in range(args.n)]
     free = pipe.sample_arrays(len(sizes), num_atoms=sizes, steps=args.steps, sampler=args.sampler, seed=args.seed,
-                              time_power=args.time_power)
+                              time_power=args.time_power, noise_scale=args.noise_scale)
     rows = []
     for i, (fragment, index, size) in enumerate(fragments):
         cond = inpaint_arrays(pipe, args.n, fragment=fragment, num_atoms=size, steps=args.steps,
                               sampler=args.sampler, resample=args.resample, seed=args.seed + i,
-                              time_power=args.time_power)  # fmt: skip
+                              time_power=args.time_power, noise_scale=args.noise_scale)  # fmt: skip
         cond_reports = fragment_reports(fragment, cond)
         free_mols = split_arrays(free, i * args.n, (i + 1) * args.n)
         query = fragment.query()
@@ -144,11 +144,12 @@ def run_formulas(pipe, formulas, args) -> tuple[list[dict], float]:
     start = time.perf_counter()
     sizes = [size for _, _, size in formulas for _ in range(args.n)]
     free = pipe.sample_arrays(len(sizes), num_atoms=sizes, steps=args.steps, sampler=args.sampler, seed=args.seed + 1,
-                              time_power=args.time_power)
+                              time_power=args.time_power, noise_scale=args.noise_scale)
     rows = []
     for i, (formula, index, size) in enumerate(formulas):
         cond = inpaint_arrays(pipe, args.n, formula=formula, steps=args.steps, sampler=args.sampler,
-                              resample=args.resample, seed=args.seed + 1000 + i, time_power=args.time_power)  # fmt: skip
+                              resample=args.resample, seed=args.seed + 1000 + i, time_power=args.time_power,
+                              noise_scale=args.noise_scale)  # fmt: skip
         cond_mols = split_arrays(cond, 0, args.n)
         free_mols = split_arrays(free, i * args.n, (i + 1) * args.n)
         rows.append({
@@ -260,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-power", type=float, default=DEFAULT_INPAINT_TIME_POWER,
                    help=f"time grid t_k = (k/K)^P of both the conditioned and the unconditional rows "
                    f"(default {DEFAULT_INPAINT_TIME_POWER:g}, the package's inpainting default; 1 = uniform)")
+    p.add_argument("--noise-scale", type=float, default=DEFAULT_INPAINT_NOISE_SCALE,
+                   help=f"factor on each step's fresh noise, both rows (default {DEFAULT_INPAINT_NOISE_SCALE:g}, the "
+                   f"package's inpainting default)")
     p.add_argument("--resample", type=int, default=None, help="RePaint resampling per step (default: the package's, 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="network arithmetic (default fp32)")

@@ -41,7 +41,7 @@ from moldiff.chemistry.metrics import evaluate_molecules  # noqa: E402
 from moldiff.data.qm9 import edm_split, load_qm9  # noqa: E402
 from moldiff.pipeline import MolDiffPipeline  # noqa: E402
 from moldiff.runtime import tune_allocator  # noqa: E402
-from moldiff.sampling import DEFAULT_TIME_POWER  # noqa: E402
+from moldiff.sampling import DEFAULT_NOISE_SCALE, DEFAULT_TIME_POWER  # noqa: E402
 
 TABLE = ROOT / "docs" / "experiments.md"
 JSONL = ROOT / "docs" / "experiments.jsonl"
@@ -93,7 +93,8 @@ def score(args, run_dir: Path) -> dict:
     pipe = MolDiffPipeline.from_pretrained(run_dir / "pipeline" if (run_dir / "pipeline").is_dir() else run_dir)
     pipe.configure_inference(precision=args.precision, compile=args.compile)
     t0 = time.monotonic()
-    arrays = pipe.sample_arrays(args.samples, steps=args.steps, sampler=args.sampler, seed=args.seed, time_power=args.time_power)
+    arrays = pipe.sample_arrays(args.samples, steps=args.steps, sampler=args.sampler, seed=args.seed, time_power=args.time_power,
+                                noise_scale=args.noise_scale)
     sample_s = time.monotonic() - t0
     mols = [(arrays.symbols(k), arrays.positions[k]) for k in range(args.samples)]
     report = evaluate_molecules(mols)
@@ -128,6 +129,7 @@ def append(args, result: dict) -> None:
     row = (
         f"| {datetime.date.today()} | {args.name} | {args.budget_text} | {meta.get('step', '?')} | {meta.get('train_hours', '?')} "
         f"| {args.sampler} {args.steps}{'' if args.time_power == 1 else f' t^{args.time_power:g}'}"
+        f"{'' if args.noise_scale == 1 else f' noise {args.noise_scale:g}'}"
         f"{'' if args.precision == 'fp32' else ' ' + args.precision} | {pct(m['atom_stable'])} | {pct(m['mol_stable'])} | {pct(m['validity'])} "
         f"| {pct(m['valid_and_unique'])} | {pct(d['one_piece'])} | {pct(d['close_contact'])} | {ch} | {commit()} |\n"
     )
@@ -139,7 +141,7 @@ def append(args, result: dict) -> None:
         fh.write(row)
     with open(JSONL, "a") as fh:
         fh.write(json.dumps({"name": args.name, "config": args.config, "overrides": args.set, "budget": args.budget_text,
-                             "samples": args.samples, "steps": args.steps, "sampler": args.sampler, "time_power": args.time_power, "precision": args.precision, "commit": commit(), **result}) + "\n")
+                             "samples": args.samples, "steps": args.steps, "sampler": args.sampler, "time_power": args.time_power, "noise_scale": args.noise_scale, "precision": args.precision, "commit": commit(), **result}) + "\n")
     print(row, end="")
 
 
@@ -156,6 +158,8 @@ def main() -> None:
     p.add_argument("--sampler", default="ancestral")
     p.add_argument("--time-power", type=float, default=DEFAULT_TIME_POWER,
                    help=f"sampling time grid t_k = (k/K)^P (default {DEFAULT_TIME_POWER:g}; 1 = EDM's uniform grid)")
+    p.add_argument("--noise-scale", type=float, default=DEFAULT_NOISE_SCALE,
+                   help=f"factor on each step's fresh noise (default {DEFAULT_NOISE_SCALE:g}; 1 = EDM's sampler)")
     p.add_argument("--precision", default="fp32", help="sampling arithmetic: fp32 (default), bf16 or auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the network for sampling (faster; same math)")
     p.add_argument("--seed", type=int, default=0)

@@ -35,7 +35,7 @@ def score(folder: Path, args) -> dict:
     pipe = MolDiffPipeline.from_pretrained(folder)
     t0 = time.monotonic()
     arrays = pipe.sample_arrays(args.samples, steps=args.steps, sampler=args.sampler, seed=args.seed,
-                                time_power=args.time_power)
+                                time_power=args.time_power, noise_scale=args.noise_scale)
     seconds = time.monotonic() - t0
     mols = [(arrays.symbols(k), arrays.positions[k]) for k in range(args.samples)]
     rep = evaluate_molecules(mols)
@@ -78,6 +78,8 @@ def main() -> None:
     p.add_argument("--sampler", default="ancestral")
     p.add_argument("--time-power", type=float, default=1.0,
                    help="sampling time grid (default 1, the uniform grid every committed point used, so the curve stays comparable)")
+    p.add_argument("--noise-scale", type=float, default=1.0,
+                   help="factor on each step's fresh noise (default 1, EDM's sampler, as every committed point used)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="docs/learning_curve")

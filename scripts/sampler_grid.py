@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--precision", default="bf16")
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--noise-scale", type=float, default=1.0,
+                   help="factor on each step's fresh noise (default 1, EDM's sampler, as the committed study used)")
     p.add_argument("--out", default="docs/sampler_grid.jsonl")
     args = p.parse_args()
     tune_allocator()
@@ -52,13 +54,14 @@ def main() -> None:
     for steps in (int(s) for s in args.steps.split(",")):
         for power in (float(x) for x in args.powers.split(",")):
             t0 = time.monotonic()
-            arrays = pipe.sample_arrays(args.samples, steps=steps, sampler=args.sampler, seed=args.seed, time_power=power)
+            arrays = pipe.sample_arrays(args.samples, steps=steps, sampler=args.sampler, seed=args.seed, time_power=power,
+                                        noise_scale=args.noise_scale)
             seconds = time.monotonic() - t0
             mols = [(arrays.symbols(k), arrays.positions[k]) for k in range(args.samples)]
             metrics = evaluate_molecules(mols).to_dict(per_molecule=False)
             diag = geometry_diagnostics(mols, reference)
             row = {"checkpoint": str(path), "trained": pipe.metadata, "samples": args.samples, "sampler": args.sampler,
-                   "steps": steps, "time_power": power, "seed": args.seed, "precision": args.precision,
+                   "steps": steps, "time_power": power, "noise_scale": args.noise_scale, "seed": args.seed, "precision": args.precision,
                    "compile": args.compile, "threads": args.threads, "sample_seconds": round(seconds, 1),
                    "faults": int((arrays.fault_step >= 0).sum()), "metrics": metrics, "diagnostics": diag,
                    "commit": commit}

@@ -488,6 +488,32 @@ def test_time_power_grid(name):
             make_sampler(name, sched, time_power=bad)
 
 
+@pytest.mark.parametrize("name", ["ancestral", "ddim:0.5"])
+def test_noise_scale_scales_only_the_fresh_noise(name):
+    """``noise_scale`` multiplies the noise a step draws and nothing else: the step is
+    ``mean + lam * (step at lam=1 - mean)`` for the same noise draw, and at 0 it is the mean whatever
+    the generator."""
+    sched = NoiseSchedule.polynomial()
+    g = gen(3)
+    batch = torch.tensor([0, 0, 0, 1, 1])
+    pos_t, eps_pos = (remove_mean(torch.randn(5, 3, generator=g, dtype=F64), batch, 2) for _ in range(2))
+    h_t, eps_h = torch.randn(5, 6, generator=g, dtype=F64), torch.randn(5, 6, generator=g, dtype=F64)
+    t, s = torch.tensor([0.6, 0.3], dtype=F64), torch.tensor([0.5, 0.2], dtype=F64)
+
+    def step(lam, seed=1):
+        return make_sampler(name, sched, noise_scale=lam).step(eps_pos, eps_h, t, s, pos_t, h_t, batch, generator=gen(seed))
+
+    full, half, mean = step(1.0), step(0.5), step(0.0)
+    assert (full.pos - mean.pos).abs().max() > 1e-3 and (full.h - mean.h).abs().max() > 1e-3
+    torch.testing.assert_close(half.pos - mean.pos, 0.5 * (full.pos - mean.pos), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(half.h - mean.h, 0.5 * (full.h - mean.h), rtol=1e-12, atol=1e-12)
+    assert torch.equal(step(0.0, seed=2).pos, mean.pos) and torch.equal(step(0.0, seed=2).h, mean.h)
+    assert torch.equal(full.pos0, mean.pos0)  # the clean estimate does not depend on the noise
+    for bad in (-0.1, 1.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="noise_scale"):
+            make_sampler(name, sched, noise_scale=bad)
+
+
 def test_make_sampler_rejects_bad_names():
     sched = NoiseSchedule.polynomial()
     assert make_sampler("ddim:0.25", sched).eta == 0.25

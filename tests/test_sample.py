@@ -25,9 +25,10 @@ from moldiff.models import DenoiserConfig, EGNNDenoiser
 from moldiff.pipeline import DEFAULT_TIME_POWER, GeneratedMolecule, MolDiffPipeline, SampledArrays, molecules_from_arrays
 
 MAX_ATOMS = 9
-TAGS = ("SMILES", "valid", "mol_stable", "num_atoms", "sampler", "steps", "time_power", "seed", "reason")
+TAGS = ("SMILES", "valid", "mol_stable", "num_atoms", "sampler", "steps", "time_power", "noise_scale", "seed",
+        "reason")
 METRICS = ("atom_stable", "mol_stable", "validity", "uniqueness", "valid_and_unique", "novelty",
-           "n", "n_faults", "sampler", "steps", "time_power", "seed", "seconds")
+           "n", "n_faults", "sampler", "steps", "time_power", "noise_scale", "seed", "seconds")
 
 # QM9 molecule 100 (cyclopropane-1,2-diol), coordinates in Å.
 DIOL = (
@@ -126,6 +127,28 @@ def test_on_step_reports_progress_after_every_network_evaluation(pipe):
     assert seen[3] == 2 and seen[7] == 4 and seen[-1] == 5 and seen[0] == pytest.approx(0.5)
     plain = pipe.sample_arrays(5, steps=3, seed=2, batch_size=2)
     assert all(np.array_equal(a, b) for a, b in zip(watched.positions, plain.positions))
+
+
+def test_noise_scale_is_used_and_recorded(pipe):
+    """Lower-temperature sampling changes the trajectory, is recorded, defaults per task, and the CLI
+    help names the package default."""
+    from moldiff.inpainting import DEFAULT_INPAINT_NOISE_SCALE, inpaint_arrays
+    from moldiff.pipeline import DEFAULT_NOISE_SCALE
+
+    cold = pipe.sample_arrays(2, steps=3, seed=7, noise_scale=0.3)
+    warm = pipe.sample_arrays(2, steps=3, seed=7, noise_scale=1.0)
+    assert cold.noise_scale == 0.3 and warm.noise_scale == 1.0
+    assert not all(np.array_equal(x, y) for x, y in zip(cold.positions, warm.positions))
+    assert pipe.sample_arrays(2, steps=3, seed=7).noise_scale == DEFAULT_NOISE_SCALE
+    assert DEFAULT_INPAINT_NOISE_SCALE != DEFAULT_NOISE_SCALE  # (else the next line checks nothing)
+    assert inpaint_arrays(pipe, 1, formula="C2H6O", steps=2, resample=1).noise_scale == DEFAULT_INPAINT_NOISE_SCALE
+    with pytest.raises(ValueError, match="noise_scale"):
+        pipe.sample_arrays(1, steps=2, noise_scale=1.5)
+    from moldiff.cli import build_parser
+
+    sample_help = next(a for a in build_parser()._subparsers._group_actions[0].choices["sample"]._actions
+                       if "--noise-scale" in a.option_strings).help
+    assert f"default {DEFAULT_NOISE_SCALE:g}," in sample_help
 
 
 def test_num_atoms_int_and_list_are_honoured(pipe):
@@ -266,6 +289,8 @@ BAD_INPUTS = {
     "bad ddim eta": ["--sampler", "ddim:x"],
     "time power zero": ["--time-power", "0"],
     "time power nan": ["--time-power", "nan"],
+    "noise scale above 1": ["--noise-scale", "1.5"],
+    "noise scale negative": ["--noise-scale", "-0.2"],
     "missing checkpoint": ["--checkpoint", "{tmp}/nowhere"],
     "corrupt checkpoint": ["--checkpoint", "{corrupt}"],
     "unwritable output": ["-o", "/etc/hostname/x.sdf"],

@@ -44,11 +44,16 @@ class Sampler:
 
     name = "base"
 
-    def __init__(self, schedule: NoiseSchedule, time_power: float = 1.0):
+    def __init__(self, schedule: NoiseSchedule, time_power: float = 1.0, noise_scale: float = 1.0):
         if not (math.isfinite(time_power) and time_power > 0):
             raise ValueError(f"time_power must be a positive number, got {time_power}")
+        if not (math.isfinite(noise_scale) and 0.0 <= noise_scale <= 1.0):
+            raise ValueError(f"noise_scale must be in [0, 1], got {noise_scale}")
         self.schedule = schedule
         self.time_power = float(time_power)
+        #: factor on the fresh noise of each stochastic step (1: the model's posterior, as EDM;
+        #: below 1: lower-temperature sampling, the means are unchanged)
+        self.noise_scale = float(noise_scale)
 
     def timesteps(self, num_steps: int, device=None) -> torch.Tensor:
         """Descending times ``(num_steps + 1,)`` from 1 to 0: ``t_k = (k / num_steps) ** time_power``
@@ -70,7 +75,8 @@ class Sampler:
 
 class AncestralSampler(Sampler):
     """z_s ~ q(z_s | z_t, x = x_hat): mean ``z_t / a_ts - s2_ts / (a_ts sigma_t) eps_hat``,
-    std ``s_ts sigma_s / sigma_t`` where ``a_ts = alpha_t / alpha_s`` and ``s2_ts = sigma_t^2 - a_ts^2 sigma_s^2``.
+    std ``s_ts sigma_s / sigma_t`` where ``a_ts = alpha_t / alpha_s`` and ``s2_ts = sigma_t^2 - a_ts^2 sigma_s^2``;
+    the noise drawn at each step is scaled by ``noise_scale`` (1: exactly this posterior).
     """
 
     name = "ancestral"
@@ -93,6 +99,7 @@ class AncestralSampler(Sampler):
         cz, ce, std = (_per_atom(x, batch, dt) for x in self.posterior(t, s))
         noise_pos = centred_noise(batch, num_graphs, generator=generator, dtype=dt)
         noise_h = torch.randn(h_t.shape, generator=generator, dtype=dt, device=h_t.device)
+        std = std * self.noise_scale
         pos = cz * pos_t - ce * eps_pos + std * noise_pos
         h = cz * h_t - ce * eps_h + std * noise_h
         pos0, h0 = self.clean_estimate(pos_t, h_t, eps_pos, eps_h, t, batch)
@@ -106,8 +113,8 @@ class DDIMSampler(Sampler):
 
     name = "ddim"
 
-    def __init__(self, schedule: NoiseSchedule, eta: float = 0.0, time_power: float = 1.0):
-        super().__init__(schedule, time_power)
+    def __init__(self, schedule: NoiseSchedule, eta: float = 0.0, time_power: float = 1.0, noise_scale: float = 1.0):
+        super().__init__(schedule, time_power, noise_scale)
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         self.eta = eta
@@ -126,6 +133,7 @@ class DDIMSampler(Sampler):
         pos = a_s * pos0 + k * eps_pos
         h = a_s * h0 + k * eps_h
         if self.eta > 0:
+            c = c * self.noise_scale
             pos = pos + c * centred_noise(batch, num_graphs, generator=generator, dtype=dt)
             h = h + c * torch.randn(h_t.shape, generator=generator, dtype=dt, device=h_t.device)
         return SamplerStep(pos, h, pos0, h0)
@@ -136,7 +144,7 @@ SAMPLERS = {"ancestral": AncestralSampler, "ddim": DDIMSampler}
 
 def make_sampler(name: str, schedule: NoiseSchedule, **kwargs) -> Sampler:
     """``"ancestral"``, ``"ddim"`` (eta=0) or ``"ddim:<eta>"``; ``kwargs`` go to the sampler
-    (e.g. ``time_power``)."""
+    (e.g. ``time_power``, ``noise_scale``)."""
     base, _, arg = name.partition(":")
     if base not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose from {sorted(SAMPLERS)} (e.g. 'ddim:0.5')")
