@@ -32,7 +32,7 @@ from moldiff.diffusion import AtomFeatures, NoiseSchedule, centred_noise, make_s
 from moldiff.diffusion.likelihood import NLLTerms, estimate_nll
 from moldiff.geometry import fully_connected_edges, num_nodes_per_graph, remove_mean
 from moldiff.inpainting import fragment_report, inpaint_arrays
-from moldiff.sampling import DEFAULT_NOISE_SCALE, DEFAULT_TIME_POWER, SampledArrays, record_faults
+from moldiff.sampling import DEFAULT_NOISE_SCALE, DEFAULT_TIME_POWER, SampledArrays, batch_ticker, record_faults
 from moldiff.models import DenoiserConfig, EGNNDenoiser
 
 if TYPE_CHECKING:  # RDKit types only; all RDKit work happens in moldiff.chemistry
@@ -351,10 +351,7 @@ class MolDiffPipeline(torch.nn.Module):
         self.denoiser.eval()
         for start in range(0, n, batch_size):
             chunk = sizes[start : start + batch_size]
-            tick = None
-            if on_step is not None:
-                def tick(i, total, start=start, b=len(chunk)):  # noqa: E306 - bind this batch's offset
-                    on_step(start + b * i / total)
+            tick = batch_ticker(on_step, start, len(chunk))
             out.add_batch(start, chunk, *self._sample_batch(chunk, steps, sampler_obj, gen, device, tick))
             if progress is not None:
                 progress(len(chunk))

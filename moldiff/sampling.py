@@ -11,7 +11,7 @@ import torch
 from moldiff.chemistry.elements import QM9_ELEMENTS
 from moldiff.geometry import num_nodes_per_graph
 
-__all__ = ["SampledArrays", "record_faults", "DEFAULT_TIME_POWER", "DEFAULT_NOISE_SCALE"]
+__all__ = ["SampledArrays", "record_faults", "batch_ticker", "DEFAULT_TIME_POWER", "DEFAULT_NOISE_SCALE"]
 
 #: Default time grid of sampling, ``t_k = (k / K) ** DEFAULT_TIME_POWER`` (1 would be EDM's uniform
 #: grid). Measured on the shipped model with 50 and 100 ancestral steps (docs/experiments.md,
@@ -23,6 +23,15 @@ DEFAULT_TIME_POWER = 2.0
 #: session-5 study in docs/experiments.md ("Noise scale") found raises validity and stability
 #: with uniqueness and novelty kept; ``noise_scale=1`` restores EDM's ancestral sampler.
 DEFAULT_NOISE_SCALE = 0.5
+
+
+def batch_ticker(on_step, start: int, size: int):
+    """``tick(i, total)`` for one batch of ``size`` molecules starting at molecule ``start``: calls
+    ``on_step(start + size * i / total)`` after the batch's i-th of ``total`` network evaluations
+    (``None`` when ``on_step`` is ``None``)."""
+    if on_step is None:
+        return None
+    return lambda i, total: on_step(start + size * i / total)
 
 
 @dataclass
