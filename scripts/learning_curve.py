@@ -28,7 +28,7 @@ from moldiff.chemistry.metrics import evaluate_molecules  # noqa: E402
 from moldiff.pipeline import MolDiffPipeline  # noqa: E402
 
 FIELDS = ["checkpoint", "step", "train_hours", "samples", "steps", "sampler", "atom_stable", "mol_stable",
-          "validity", "valid_and_unique", "one_piece", "close_contact", "sample_seconds"]
+          "validity", "valid_and_unique", "one_piece", "close_contact", "sample_seconds", "odd_valence"]
 
 
 def score(folder: Path, args) -> dict:
@@ -44,7 +44,8 @@ def score(folder: Path, args) -> dict:
             "samples": args.samples, "steps": args.steps, "sampler": args.sampler,
             "atom_stable": f"{rep.atom_stable:.4f}", "mol_stable": f"{rep.mol_stable:.4f}", "validity": f"{rep.validity:.4f}",
             "valid_and_unique": f"{rep.valid_and_unique:.4f}", "one_piece": f"{diag['one_piece']:.4f}",
-            "close_contact": f"{diag['close_contact']:.4f}", "sample_seconds": f"{seconds:.1f}"}
+            "close_contact": f"{diag['close_contact']:.4f}", "sample_seconds": f"{seconds:.1f}",
+            "odd_valence": f"{diag['odd_valence']:.4f}"}
 
 
 def plot(rows, path: Path) -> None:
@@ -96,7 +97,7 @@ def main() -> None:
         print(row, flush=True)
         rows.append(row)
     with open(out_csv, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=FIELDS)
+        w = csv.DictWriter(fh, fieldnames=FIELDS, restval="")  # rows older than a field leave it empty
         w.writeheader()
         w.writerows(rows)
     plot(rows, out_png)

@@ -285,3 +285,49 @@ def test_objects_with_symbols_and_positions_are_evaluated_like_pairs():
     b = evaluate_molecules(objects).to_dict(per_molecule=False)
     assert a == b and a["validity"] == pytest.approx(2 / 3)
     assert reference_smiles_set(objects) == reference_smiles_set(pairs)
+
+
+@pytest.mark.parametrize(
+    "symbols, parity",
+    [("CH4", 0), ("CH3", 1), ("C2H6N", 1), ("C2H7N", 0), ("C2H5N", 0), ("CHF3", 0), ("HO", 1), ("H2O", 0), ("PH3", 0), ("CHg", None)],
+)
+def test_valence_sum_parity_of_compositions(symbols, parity):
+    from moldiff.chemistry.elements import valence_sum_parity
+    from moldiff.chemistry.fragments import parse_formula
+
+    expanded = [element for element, count in parse_formula(symbols).items() for _ in range(count)]
+    assert valence_sum_parity(expanded) == parity
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_no_geometry_makes_an_odd_valence_composition_stable(seed):
+    """The handshake argument behind ``odd_valence``: drop one H from a stable molecule and no
+    placement of the remaining atoms (here random perturbations) gives every atom its valence."""
+    from moldiff.chemistry.elements import valence_sum_parity
+
+    symbols, pos = embedded("CC(=O)N")
+    assert check_stability(symbols, pos).mol_stable and valence_sum_parity(symbols) == 0
+    drop = symbols.index("H")
+    odd_symbols = symbols[:drop] + symbols[drop + 1 :]
+    odd_pos = np.delete(pos, drop, axis=0)
+    assert valence_sum_parity(odd_symbols) == 1
+    rng = np.random.default_rng(seed)
+    for _ in range(50):
+        moved = odd_pos + rng.normal(scale=0.15, size=odd_pos.shape)
+        assert not check_stability(odd_symbols, moved).mol_stable
+
+
+def test_geometry_diagnostics_on_known_sets():
+    from moldiff.chemistry.diagnostics import geometry_diagnostics
+
+    ethanol = embedded("CCO")
+    methyl = (ethanol[0][:-1], ethanol[1][:-1])  # one H fewer: odd valence sum
+    far = (ethanol[0] * 2, np.vstack([ethanol[1], ethanol[1] + 20.0]))  # two copies: two pieces
+    squashed = (ethanol[0], ethanol[1] * 0.5)  # atoms closer than 0.9 Å
+    d = geometry_diagnostics([ethanol, methyl, far, squashed])
+    assert d["n"] == 4
+    assert d["odd_valence"] == pytest.approx(1 / 4)
+    assert d["close_contact"] == pytest.approx(1 / 4)
+    assert d["one_piece"] < 1 and d["mean_fragments"] > 1
+    with_ref = geometry_diagnostics([ethanol], reference=[ethanol])
+    assert with_ref["element_tv"] == 0.0 and with_ref["bond_C-H_mean_err"] == pytest.approx(0.0)

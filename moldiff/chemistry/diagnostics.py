@@ -13,7 +13,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .bonds import edm_bond_matrix, pairwise_distances
-from .elements import to_symbols
+from .elements import to_symbols, valence_sum_parity
 
 __all__ = ["geometry_diagnostics", "bond_lengths", "CLOSE_CONTACT_ANGSTROM"]
 
@@ -44,11 +44,13 @@ def bond_lengths(molecules: Iterable[tuple[Sequence[object], np.ndarray]]) -> di
 
 
 def geometry_diagnostics(molecules: Sequence[tuple[Sequence[object], np.ndarray]], reference: Sequence[tuple[Sequence[object], np.ndarray]] | None = None) -> dict:
-    """Fractions of molecules in one piece and with close contacts; with a ``reference`` set (e.g.
+    """Fractions of molecules in one piece, with close contacts, and whose composition has an odd
+    valence sum (``odd_valence``: no geometry can make them stable, see
+    :func:`~moldiff.chemistry.elements.valence_sum_parity`); with a ``reference`` set (e.g.
     500 training molecules): per bond type the sample's mean and std of lengths next to the data's,
     and the total-variation distance between element frequencies.
     """
-    one_piece = close = n_fragments = counted = 0
+    one_piece = close = n_fragments = counted = odd = 0
     elements: Counter[str] = Counter()
     for symbols, pos in molecules:
         pos = np.asarray(pos, dtype=np.float64)
@@ -57,6 +59,7 @@ def geometry_diagnostics(molecules: Sequence[tuple[Sequence[object], np.ndarray]
             continue
         sym = to_symbols(symbols)
         elements.update(sym)
+        odd += valence_sum_parity(sym) == 1
         d = pairwise_distances(pos)
         np.fill_diagonal(d, np.inf)
         close += bool((d < CLOSE_CONTACT_ANGSTROM).any())
@@ -69,6 +72,7 @@ def geometry_diagnostics(molecules: Sequence[tuple[Sequence[object], np.ndarray]
         "one_piece": one_piece / max(1, counted),
         "mean_fragments": n_fragments / max(1, counted),
         "close_contact": close / max(1, counted),
+        "odd_valence": odd / max(1, counted),
     }
     if reference is not None:
         ref_elements: Counter[str] = Counter()

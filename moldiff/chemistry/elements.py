@@ -22,6 +22,7 @@ __all__ = [
     "UnknownElementError",
     "to_symbols",
     "allowed_valences",
+    "valence_sum_parity",
 ]
 
 #: QM9's element vocabulary, in EDM's one-hot order (atom_decoder = H, C, N, O, F).
@@ -99,3 +100,20 @@ def to_symbols(elements: Iterable[object]) -> tuple[str, ...]:
             f"expected a sequence of elements, got the single string {elements!r}"
         )
     return tuple(_one_symbol(item, i) for i, item in enumerate(elements))
+
+
+def valence_sum_parity(symbols: Iterable[object]) -> int | None:
+    """Parity (0 or 1) of the sum of the atoms' allowed valences, or ``None`` when an element has
+    no allowed valence or allowed valences of both parities (Hg).
+
+    Every bond adds its order to two atoms, so the bond-order sums of any molecule add up to an even
+    number: a composition whose valences add up to an odd number (parity 1, e.g. CH3 or C2H5N2)
+    cannot have every atom stable, whatever its geometry.
+    """
+    total = 0
+    for symbol in to_symbols(symbols):
+        parities = {v % 2 for v in allowed_valences(symbol)}
+        if len(parities) != 1:
+            return None
+        total += parities.pop()
+    return total % 2
