@@ -390,3 +390,64 @@ def test_annealed_run_updates_with_the_scheduled_rate_and_resumes_onto_it(tmp_pa
     assert resumed.resume()
     resumed.train()
     assert [g["lr"] for g in resumed.optimizer.param_groups] == [pytest.approx(1e-3 * 0.25)]  # step 6: the floor
+
+
+def _even_by_enumeration(q: list[float]) -> float:
+    total = 0.0
+    for bits in np.ndindex(*(2,) * len(q)):
+        if sum(bits) % 2 == 0:
+            total += float(np.prod([qi if b else 1 - qi for b, qi in zip(bits, q)]))
+    return total
+
+
+def test_even_parity_probability_matches_enumeration():
+    from moldiff.diffusion.losses import even_parity_probability
+
+    rng = np.random.default_rng(3)
+    sizes = [1, 2, 3, 5, 8]
+    q = np.concatenate([rng.uniform(size=n) for n in sizes])
+    q[[0, 4, 9]] = [0.0, 1.0, 0.5]  # certain even, certain odd, a coin
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    got = even_parity_probability(torch.tensor(q), batch, len(sizes)).numpy()
+    starts = np.cumsum([0] + sizes)
+    want = [_even_by_enumeration(list(q[a:b])) for a, b in zip(starts[:-1], starts[1:])]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert got[0] == pytest.approx(1.0)  # one atom, certainly even
+    assert got[3] == pytest.approx(0.5)  # a coin-flip atom makes the whole molecule a coin flip
+
+
+def test_valence_parity_loss_is_zero_for_an_even_composition_and_large_for_an_odd_one():
+    from moldiff.diffusion.losses import valence_parity_loss
+
+    odd = torch.tensor([True, False, True, False, True])  # H C N O F
+    onehot = lambda types: 100.0 * torch.nn.functional.one_hot(torch.tensor(types), 5).float()  # noqa: E731
+    methane, methyl = onehot([1, 0, 0, 0, 0]), onehot([1, 0, 0, 0])
+    batch = torch.tensor([0] * 5 + [1] * 4)
+    loss = valence_parity_loss(torch.cat([methane, methyl]), odd, batch, 2)
+    assert loss[0] == pytest.approx(0.0, abs=1e-5)
+    assert loss[1] > 10.0
+    unsure = torch.cat([onehot([1, 0, 0, 0]), torch.zeros(1, 5)])  # methyl + an atom of unknown type
+    assert valence_parity_loss(unsure, odd, torch.zeros(5, dtype=torch.long), 1)[0] == pytest.approx(-np.log(3 / 5), rel=1e-5)
+
+
+def test_parity_weight_adds_a_differentiable_term_and_zero_is_edms_loss(tmp_path, debug_data):
+    cfg = load_config(DEBUG, ["diffusion.parity_weight=0.5", "train.max_steps=2", "train.val_every=0", "train.log_every=1"])
+    trainer = Trainer(cfg, tmp_path, data=debug_data, log=quiet)
+    _, batch = next(iter(debug_data.train.batches(32, 0, 0, 0)))
+    t = torch.full((batch.num_graphs,), 0.1, dtype=torch.float64)
+    plain = diffusion_loss(trainer.pipe, batch, t, torch.Generator().manual_seed(0))
+    default = diffusion_loss(trainer.pipe, batch, t, torch.Generator().manual_seed(0), parity_weight=0.0)
+    with_parity = diffusion_loss(trainer.pipe, batch, t, torch.Generator().manual_seed(0), parity_weight=0.5)
+    assert float(default.detach()) == float(plain.detach())
+    assert float(with_parity.detach()) > float(plain.detach())
+    with_parity.backward()
+    grads = [p.grad for p in trainer.pipe.denoiser.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    trainer.pipe.denoiser.zero_grad(set_to_none=True)
+    trainer.train()
+    assert all(np.isfinite(float(r["loss"])) for r in read_log(tmp_path))
+
+
+def test_negative_parity_weight_is_refused():
+    with pytest.raises(ConfigError, match="parity_weight"):
+        load_config(DEBUG, ["diffusion.parity_weight=-1"])

@@ -11,7 +11,8 @@ import torch
 
 from moldiff.geometry import num_nodes_per_graph, scatter_sum
 
-__all__ = ["degrees_of_freedom", "squared_error_per_molecule", "epsilon_loss", "loss_weight", "LOSS_WEIGHTINGS"]
+__all__ = ["degrees_of_freedom", "squared_error_per_molecule", "epsilon_loss", "loss_weight", "LOSS_WEIGHTINGS",
+           "even_parity_probability", "valence_parity_loss"]
 
 
 def degrees_of_freedom(batch: torch.Tensor, num_graphs: int, num_features: int) -> torch.Tensor:
@@ -71,3 +72,27 @@ def loss_weight(snr: torch.Tensor, kind: str = "uniform") -> torch.Tensor | None
         return torch.clamp(1.0 + snr, max=value)
     raise ValueError(f"unknown loss weighting {kind!r}; expected one of {', '.join(LOSS_WEIGHTINGS)}")
 
+
+
+def even_parity_probability(q: torch.Tensor, batch: torch.Tensor, num_graphs: int) -> torch.Tensor:
+    """``(B,)`` probability that an even number of a molecule's atoms are "odd", atom ``i`` being odd
+    independently with probability ``q[i]``: ``(1 + prod_i (1 - 2 q_i)) / 2``.
+
+    The product is taken as sign x exp(sum of logs), so molecules of any size stay finite.
+    """
+    f = 1.0 - 2.0 * q.to(torch.float32)
+    log_abs = scatter_sum(torch.log(f.abs().clamp(min=1e-30)), batch, num_graphs)
+    negatives = scatter_sum((f < 0).to(torch.float32), batch, num_graphs)
+    sign = 1.0 - 2.0 * torch.remainder(negatives, 2.0)
+    return 0.5 * (1.0 + sign * torch.exp(log_abs))
+
+
+def valence_parity_loss(type_logits: torch.Tensor, odd_types: torch.Tensor, batch: torch.Tensor, num_graphs: int) -> torch.Tensor:
+    """``(B,)`` ``-log P(the molecule's valence sum is even)`` under independent per-atom type
+    probabilities ``softmax(type_logits)`` ``(n, K)``; ``odd_types`` ``(K,)`` bool marks the types of
+    odd valence (H, N, F in QM9). A real molecule's valence sum is always even (every bond adds its
+    order to two atoms), so this is 0 for a confident, valence-consistent composition and grows
+    as the composition's parity becomes a coin flip (log 2) or is confidently odd.
+    """
+    q = (type_logits.to(torch.float32).softmax(-1) * odd_types.to(torch.float32)).sum(-1)
+    return -torch.log(even_parity_probability(q, batch, num_graphs).clamp(min=1e-6))

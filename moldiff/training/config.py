@@ -6,6 +6,8 @@ written into the run directory and into every checkpoint, and a resumed run uses
 
 from __future__ import annotations
 
+import math
+
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -39,6 +41,12 @@ class DiffusionConfig:
     grid: int = 1000
     loss_weighting: str = "uniform"  #: "uniform" (EDM), "min_snr:<gamma>" or "snr_plus_one:<cap>"
     noise_pairing: str = "none"  #: "none" (EDM), "rotation" or "permutation" (moldiff.diffusion.pairing)
+    #: weight of the auxiliary valence-parity loss (0: EDM's loss only); see ``training.loop.diffusion_loss``
+    parity_weight: float = 0.0
+
+    def __post_init__(self):
+        if not (math.isfinite(self.parity_weight) and self.parity_weight >= 0):
+            raise ConfigError(f"diffusion.parity_weight must be a non-negative number, got {self.parity_weight}")
 
 
 @dataclass

@@ -33,7 +33,9 @@ from moldiff.chemistry.elements import QM9_ELEMENTS, SYMBOL_TO_Z
 from moldiff.data.batching import MoleculeBatch, MoleculeSet
 from moldiff.data.qm9 import edm_split, load_qm9
 from moldiff.data.statistics import DatasetStatistics, compute_statistics
+from moldiff.chemistry.elements import valence_sum_parity
 from moldiff.diffusion import PAIRINGS, AtomFeatures, NoiseSchedule, add_noise, epsilon_loss
+from moldiff.diffusion.losses import valence_parity_loss
 from moldiff.diffusion.losses import loss_weight
 from moldiff.models import EGNNDenoiser
 from moldiff.pipeline import MolDiffPipeline
@@ -94,9 +96,19 @@ def build_pipeline(cfg: RunConfig, data: TrainingData) -> MolDiffPipeline:
                            metadata={"run_name": cfg.name})
 
 
+#: logits of the parity loss's type probabilities per unit of one-hot: a clean one-hot gives a gap
+#: of 10 (wrong types ~5e-5 each), so a correct composition scores ~0, not the coin flip a soft gap gives
+PARITY_LOGIT_SCALE = 10.0
+
+
 def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor, generator, shard=None,
-                   weighting: str = "uniform", pairing: str = "none") -> torch.Tensor:
+                   weighting: str = "uniform", pairing: str = "none", parity_weight: float = 0.0) -> torch.Tensor:
     """EDM's L2 loss on one batch at times ``t`` ``(B,)`` (optionally SNR-weighted, see ``loss_weight``).
+
+    ``parity_weight > 0`` adds ``parity_weight * mean_k alpha_k^2 * valence_parity_loss_k``: the
+    clean estimate's atom types, as probabilities ``softmax(PARITY_LOGIT_SCALE * h0 / type_scale)``,
+    should give an even valence sum, as every real molecule has (session 6 found half the samples
+    odd). ``alpha^2 = SNR / (1 + SNR)`` keeps the term to the low-noise end, where types are decided.
 
     ``shard=(lo, hi)`` restricts the loss to molecules ``lo:hi`` after drawing noise for the whole
     batch (data-parallel ranks use this so that they reproduce single-process noise exactly).
@@ -123,7 +135,16 @@ def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor,
             cond = ((pos_t - s * e_pos) / a, (h_t - s * e_h) / a)
     pred_pos, pred_h = pipe.predict_noise(pos_t, h_t, tt.to(pos_t.dtype), bvec, cond=cond)
     weight = loss_weight(pipe.schedule.snr(tt), weighting)
-    return epsilon_loss(pred_pos, eps_pos, pred_h, eps_h, bvec, num_graphs, weight=weight)
+    loss = epsilon_loss(pred_pos, eps_pos, pred_h, eps_h, bvec, num_graphs, weight=weight)
+    if parity_weight > 0:
+        a, s = pipe.schedule.alpha_sigma(tt)
+        a_atom, s_atom = a.to(h_t.dtype)[bvec].unsqueeze(-1), s.to(h_t.dtype)[bvec].unsqueeze(-1)
+        k = pipe.features.num_types
+        h0 = (h_t[:, :k] - s_atom * pred_h[:, :k]) / a_atom
+        odd = torch.tensor([valence_sum_parity([e]) == 1 for e in pipe.elements], device=h0.device)
+        per_mol = valence_parity_loss(PARITY_LOGIT_SCALE * h0 / pipe.features.type_scale, odd, bvec, num_graphs)
+        loss = loss + parity_weight * (a.to(per_mol.dtype) ** 2 * per_mol).mean()
+    return loss
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -363,7 +384,8 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
             loss = diffusion_loss(self._loss_pipe(), batch.to(self.device), t, self.generator, shard,
                                   weighting=self.cfg.diffusion.loss_weighting,
-                                  pairing=self.cfg.diffusion.noise_pairing)
+                                  pairing=self.cfg.diffusion.noise_pairing,
+                                  parity_weight=self.cfg.diffusion.parity_weight)
         if not self._all_ranks(bool(torch.isfinite(loss))):
             self.optimizer.zero_grad(set_to_none=True)
             return float(loss), float("nan"), False, True
