@@ -444,6 +444,9 @@ def test_parity_weight_adds_a_differentiable_term_and_zero_is_edms_loss(tmp_path
     grads = [p.grad for p in trainer.pipe.denoiser.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     trainer.pipe.denoiser.zero_grad(set_to_none=True)
+    # through a wrapper, as under torch.compile or DDP (the loss then sees a proxy of the pipeline)
+    trainer.forward_model = lambda *args, **kwargs: trainer.model(*args, **kwargs)
+    assert trainer._loss_pipe() is not trainer.pipe
     trainer.train()
     assert all(np.isfinite(float(r["loss"])) for r in read_log(tmp_path))
 

@@ -419,6 +419,7 @@ class Trainer:
 
         class _Proxy:
             features, schedule, self_condition = self.pipe.features, self.pipe.schedule, self.pipe.self_condition
+            elements = self.pipe.elements
 
             @staticmethod
             def predict_noise(pos_t, h_t, t, batch, cond=None):
