@@ -41,7 +41,8 @@ class DiffusionConfig:
     grid: int = 1000
     loss_weighting: str = "uniform"  #: "uniform" (EDM), "min_snr:<gamma>" or "snr_plus_one:<cap>"
     noise_pairing: str = "none"  #: "none" (EDM), "rotation" or "permutation" (moldiff.diffusion.pairing)
-    #: weight of the auxiliary valence-parity loss (0: EDM's loss only); see ``training.loop.diffusion_loss``
+    #: weight of the auxiliary valence-parity loss (0: EDM's loss only); see ``training.loop.diffusion_loss``.
+    #: Experimental: 0.2 raised the validation loss without fixing parity (docs/experiments.md, session 6)
     parity_weight: float = 0.0
 
     def __post_init__(self):
