@@ -111,6 +111,14 @@ def cmd_evaluate(args) -> int:
         for k in ("n", "atom_stable", "mol_stable", "validity", "uniqueness", "valid_and_unique", "novelty"):
             v = summary.get(k)
             print(f"{k:>18}: " + ("n/a" if v is None else (f"{100 * v:.2f}%" if k != "n" else str(v))))
+    if molecules:
+        from moldiff.chemistry.diagnostics import geometry_diagnostics
+
+        diag = geometry_diagnostics(molecules)
+        summary["diagnostics"] = {k: diag[k] for k in ("one_piece", "mean_fragments", "close_contact", "odd_valence")}
+        of = " of the readable ones" if unreadable else ""
+        print(f"diagnostics{of}: {100 * diag['one_piece']:.2f}% in one piece, {100 * diag['close_contact']:.2f}% with atoms "
+              f"closer than 0.9 Å, {100 * diag['odd_valence']:.2f}% with an odd valence sum (no geometry makes those stable)")
     for r in unreadable[:10]:
         print(f"unreadable record {r.name}: {r.error}")
     if args.json:

@@ -73,6 +73,26 @@ def test_evaluate_dataset_prints_the_data_row():
     r = run("evaluate", "--dataset", "qm9:test", "--no-novelty")
     assert r.returncode == 0, r.stderr
     assert "99.34%" in r.stdout and "95.22%" in r.stdout and "97.74%" in r.stdout
+    assert "0.00% with an odd valence sum" in r.stdout  # every QM9 molecule is closed-shell
+
+
+def test_evaluate_reports_geometry_and_composition_diagnostics(tmp_path):
+    """Methane, a methyl radical (odd valence sum) and two far-apart waters (two pieces)."""
+    tetra = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) / np.sqrt(3)
+    ch4 = ["C", "H", "H", "H", "H"], np.vstack([np.zeros(3), 1.09 * tetra])
+    ch3 = ch4[0][:-1], ch4[1][:-1]
+    water = np.array([[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    two_waters = ["O", "H", "H"] * 2, np.vstack([water, water + 10.0])
+    xyz = tmp_path / "set.xyz"
+    write_xyz(xyz, [ch4, ch3, two_waters])
+    out = tmp_path / "d.json"
+    r = run("evaluate", str(xyz), "--json", str(out), "--no-novelty")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())["diagnostics"]
+    assert d["odd_valence"] == pytest.approx(1 / 3)
+    assert d["one_piece"] == pytest.approx(2 / 3) and d["mean_fragments"] == pytest.approx(4 / 3)
+    assert d["close_contact"] == 0.0
+    assert "33.33% with an odd valence sum" in r.stdout
 
 
 def test_evaluate_unknown_split_is_an_error():
