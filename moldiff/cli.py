@@ -649,8 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "measured better; docs/experiments.md)")
     s.add_argument("--noise-scale", type=float, default=None, metavar="L",
                    help="factor in [0, 1] on each reverse step's fresh noise: 1 is EDM's ancestral sampler, lower "
-                   "is lower-temperature sampling (default 0.5, moldiff.sampling.DEFAULT_NOISE_SCALE; 1 with "
-                   "--fragment*/--formula; docs/experiments.md)")
+                   "is lower-temperature sampling (default 0.5, moldiff.sampling.DEFAULT_NOISE_SCALE, and "
+                   "moldiff.inpainting.DEFAULT_INPAINT_NOISE_SCALE with --fragment*/--formula; docs/experiments.md)")
     s.add_argument("--seed", type=int, default=0, help="same seed, same molecules (default 0)")
     s.add_argument("--num-atoms", type=int, metavar="N", help="atoms per molecule (default: drawn from the training sizes)")
     s.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder, or a `moldiff train` run folder "

@@ -401,7 +401,7 @@ class MolDiffPipeline(torch.nn.Module):
             noise_scale: factor in [0, 1] on the fresh noise of each reverse step (1: EDM's
                 ancestral sampler; lower is lower-temperature sampling). ``None``:
                 :data:`DEFAULT_NOISE_SCALE` for plain sampling,
-                ``moldiff.inpainting.DEFAULT_INPAINT_NOISE_SCALE`` (1) with ``fragment`` or ``formula``.
+                ``moldiff.inpainting.DEFAULT_INPAINT_NOISE_SCALE`` (also 0.5) with ``fragment`` or ``formula``.
 
         Returns:
             ``n`` :class:`GeneratedMolecule` in sampling order, invalid and faulty ones included

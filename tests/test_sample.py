@@ -129,7 +129,7 @@ def test_on_step_reports_progress_after_every_network_evaluation(pipe):
     assert all(np.array_equal(a, b) for a, b in zip(watched.positions, plain.positions))
 
 
-def test_noise_scale_is_used_and_recorded(pipe):
+def test_noise_scale_is_used_and_recorded(pipe, monkeypatch):
     """Lower-temperature sampling changes the trajectory, is recorded, defaults per task, and the CLI
     help names the package default."""
     from moldiff.inpainting import DEFAULT_INPAINT_NOISE_SCALE, inpaint_arrays
@@ -140,8 +140,13 @@ def test_noise_scale_is_used_and_recorded(pipe):
     assert cold.noise_scale == 0.3 and warm.noise_scale == 1.0
     assert not all(np.array_equal(x, y) for x, y in zip(cold.positions, warm.positions))
     assert pipe.sample_arrays(2, steps=3, seed=7).noise_scale == DEFAULT_NOISE_SCALE
-    assert DEFAULT_INPAINT_NOISE_SCALE != DEFAULT_NOISE_SCALE  # (else the next line checks nothing)
     assert inpaint_arrays(pipe, 1, formula="C2H6O", steps=2, resample=1).noise_scale == DEFAULT_INPAINT_NOISE_SCALE
+    # conditioned sampling reads its own default (patched to a value no other default has)
+    import moldiff.inpainting
+
+    monkeypatch.setattr(moldiff.inpainting, "DEFAULT_INPAINT_NOISE_SCALE", 0.7)
+    assert inpaint_arrays(pipe, 1, formula="C2H6O", steps=2, resample=1).noise_scale == 0.7
+    assert pipe.sample_arrays(1, steps=2, seed=7).noise_scale == DEFAULT_NOISE_SCALE
     with pytest.raises(ValueError, match="noise_scale"):
         pipe.sample_arrays(1, steps=2, noise_scale=1.5)
     from moldiff.cli import build_parser
