@@ -29,14 +29,12 @@ import numpy as np
 import torch
 import yaml
 
-from moldiff.chemistry.elements import QM9_ELEMENTS, SYMBOL_TO_Z
+from moldiff.chemistry.elements import QM9_ELEMENTS, SYMBOL_TO_Z, valence_sum_parity
 from moldiff.data.batching import MoleculeBatch, MoleculeSet
 from moldiff.data.qm9 import edm_split, load_qm9
 from moldiff.data.statistics import DatasetStatistics, compute_statistics
-from moldiff.chemistry.elements import valence_sum_parity
 from moldiff.diffusion import PAIRINGS, AtomFeatures, NoiseSchedule, add_noise, epsilon_loss
-from moldiff.diffusion.losses import valence_parity_loss
-from moldiff.diffusion.losses import loss_weight
+from moldiff.diffusion.losses import loss_weight, valence_parity_loss
 from moldiff.models import EGNNDenoiser
 from moldiff.pipeline import MolDiffPipeline
 from moldiff.training.clipping import AdaptiveClipper
