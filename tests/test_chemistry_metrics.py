@@ -331,3 +331,37 @@ def test_geometry_diagnostics_on_known_sets():
     assert d["one_piece"] < 1 and d["mean_fragments"] > 1
     with_ref = geometry_diagnostics([ethanol], reference=[ethanol])
     assert with_ref["element_tv"] == 0.0 and with_ref["bond_C-H_mean_err"] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("smiles, expected", [
+    ("c1ccccc1", True),          # benzene
+    ("Cc1ccncc1", True),         # 4-methylpyridine: an N with two ring neighbours
+    ("C1CCCCC1", False),         # cyclohexane: puckered, four-coordinated carbons
+    ("C1=CCC=CC1", False),       # 1,4-cyclohexadiene: two sp3 ring carbons
+    ("CCCCCC", False),           # no ring at all
+])
+def test_planar_six_ring_on_known_molecules(smiles, expected):
+    from moldiff.chemistry.diagnostics import has_planar_six_ring
+
+    symbols, pos = embedded(smiles)
+    assert has_planar_six_ring(symbols, pos) is expected
+
+
+def test_planar_six_ring_needs_flatness_and_three_neighbours():
+    from moldiff.chemistry.diagnostics import RING_PLANARITY_ANGSTROM, geometry_diagnostics, has_planar_six_ring
+
+    symbols, pos = hexagon_ring((1.39, 1.39))
+    assert has_planar_six_ring(symbols, pos)
+    # Rotating and shifting the molecule changes nothing.
+    rot = np.linalg.qr(np.random.default_rng(3).normal(size=(3, 3)))[0]
+    assert has_planar_six_ring(symbols, pos @ rot.T + 5.0)
+    # Lift one carbon (and its H) out of the plane: RMS from the best plane well above the cut.
+    bent = pos.copy()
+    bent[[0, 6], 2] += 0.6
+    assert not has_planar_six_ring(symbols, bent)
+    # A ring carbon without its hydrogen has two neighbours: not aromatic-like.
+    radical = (symbols[:-1], pos[:-1])
+    assert not has_planar_six_ring(*radical)
+    d = geometry_diagnostics([(symbols, pos), (symbols, bent), radical, embedded("CCO")])
+    assert d["planar_six_ring"] == pytest.approx(1 / 4)
+    assert 0 < RING_PLANARITY_ANGSTROM < 0.6 / np.sqrt(6)

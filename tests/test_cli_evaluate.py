@@ -91,7 +91,7 @@ def test_evaluate_reports_geometry_and_composition_diagnostics(tmp_path):
     d = json.loads(out.read_text())["diagnostics"]
     assert d["odd_valence"] == pytest.approx(1 / 3)
     assert d["one_piece"] == pytest.approx(2 / 3) and d["mean_fragments"] == pytest.approx(4 / 3)
-    assert d["close_contact"] == 0.0
+    assert d["close_contact"] == 0.0 and d["planar_six_ring"] == 0.0
     assert "33.33% with an odd valence sum" in r.stdout
 
 
