@@ -372,6 +372,7 @@ class MolDiffPipeline(torch.nn.Module):
         resample: int | None = None,
         time_power: float | None = None,
         noise_scale: float | None = None,
+        valence_guidance: float | None = None,
     ) -> list[GeneratedMolecule]:
         """Sample ``n`` molecules and interpret them chemically.
 
@@ -402,6 +403,10 @@ class MolDiffPipeline(torch.nn.Module):
                 ancestral sampler; lower is lower-temperature sampling). ``None``:
                 :data:`DEFAULT_NOISE_SCALE` for plain sampling,
                 ``moldiff.inpainting.DEFAULT_INPAINT_NOISE_SCALE`` (also 0.5) with ``fragment`` or ``formula``.
+            valence_guidance: strength of open-valence guidance with a ``fragment`` (each fragment
+                atom steered to as many new neighbours as it has open valences; ``None``:
+                ``moldiff.inpainting.DEFAULT_VALENCE_GUIDANCE``; see
+                :func:`moldiff.inpainting.inpaint_arrays`).
 
         Returns:
             ``n`` :class:`GeneratedMolecule` in sampling order, invalid and faulty ones included
@@ -422,7 +427,7 @@ class MolDiffPipeline(torch.nn.Module):
             return molecules_from_arrays(arrays)
         arrays = inpaint_arrays(self, n, fragment=fragment, formula=formula, num_atoms=num_atoms, steps=steps,
                                 sampler=sampler, resample=resample, seed=seed, batch_size=batch_size, progress=progress,
-                                time_power=time_power, noise_scale=noise_scale)
+                                time_power=time_power, noise_scale=noise_scale, valence_guidance=valence_guidance)
         molecules = molecules_from_arrays(arrays)
         if fragment is not None:
             for m in molecules:

@@ -43,7 +43,7 @@ from moldiff.chemistry.fragments import (
 )
 from moldiff.chemistry.metrics import evaluate_molecules
 from moldiff.data.qm9 import edm_split, load_qm9
-from moldiff.inpainting import DEFAULT_INPAINT_NOISE_SCALE, DEFAULT_INPAINT_TIME_POWER, DEFAULT_RESAMPLE, Fragment, formula_honoured, fragment_report, fragment_reports, inpaint_arrays
+from moldiff.inpainting import DEFAULT_INPAINT_NOISE_SCALE, DEFAULT_INPAINT_TIME_POWER, DEFAULT_RESAMPLE, DEFAULT_VALENCE_GUIDANCE, Fragment, formula_honoured, fragment_report, fragment_reports, inpaint_arrays
 from moldiff.pipeline import MolDiffPipeline
 
 
@@ -121,7 +121,8 @@ def run_fragments(pipe, fragments, args) -> tuple[list[dict], float]:
     for i, (fragment, index, size) in enumerate(fragments):
         cond = inpaint_arrays(pipe, args.n, fragment=fragment, num_atoms=size, steps=args.steps,
                               sampler=args.sampler, resample=args.resample, seed=args.seed + i,
-                              time_power=args.time_power, noise_scale=args.noise_scale)  # fmt: skip
+                              time_power=args.time_power, noise_scale=args.noise_scale,
+                              valence_guidance=args.valence_guidance)  # fmt: skip
         cond_reports = fragment_reports(fragment, cond)
         free_mols = split_arrays(free, i * args.n, (i + 1) * args.n)
         query = fragment.query()
@@ -177,6 +178,7 @@ def markdown(args, frag_rows, frag_s, form_rows, form_s, command: str) -> str:
         f"Command: `{command}`",
         "",
         f"Checkpoint `{args.checkpoint}`; sampler `{args.sampler}`, {args.steps} steps, time grid power {args.time_power:g}, resample {args.resample if args.resample is not None else DEFAULT_RESAMPLE}, "
+        f"noise scale {args.noise_scale:g}, open-valence guidance {args.valence_guidance:g} (fragments), "
         f"{args.n} molecules per fragment / formula, seed {args.seed}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. Unconditional rows: the same sampler at the same sizes.",
     ]
@@ -264,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise-scale", type=float, default=DEFAULT_INPAINT_NOISE_SCALE,
                    help=f"factor on each step's fresh noise, both rows (default {DEFAULT_INPAINT_NOISE_SCALE:g}, the "
                    f"package's inpainting default)")
+    p.add_argument("--valence-guidance", type=float, default=DEFAULT_VALENCE_GUIDANCE,
+                   help=f"open-valence guidance strength for the fragment rows (default {DEFAULT_VALENCE_GUIDANCE:g})")
     p.add_argument("--resample", type=int, default=None, help="RePaint resampling per step (default: the package's, 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="network arithmetic (default fp32)")

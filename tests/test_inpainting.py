@@ -121,7 +121,8 @@ def test_same_seed_same_output(pipe, benzene):
         np.testing.assert_array_equal(pa, pb)
 
 
-def test_fragment_sampling_is_equivariant(pipe64, acetamide):
+@pytest.mark.parametrize("guidance", [0.0, 1.0])
+def test_fragment_sampling_is_equivariant(pipe64, acetamide, guidance):
     """Deterministic DDIM (eta = 0), resample = 1, float64. The free atoms start from noise that a
     rotated fragment cannot rotate by itself, so the test passes the same noise explicitly
     (``initial_noise``) and, for the rotated run, that noise rotated as well: every input of the
@@ -131,7 +132,7 @@ def test_fragment_sampling_is_equivariant(pipe64, acetamide):
     gen = torch.Generator().manual_seed(7)
     noise_pos = torch.randn(n * size, 3, generator=gen, dtype=torch.float64)
     noise_h = torch.randn(n * size, 6, generator=gen, dtype=torch.float64)
-    kwargs = dict(num_atoms=size, steps=12, sampler="ddim", resample=1, seed=0)
+    kwargs = dict(num_atoms=size, steps=12, sampler="ddim", resample=1, seed=0, valence_guidance=guidance)
     ref = inpaint_arrays(pipe64, n, fragment=acetamide, initial_noise=(noise_pos, noise_h), **kwargs)
     for reflect in (False, True):
         q = random_orthogonal(generator=gen, reflect=reflect)
@@ -216,6 +217,9 @@ def one_line_error(exc_info) -> str:
         (dict(formula="Xx2"), "unknown element"),
         (dict(formula="C2H6", num_atoms=[8, 8]), "got 2 sizes for 3 molecules"),
         (dict(formula="C2H6", resample=0), "resample must be an integer >= 1"),
+        (dict(formula="C2H6", valence_guidance=-1.0), "valence_guidance must be a finite number >= 0"),
+        (dict(fragment=Fragment(["C", "O"], [[0, 0, 0], [1.43, 0, 0]]), num_atoms=8, valence_guidance=1.0),
+         "valence guidance needs the fragment's bonds"),
         (dict(formula="C2H6", initial_noise=(np.zeros((3, 3)), np.zeros((3, 6)))), r"initial_noise must have shapes \(24, 3\)"),
     ],
 )
@@ -393,3 +397,116 @@ def test_resampling_defaults_to_the_measured_setting(pipe):
     arrays = inpaint_arrays(pipe, 1, formula="CH4", steps=3, seed=0)
     assert arrays.extra["resample"] == DEFAULT_RESAMPLE > 1
     assert np.all(arrays.extra["network_evaluations"] == 3 * DEFAULT_RESAMPLE + 1)
+
+
+# ------------------------------------------------------------------------------ open-valence guidance
+
+
+def test_open_valences_of_smiles_and_cut_fragments(benzene):
+    assert benzene.open_valences().tolist() == [1] * 6
+    assert Fragment.from_smiles("c1ccncc1").open_valences().tolist() == [1, 1, 1, 0, 1, 1]
+    assert Fragment.from_smiles("CC(=O)N", keep_hydrogens=True).open_valences().tolist() == [0] * 9
+    assert Fragment(["C", "C"], [[0, 0, 0], [1.5, 0, 0]]).open_valences() is None  # no bonds known
+    ethanol = Chem.AddHs(Chem.MolFromSmiles("CCO"))
+    assert AllChem.EmbedMolecule(ethanol, randomSeed=1) == 0
+    cut = cut_fragment(ethanol, [0, 1])  # the two carbons: 3 H + the C-C / 2 H + O + the C-C
+    assert Fragment.from_file is not None and Fragment(["C", "C"], cut.GetConformer().GetPositions(), cut).open_valences().tolist() == [3, 3]
+
+
+def _soft_counts(x0, known, free):
+    from moldiff.inpainting import NEIGHBOUR_CUTOFF, NEIGHBOUR_WIDTH
+
+    d = torch.cdist(x0[known], x0[free])
+    return torch.sigmoid((NEIGHBOUR_CUTOFF - d) / NEIGHBOUR_WIDTH).sum(-1)
+
+
+def _guide(pos, eps, alpha, sigma, slots, known, free, strength=1.0):
+    from moldiff.inpainting import _valence_guide
+
+    i = torch.tensor([a for a in known for _ in free])
+    j = torch.tensor([b for _ in known for b in free])
+    which = torch.tensor([r for r, _ in enumerate(known) for _ in free])
+    a = torch.full((len(pos), 1), alpha, dtype=torch.float64)
+    s = torch.full((len(pos), 1), sigma, dtype=torch.float64)
+    out = _valence_guide(pos, eps, a, s, torch.stack([i, j, which]), torch.tensor(slots, dtype=torch.float64), len(known), strength)
+    return (pos - sigma * out) / alpha, out
+
+
+def test_valence_guidance_moves_the_clean_estimate_towards_the_open_valences():
+    """One fragment atom (row 0) with two free atoms at 1.1 Å. The clean estimate is what the
+    noise estimate implies, x0 = (z - sigma eps) / alpha; guidance changes only the free atoms' part."""
+    from moldiff.inpainting import GUIDANCE_ITERATIONS, GUIDANCE_MAX_MOVE
+
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.tensor([[0.0, 0, 0], [1.1, 0, 0], [-0.4, 1.02, 0]], dtype=torch.float64)
+    alpha, sigma = 0.8, 0.6
+    eps = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    pos = alpha * x0 + sigma * eps
+    # Two neighbours but one open valence: the free atoms move away, the count falls towards 1.
+    new, _ = _guide(pos, eps, alpha, sigma, [1], [0], [1, 2])
+    assert torch.allclose(new[0], x0[0], atol=1e-12)
+    assert (new[1:].norm(dim=-1) > x0[1:].norm(dim=-1) + 0.1).all()
+    assert (new - x0).norm(dim=-1).max() <= GUIDANCE_ITERATIONS * GUIDANCE_MAX_MOVE + 1e-9
+    for _ in range(6):  # evaluation after evaluation (the network's estimate held fixed here)
+        new, _ = _guide(alpha * new + sigma * eps, eps, alpha, sigma, [1], [0], [1, 2])
+    assert abs(_soft_counts(new, [0], [1, 2]).item() - 1.0) < 0.2 < _soft_counts(x0, [0], [1, 2]).item() - 1.0
+    # Two open valences: already satisfied, nothing moves (beyond the sigmoid's tail).
+    same, _ = _guide(pos, eps, alpha, sigma, [2], [0], [1, 2])
+    assert (same - x0).norm(dim=-1).max() < 1e-3
+    # One open valence and only a free atom 2.6 Å away: it is pulled in.
+    far = torch.tensor([[0.0, 0, 0], [2.6, 0, 0]], dtype=torch.float64)
+    pulled, _ = _guide(alpha * far + sigma * eps[:2], eps[:2], alpha, sigma, [1], [0], [1])
+    assert pulled[1, 0] < 2.6 - 0.05 and torch.allclose(pulled[1, 1:], far[1, 1:], atol=1e-12)
+    # Strength 0 returns the network's estimate.
+    _, unchanged = _guide(pos, eps, alpha, sigma, [1], [0], [1, 2], strength=0.0)
+    assert torch.allclose(unchanged, eps, atol=1e-12)
+
+
+def test_valence_guidance_is_rotation_and_reflection_equivariant():
+    gen = torch.Generator().manual_seed(1)
+    pos = torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    eps = torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    known, free, slots = [0, 1], [2, 3, 4, 5, 6], [1, 2]
+    _, ref = _guide(pos, eps, 0.9, 0.4, slots, known, free)
+    assert not torch.allclose(ref, eps)  # the guidance acts here
+    for reflect in (False, True):
+        q = random_orthogonal(generator=gen, reflect=reflect).to(torch.float64)
+        _, out = _guide(pos @ q.T, eps @ q.T, 0.9, 0.4, slots, known, free)
+        assert torch.allclose(out, ref @ q.T, atol=1e-10)
+
+
+def test_valence_guidance_in_sampling_gives_each_ring_carbon_one_new_neighbour(benzene):
+    """Free atoms drawn around a benzene ring by the exact noise predictor of Gaussian data
+    (s = 1.5 Å, as in the centroid test): unguided they crowd or miss the ring carbons; guided,
+    nearly every carbon ends with exactly one free atom within 1.8 Å, and the ring stays exact."""
+    s2 = 2.25
+    pipe = MolDiffPipeline.from_config(tiny_config())
+
+    def gaussian_oracle(pos_t, h_t, t, batch, context=None, edge_index=None):
+        alpha, sigma = pipe.schedule.alpha_sigma(t)
+        scale = (sigma / (alpha**2 * s2 + sigma**2)).to(pos_t.dtype)[batch].unsqueeze(-1)
+        return scale * pos_t, scale * h_t
+
+    pipe.predict_noise = gaussian_oracle
+
+    def miscount(arrays):  # mean over molecules of sum over ring carbons (new neighbours - 1)^2
+        return np.mean([(((np.linalg.norm(p[:6, None] - p[None, 6:], axis=-1) < 1.8).sum(1) - 1.0) ** 2).sum()
+                        for p in arrays.positions])
+
+    kwargs = dict(fragment=benzene, num_atoms=12, steps=20, resample=1, seed=3, noise_scale=1.0)
+    plain = inpaint_arrays(pipe, 40, valence_guidance=0.0, **kwargs)
+    guided = inpaint_arrays(pipe, 40, valence_guidance=1.0, **kwargs)
+    assert_fragment_exact(guided, benzene)
+    assert guided.extra["valence_guidance"] == 1.0 and plain.extra["valence_guidance"] == 0.0
+    assert miscount(plain) > 3.0 and miscount(guided) < 0.5
+
+
+def test_valence_guidance_default_applies_to_fragments_with_bonds(pipe, benzene):
+    from moldiff.inpainting import DEFAULT_VALENCE_GUIDANCE
+
+    assert DEFAULT_VALENCE_GUIDANCE > 0
+    bonded = inpaint_arrays(pipe, 1, fragment=benzene, num_atoms=10, steps=2, resample=1)
+    assert bonded.extra["valence_guidance"] == DEFAULT_VALENCE_GUIDANCE
+    bare = Fragment(benzene.symbols, benzene.positions)  # coordinates only (an XYZ file): no open valences
+    assert inpaint_arrays(pipe, 1, fragment=bare, num_atoms=10, steps=2, resample=1).extra["valence_guidance"] == 0.0
+    assert inpaint_arrays(pipe, 1, formula="CH4", steps=2, resample=1).extra["valence_guidance"] == 0.0

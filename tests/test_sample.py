@@ -296,6 +296,8 @@ BAD_INPUTS = {
     "time power nan": ["--time-power", "nan"],
     "noise scale above 1": ["--noise-scale", "1.5"],
     "noise scale negative": ["--noise-scale", "-0.2"],
+    "valence guidance without a fragment": ["--valence-guidance", "1"],
+    "valence guidance negative": ["--fragment-smiles", "CC", "--valence-guidance", "-1"],
     "missing checkpoint": ["--checkpoint", "{tmp}/nowhere"],
     "corrupt checkpoint": ["--checkpoint", "{corrupt}"],
     "unwritable output": ["-o", "/etc/hostname/x.sdf"],

@@ -39,6 +39,7 @@ __all__ = [
     "fragment_from_smiles",
     "fragment_from_file",
     "fragment_query",
+    "open_valences",
     "parse_formula",
     "format_formula",
     "element_counts",
@@ -209,6 +210,15 @@ def _drop_hydrogens(fragment: LoadedFragment) -> LoadedFragment:
         raise ValueError("the fragment has no heavy atoms left once its hydrogens are dropped")
     mol = None if fragment.mol is None else cut_fragment(fragment.mol, keep)
     return LoadedFragment(tuple(fragment.symbols[i] for i in keep), fragment.positions[keep].copy(), mol)
+
+
+def open_valences(mol: Chem.Mol) -> np.ndarray:
+    """``(k,)`` hydrogen count of each atom as RDKit sees it (implicit hydrogens, explicit-H
+    counts; hydrogens present as atoms are not counted): the neighbours a fragment atom still
+    takes when the fragment is grown into a molecule."""
+    mol = Chem.Mol(mol)
+    mol.UpdatePropertyCache(strict=False)
+    return np.array([atom.GetTotalNumHs() for atom in mol.GetAtoms()], dtype=np.int64)
 
 
 def fragment_query(symbols: Sequence[object], positions: np.ndarray) -> Chem.Mol:
