@@ -28,7 +28,8 @@ from moldiff.chemistry.metrics import evaluate_molecules  # noqa: E402
 from moldiff.pipeline import MolDiffPipeline  # noqa: E402
 
 FIELDS = ["checkpoint", "step", "train_hours", "samples", "steps", "sampler", "atom_stable", "mol_stable",
-          "validity", "valid_and_unique", "one_piece", "close_contact", "sample_seconds", "odd_valence"]
+          "validity", "valid_and_unique", "one_piece", "close_contact", "sample_seconds", "odd_valence",
+          "planar_six_ring"]
 
 
 def score(folder: Path, args) -> dict:
@@ -45,7 +46,7 @@ def score(folder: Path, args) -> dict:
             "atom_stable": f"{rep.atom_stable:.4f}", "mol_stable": f"{rep.mol_stable:.4f}", "validity": f"{rep.validity:.4f}",
             "valid_and_unique": f"{rep.valid_and_unique:.4f}", "one_piece": f"{diag['one_piece']:.4f}",
             "close_contact": f"{diag['close_contact']:.4f}", "sample_seconds": f"{seconds:.1f}",
-            "odd_valence": f"{diag['odd_valence']:.4f}"}
+            "odd_valence": f"{diag['odd_valence']:.4f}", "planar_six_ring": f"{diag['planar_six_ring']:.4f}"}
 
 
 def plot(rows, path: Path) -> None:
