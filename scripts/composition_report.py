@@ -6,13 +6,16 @@ Reads the ``samples.csv`` that ``moldiff sample`` writes (formula, num_atoms, mo
 molecule) and prints: the % of samples whose composition has an odd valence sum (H + N + F odd for
 QM9's elements: no geometry can make such a molecule stable, see
 :func:`moldiff.chemistry.elements.valence_sum_parity`), molecule stability among the even ones, and
-per molecule size the mean number of hydrogens next to QM9's (all 130,831 molecules).
+per molecule size the mean number of hydrogens next to QM9's (all 130,831 molecules); then, from
+the ``reason`` column, how many atoms of each unstable molecule are unstable and which (element,
+bond-order sum minus valence) errors occur most (session 7).
 """
 from __future__ import annotations
 
 import csv
+import re
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 
@@ -46,6 +49,30 @@ def main() -> None:
         ev = s[s[:, 1] == 0]
         print(f"{n:4d}  {len(s):7d}  {s[:, 0].mean():16.2f}  {np.mean(data[n]) if data[n] else float('nan'):12.2f}  "
               f"{100 * s[:, 1].mean():5.1f}  {100 * s[:, 2].mean():8.1f}  {100 * ev[:, 2].mean() if len(ev) else float('nan'):16.1f}")
+
+    unstable_atoms(rows)
+
+
+#: "C2 (bond-order sum 3, allowed 4)" in the reason column of samples.csv
+UNSTABLE_ATOM = re.compile(r"([A-Z][a-z]?)\d+ \(bond-order sum (\d+), allowed (\d+)\)")
+
+
+def unstable_atoms(rows) -> None:
+    per_molecule, errors, lone = Counter(), Counter(), Counter()
+    unstable = [r for r in rows if r["mol_stable"] != "1" and r.get("reason")]
+    for r in unstable:
+        found = [(el, int(total) - int(allowed)) for el, total, allowed in UNSTABLE_ATOM.findall(r["reason"])]
+        per_molecule[len(found)] += 1
+        errors.update(found)
+        if len(found) == 1:
+            lone[found[0]] += 1
+    n = len(rows)
+    print(f"\nunstable molecules: {len(unstable)}; by number of unstable atoms: "
+          + ", ".join(f"{k}: {v}" for k, v in sorted(per_molecule.items())[:8]))
+    print("unstable atoms by (element, bond-order sum - valence): "
+          + ", ".join(f"{el} {d:+d}: {c}" for (el, d), c in errors.most_common(8)))
+    print("molecules with a single unstable atom, by that atom: "
+          + ", ".join(f"{el} {d:+d}: {c} ({100 * c / n:.1f}% of samples)" for (el, d), c in lone.most_common(5)))
 
 
 if __name__ == "__main__":
