@@ -246,6 +246,7 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for everyone
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
