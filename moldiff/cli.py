@@ -422,6 +422,11 @@ def cmd_sample(args) -> int:
         raise UsageError(f"--time-power must be a positive number, got {args.time_power}")
     if args.noise_scale is not None and not (math.isfinite(args.noise_scale) and 0 <= args.noise_scale <= 1):
         raise UsageError(f"--noise-scale must be between 0 and 1, got {args.noise_scale}")
+    if args.formula_draws is not None:
+        if args.formula_draws < 0:
+            raise UsageError(f"--formula-draws must be >= 0, got {args.formula_draws}")
+        if not args.formula:
+            raise UsageError("--formula-draws goes with --formula")
     if args.valence_guidance is not None:
         if not (math.isfinite(args.valence_guidance) and args.valence_guidance >= 0):
             raise UsageError(f"--valence-guidance must be a number >= 0, got {args.valence_guidance}")
@@ -509,7 +514,8 @@ def cmd_sample(args) -> int:
             arrays = inpaint_arrays(pipe, args.n, fragment=fragment, formula=args.formula, num_atoms=args.num_atoms,
                                     steps=args.steps, sampler=args.sampler, resample=args.resample, seed=args.seed,
                                     batch_size=args.batch_size, on_step=advance, time_power=args.time_power,
-                                    noise_scale=args.noise_scale, valence_guidance=args.valence_guidance)
+                                    noise_scale=args.noise_scale, valence_guidance=args.valence_guidance,
+                                    formula_draws=args.formula_draws)
         else:
             arrays = pipe.sample_arrays(args.n, steps=args.steps, sampler=args.sampler, seed=args.seed,
                                         num_atoms=args.num_atoms, batch_size=args.batch_size, on_step=advance,
@@ -570,6 +576,9 @@ def cmd_sample(args) -> int:
         summary["conditioning"] = {"fragment": args.fragment or args.fragment_smiles, "formula": args.formula,
                                    "resample": int(arrays.extra["resample"]),
                                    "valence_guidance": arrays.extra["valence_guidance"]}
+        if "formula_route" in arrays.extra:
+            summary["conditioning"]["formula_drawn"] = arrays.extra["formula_route"].count("drawn")
+            summary["conditioning"]["formula_draws_used"] = int(arrays.extra["formula_draws_used"])
     if fragment is not None:
         summary["fragment_retention"] = sum(bool(m.fragment_retained) for m in molecules) / len(molecules)
     _write_outputs(folder, files, {
@@ -681,6 +690,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--formula", metavar="FORMULA", help="composition of every molecule, e.g. C7H8O (isomer generation)")
     g.add_argument("--resample", type=int, default=None, metavar="R",
                    help="RePaint resampling rounds per step with --fragment*/--formula (default 10; cost x R)")
+    g.add_argument("--formula-draws", type=int, default=None, metavar="K",
+                   help="with --formula alone: draw up to K unconditional molecules per requested one and keep exact "
+                   "matches before clamping types for the rest (default 20; 0 = clamp only)")
     g.add_argument("--valence-guidance", type=float, default=None, metavar="G",
                    help="steer the free atoms so each fragment atom gets as many new neighbours as it has open "
                    "valences (default: see docs/inpainting.md; 0 = off)")

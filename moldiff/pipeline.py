@@ -373,6 +373,7 @@ class MolDiffPipeline(torch.nn.Module):
         time_power: float | None = None,
         noise_scale: float | None = None,
         valence_guidance: float | None = None,
+        formula_draws: int | None = None,
     ) -> list[GeneratedMolecule]:
         """Sample ``n`` molecules and interpret them chemically.
 
@@ -407,6 +408,9 @@ class MolDiffPipeline(torch.nn.Module):
                 atom steered to as many new neighbours as it has open valences; ``None``:
                 ``moldiff.inpainting.DEFAULT_VALENCE_GUIDANCE``; see
                 :func:`moldiff.inpainting.inpaint_arrays`).
+            formula_draws: with ``formula`` alone, unconditional draws per requested molecule kept
+                when they match the formula exactly, before the rest are made by clamping types
+                (``None``: ``moldiff.inpainting.DEFAULT_FORMULA_DRAWS``; 0: clamp only).
 
         Returns:
             ``n`` :class:`GeneratedMolecule` in sampling order, invalid and faulty ones included
@@ -427,7 +431,8 @@ class MolDiffPipeline(torch.nn.Module):
             return molecules_from_arrays(arrays)
         arrays = inpaint_arrays(self, n, fragment=fragment, formula=formula, num_atoms=num_atoms, steps=steps,
                                 sampler=sampler, resample=resample, seed=seed, batch_size=batch_size, progress=progress,
-                                time_power=time_power, noise_scale=noise_scale, valence_guidance=valence_guidance)
+                                time_power=time_power, noise_scale=noise_scale, valence_guidance=valence_guidance,
+                                formula_draws=formula_draws)
         molecules = molecules_from_arrays(arrays)
         if fragment is not None:
             for m in molecules:

@@ -43,7 +43,7 @@ from moldiff.chemistry.fragments import (
 )
 from moldiff.chemistry.metrics import evaluate_molecules
 from moldiff.data.qm9 import edm_split, load_qm9
-from moldiff.inpainting import DEFAULT_INPAINT_NOISE_SCALE, DEFAULT_INPAINT_TIME_POWER, DEFAULT_RESAMPLE, DEFAULT_VALENCE_GUIDANCE, Fragment, formula_honoured, fragment_report, fragment_reports, inpaint_arrays
+from moldiff.inpainting import DEFAULT_INPAINT_NOISE_SCALE, DEFAULT_INPAINT_TIME_POWER, DEFAULT_FORMULA_DRAWS, DEFAULT_RESAMPLE, DEFAULT_VALENCE_GUIDANCE, Fragment, formula_honoured, fragment_report, fragment_reports, inpaint_arrays
 from moldiff.pipeline import MolDiffPipeline
 
 
@@ -150,11 +150,11 @@ def run_formulas(pipe, formulas, args) -> tuple[list[dict], float]:
     for i, (formula, index, size) in enumerate(formulas):
         cond = inpaint_arrays(pipe, args.n, formula=formula, steps=args.steps, sampler=args.sampler,
                               resample=args.resample, seed=args.seed + 1000 + i, time_power=args.time_power,
-                              noise_scale=args.noise_scale)  # fmt: skip
+                              noise_scale=args.noise_scale, formula_draws=args.formula_draws)  # fmt: skip
         cond_mols = split_arrays(cond, 0, args.n)
         free_mols = split_arrays(free, i * args.n, (i + 1) * args.n)
         rows.append({
-            "formula": formula, "qm9_index": index, "N": size,
+            "formula": formula, "qm9_index": index, "N": size, "drawn": cond.extra.get("formula_route", []).count("drawn"),
             "cond": {**protocol(cond_mols), "honoured": np.mean([formula_honoured(s, formula) for s, _ in cond_mols])},
             "free": {**protocol(free_mols), "honoured": np.mean([formula_honoured(s, formula) for s, _ in free_mols])},
         })  # fmt: skip
@@ -219,7 +219,9 @@ def formula_section(args, form_rows, form_s) -> list[str]:
     n_form = len(form_rows) * args.n
     lines = [
         "",
-        f"## Formulas ({len(form_rows)} formulas of QM9 test molecules, {n_form} molecules per row, {form_s:.0f} s)",
+        f"## Formulas ({len(form_rows)} formulas of QM9 test molecules, {n_form} molecules per row, {form_s:.0f} s; "
+        f"formula draws {args.formula_draws if args.formula_draws is not None else DEFAULT_FORMULA_DRAWS} per molecule: "
+        f"{sum(r['drawn'] for r in form_rows)} of {n_form} drawn, the rest clamped)",
         "",
         "| sampling | exact formula | validity | molecule stable | atom stable | unique valid SMILES |",
         "|---|---|---|---|---|---|",
@@ -267,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise-scale", type=float, default=DEFAULT_INPAINT_NOISE_SCALE,
                    help=f"factor on each step's fresh noise, both rows (default {DEFAULT_INPAINT_NOISE_SCALE:g}, the "
                    f"package's inpainting default)")
+    p.add_argument("--formula-draws", type=int, default=None,
+                   help="unconditional draws per formula molecule before clamping (default: the package's)")
     p.add_argument("--valence-guidance", type=float, default=DEFAULT_VALENCE_GUIDANCE,
                    help=f"open-valence guidance strength for the fragment rows (default {DEFAULT_VALENCE_GUIDANCE:g})")
     p.add_argument("--resample", type=int, default=None, help="RePaint resampling per step (default: the package's, 10)")

@@ -7,12 +7,15 @@ exactly, fragment-conditioned sampling is E(3)-equivariant, bad input gives one-
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from rdkit import Chem
 from rdkit.Chem import AllChem
 
+import moldiff
 from moldiff.chemistry.fragments import (
     FormulaError,
     cut_fragment,
@@ -225,6 +228,7 @@ def one_line_error(exc_info) -> str:
         (dict(formula="C2H6", num_atoms=[8, 8]), "got 2 sizes for 3 molecules"),
         (dict(formula="C2H6", resample=0), "resample must be an integer >= 1"),
         (dict(formula="C2H6", valence_guidance=-1.0), "valence_guidance must be a finite number >= 0"),
+        (dict(formula="C2H6", formula_draws=-1), "formula_draws must be an integer >= 0"),
         (dict(fragment=Fragment(["C", "O"], [[0, 0, 0], [1.43, 0, 0]]), num_atoms=8, valence_guidance=1.0),
          "valence guidance needs the fragment's bonds"),
         (dict(formula="C2H6", initial_noise=(np.zeros((3, 3)), np.zeros((3, 6)))), r"initial_noise must have shapes \(24, 3\)"),
@@ -509,3 +513,32 @@ def test_valence_guidance_default_applies_to_fragments_with_bonds(pipe, benzene)
     bare = Fragment(benzene.symbols, benzene.positions)  # coordinates only (an XYZ file): no open valences
     assert inpaint_arrays(pipe, 1, fragment=bare, num_atoms=10, steps=2, resample=1).extra["valence_guidance"] == 0.0
     assert inpaint_arrays(pipe, 1, formula="CH4", steps=2, resample=1).extra["valence_guidance"] == 0.0
+
+
+# ------------------------------------------------------------------------------ formulas by drawing
+
+
+def test_formula_draws_fall_back_to_clamping_within_the_budget(pipe):
+    """The tiny random network never makes CH4 by itself: every molecule is clamped, after exactly
+    the budget of draws (formula_draws per requested molecule); formula_draws=0 skips drawing."""
+    from moldiff.inpainting import DEFAULT_FORMULA_DRAWS
+
+    arrays = inpaint_arrays(pipe, 3, formula="CH4", steps=3, seed=1)
+    assert arrays.extra["formula_route"] == ["clamped"] * 3
+    assert arrays.extra["formula_draws_used"] == 3 * DEFAULT_FORMULA_DRAWS
+    assert all(formula_honoured(arrays.symbols(j), "CH4") for j in range(3))
+    only = inpaint_arrays(pipe, 2, formula="CH4", steps=3, seed=1, formula_draws=0)
+    assert "formula_route" not in only.extra and len(only.positions) == 2
+
+
+def test_formula_draws_keep_the_models_own_molecules():
+    """With the shipped model a common QM9 formula is found among unconditional samples: the kept
+    molecules are plain samples (no clamping) with exactly the formula, in a fixed order per seed."""
+    pipe = MolDiffPipeline.from_pretrained(Path(moldiff.__file__).parent / "pretrained" / "qm9")
+    a = inpaint_arrays(pipe, 2, formula="C7H10O2", steps=20, seed=0, formula_draws=50)
+    b = inpaint_arrays(pipe, 2, formula="C7H10O2", steps=20, seed=0, formula_draws=50)
+    assert a.extra["formula_route"] == ["drawn"] * 2 and a.extra["formula"] == "C7H10O2"
+    assert 2 <= a.extra["formula_draws_used"] <= 100
+    for j in range(2):
+        assert formula_honoured(a.symbols(j), "C7H10O2") and a.fault_step[j] == -1
+        np.testing.assert_array_equal(a.positions[j], b.positions[j])

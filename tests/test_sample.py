@@ -298,6 +298,8 @@ BAD_INPUTS = {
     "noise scale negative": ["--noise-scale", "-0.2"],
     "valence guidance without a fragment": ["--valence-guidance", "1"],
     "valence guidance negative": ["--fragment-smiles", "CC", "--valence-guidance", "-1"],
+    "formula draws without a formula": ["--formula-draws", "5"],
+    "formula draws negative": ["--formula", "CH4", "--formula-draws", "-1"],
     "missing checkpoint": ["--checkpoint", "{tmp}/nowhere"],
     "corrupt checkpoint": ["--checkpoint", "{corrupt}"],
     "unwritable output": ["-o", "/etc/hostname/x.sdf"],
