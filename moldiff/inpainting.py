@@ -416,18 +416,15 @@ def inpaint_arrays(
         raise ValueError(f"need at least one step, got {steps}")
     if formula is not None and fragment is None and formula_draws > 0 and initial_noise is None:
         _plan(pipe, n, None, formula, num_atoms, np.random.default_rng(0))  # the one-line errors first
-        drawn = _draw_formula(pipe, n, formula, int(formula_draws), num_atoms=num_atoms, steps=steps, sampler=sampler,
-                              seed=seed, batch_size=batch_size, time_power=plain_time_power, noise_scale=plain_noise_scale)
-        if drawn is not None:
-            kept, used = drawn
-            missing = n - len(kept)
-            clamped = None
-            if missing:
-                clamped = inpaint_arrays(pipe, missing, formula=formula, steps=steps, sampler=sampler, resample=resample,
-                                         seed=None if seed is None else seed + 1, batch_size=batch_size,
-                                         time_power=plain_time_power, noise_scale=plain_noise_scale,
-                                         valence_guidance=valence_guidance, formula_draws=0)
-            return _joined(kept, clamped, used, chem_fragments.format_formula(chem_fragments.parse_formula(formula)))
+        kept, used = _draw_formula(pipe, n, formula, int(formula_draws), steps=steps, sampler=sampler, seed=seed,
+                                   batch_size=batch_size, time_power=plain_time_power, noise_scale=plain_noise_scale)
+        clamped = None
+        if len(kept) < n:
+            clamped = inpaint_arrays(pipe, n - len(kept), formula=formula, steps=steps, sampler=sampler, resample=resample,
+                                     seed=None if seed is None else seed + 1, batch_size=batch_size,
+                                     time_power=plain_time_power, noise_scale=plain_noise_scale,
+                                     valence_guidance=valence_guidance, formula_draws=0)
+        return _joined(kept, clamped, used, chem_fragments.format_formula(chem_fragments.parse_formula(formula)))
     rng = np.random.default_rng(seed)
     if initial_noise is not None and num_atoms is None and formula is None:
         raise ValueError("initial_noise needs fixed molecule sizes: pass num_atoms (or a formula)")
@@ -473,19 +470,11 @@ def inpaint_arrays(
     return out
 
 
-def _draw_formula(pipe, n, formula, draws, *, num_atoms, steps, sampler, seed, batch_size, time_power, noise_scale):
+def _draw_formula(pipe, n, formula, draws, *, steps, sampler, seed, batch_size, time_power, noise_scale):
     """Unconditional molecules of the formula's size with exactly its composition: ``(kept, drawn)``,
-    ``kept`` a list of at most ``n`` ``(SampledArrays, index)``; ``None`` if the formula is invalid
-    (the clamping path then raises the one-line error)."""
-    try:
-        counts = chem_fragments.parse_formula(formula)
-    except ValueError:
-        return None
+    ``kept`` a list of at most ``n`` ``(SampledArrays, index)``. The formula is already checked."""
+    counts = chem_fragments.parse_formula(formula)
     total = sum(counts.values())
-    if not 2 <= total <= pipe.statistics.max_atoms or chem_fragments.formula_problem(counts) is not None:
-        return None
-    if num_atoms is not None and np.any(np.asarray(num_atoms) != total):
-        return None
     time_power = DEFAULT_TIME_POWER if time_power is None else time_power
     noise_scale = DEFAULT_NOISE_SCALE if noise_scale is None else noise_scale
     rng = np.random.default_rng(seed)
