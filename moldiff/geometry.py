@@ -15,6 +15,7 @@ __all__ = [
     "remove_mean",
     "num_nodes_per_graph",
     "fully_connected_edges",
+    "reverse_edges",
     "random_rotation",
     "random_orthogonal",
     "kabsch_align",
@@ -71,6 +72,21 @@ def fully_connected_edges(batch: torch.Tensor) -> torch.Tensor:
     dst = first + slot
     keep = src != dst
     return torch.stack([src[keep], dst[keep]])
+
+
+def reverse_edges(edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """``(E,)`` index of the reverse edge ``j -> i`` of every edge ``i -> j``.
+
+    Every edge's reverse must be present (as in :func:`fully_connected_edges`); raises otherwise.
+    """
+    row, col = edge_index
+    key = row * num_nodes + col
+    order = torch.argsort(key)
+    pos = torch.searchsorted(key[order], col * num_nodes + row).clamp(max=max(key.numel() - 1, 0))
+    rev = order[pos]
+    if key.numel() and not bool((key[rev] == col * num_nodes + row).all()):
+        raise ValueError("edge_index is not symmetric: some edge has no reverse")
+    return rev
 
 
 def random_orthogonal(

@@ -392,6 +392,7 @@ def inpaint_arrays(
         raise ValueError(f"number of molecules must be positive, got {n}")
     if batch_size <= 0:
         raise ValueError(f"batch size must be positive, got {batch_size}")
+    pipe.require_no_bonds("fragment- or formula-conditioned sampling")
     if resample is None:
         resample = DEFAULT_RESAMPLE
     if formula_draws is None:

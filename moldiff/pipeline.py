@@ -28,9 +28,9 @@ from moldiff.chemistry.elements import QM9_ELEMENTS
 from moldiff.chemistry.metrics import MetricsReport, MoleculeResult, evaluate_molecule, summarize
 from moldiff.chemistry.report import assess_sample
 from moldiff.data.statistics import DatasetStatistics
-from moldiff.diffusion import AtomFeatures, NoiseSchedule, centred_noise, make_sampler
+from moldiff.diffusion import AtomFeatures, BondFeatures, NoiseSchedule, centred_noise, make_sampler, symmetric_edge_noise
 from moldiff.diffusion.likelihood import NLLTerms, estimate_nll
-from moldiff.geometry import fully_connected_edges, num_nodes_per_graph, remove_mean
+from moldiff.geometry import fully_connected_edges, num_nodes_per_graph, remove_mean, reverse_edges
 from moldiff.inpainting import fragment_report, inpaint_arrays
 from moldiff.sampling import DEFAULT_NOISE_SCALE, DEFAULT_TIME_POWER, SampledArrays, batch_ticker, record_faults
 from moldiff.models import DenoiserConfig, EGNNDenoiser
@@ -103,6 +103,8 @@ class GeneratedMolecule:
         bonds: ``"rdDetermineBonds"``, ``"EDM table"`` or ``"none"`` (origin of ``mol``'s bonds).
         fault_step: reverse step at which the sample first became non-finite, -1 if never
             (``steps`` means the final decode).
+        generated_bonds: for models that generate bonds, ``(P, 3)`` rows ``[i, j, order]`` the
+            network generated with the atoms (the EDM metrics above still use the distance table).
     """
 
     symbols: list[str]
@@ -119,6 +121,7 @@ class GeneratedMolecule:
     fault_step: int = -1
     fragment_retained: bool | None = None
     fragment_rmsd: float | None = None
+    generated_bonds: np.ndarray | None = None
 
     @property
     def num_atoms(self) -> int:
@@ -191,6 +194,7 @@ def molecules_from_arrays(
                 rdkit_smiles=chem.rdkit_smiles,
                 bonds=chem.bonds,
                 fault_step=step,
+                generated_bonds=arrays.bonds[k] if arrays.bonds else None,
             )
         )
         if progress is not None:
@@ -265,19 +269,40 @@ class MolDiffPipeline(torch.nn.Module):
         return getattr(self, "_precision", "fp32")
 
     @property
+    def bond_types(self) -> int:
+        """Bond classes the network generates with the atoms (0: none, EDM's model)."""
+        return int(getattr(self.denoiser.config, "bond_types", 0))
+
+    @property
+    def bond_features(self) -> BondFeatures | None:
+        """Encoding of generated bonds (``None`` for models without bond features)."""
+        return BondFeatures(self.bond_types) if self.bond_types else None
+
+    def require_no_bonds(self, what: str) -> None:
+        """Raise a one-line ``ValueError`` where ``what`` is not available for bond-generating models."""
+        if self.bond_types:
+            raise ValueError(f"{what} is not available for models that generate bonds (bond_types={self.bond_types})")
+
+    @property
     def self_condition(self) -> bool:
         """Whether the network takes its previous clean-molecule estimate as input (self-conditioning)."""
         return bool(getattr(self.denoiser.config, "self_condition", False))
 
-    def predict_noise(self, pos_t, h_t, t, batch, context=None, edge_index=None, cond=None):
+    def predict_noise(self, pos_t, h_t, t, batch, context=None, edge_index=None, cond=None, e_t=None):
         """Noise prediction ``(eps_pos (n, 3), eps_h (n, F))`` at times ``t`` ``(B,)``, in ``pos_t``'s dtype.
 
         ``cond``: for self-conditioned models, the previous clean estimate ``(pos_hat, h_hat)`` (or None).
+        ``e_t``: for bond-generating models, the noisy bond features ``(E, K)`` of ``edge_index``'s
+        edges; the prediction is then ``(eps_pos, eps_h, eps_e (E, K))``.
         """
         blocks = getattr(self, "_compiled_blocks", None)
         bf16 = getattr(self, "_precision", "fp32") == "bf16"
         with torch.autocast(pos_t.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = self.denoiser(pos_t, h_t, t, batch, context=context, edge_index=edge_index, cond=cond, blocks=blocks)
+            out = self.denoiser(pos_t, h_t, t, batch, context=context, edge_index=edge_index, cond=cond, blocks=blocks,
+                                e_t=e_t)
+        if self.bond_types:
+            out, eps_e = out
+            return out.pos.to(pos_t.dtype), out.h.to(h_t.dtype), eps_e.to(e_t.dtype)
         return out.pos.to(pos_t.dtype), out.h.to(h_t.dtype)
 
     # ------------------------------------------------------------------ likelihood
@@ -286,6 +311,7 @@ class MolDiffPipeline(torch.nn.Module):
         """One-sample estimate of the bound on ``-log p(x, h, N)`` (nats) per molecule, as EDM reports
         it on QM9 (see :mod:`moldiff.diffusion.likelihood`). ``pos`` ``(n, 3)`` Å, ``types`` ``(n,)``
         indices into :attr:`elements`, ``charges`` ``(n,)`` atomic numbers, sorted ``batch`` ``(n,)``."""
+        self.require_no_bonds("the likelihood bound")
         self.denoiser.eval()
         sizes = num_nodes_per_graph(batch, num_graphs).cpu().numpy()
         p_size = self.statistics.size_distribution()
@@ -352,7 +378,10 @@ class MolDiffPipeline(torch.nn.Module):
         for start in range(0, n, batch_size):
             chunk = sizes[start : start + batch_size]
             tick = batch_ticker(on_step, start, len(chunk))
-            out.add_batch(start, chunk, *self._sample_batch(chunk, steps, sampler_obj, gen, device, tick))
+            *arrays, bonds = self._sample_batch(chunk, steps, sampler_obj, gen, device, tick)
+            out.add_batch(start, chunk, *arrays)
+            if bonds is not None:
+                out.bonds.extend(bonds)
             if progress is not None:
                 progress(len(chunk))
         return out
@@ -451,20 +480,35 @@ class MolDiffPipeline(torch.nn.Module):
         times = sampler.timesteps(steps, device=device)
         cond = None  # self-conditioning: the previous step's clean estimate
         sc = (lambda c: {"cond": c}) if self.self_condition else (lambda c: {})  # noqa: E731
+        e = None
+        if self.bond_types:  # bond features of every directed edge, equal on i -> j and j -> i
+            edge_batch, rev = batch[edge_index[0]], reverse_edges(edge_index, batch.shape[0])
+            e = symmetric_edge_noise(rev, self.bond_types, generator=gen, dtype=dtype)
+        bonded = (lambda: {"e_t": e}) if self.bond_types else (lambda: {})  # noqa: E731
         for i in range(steps):
             t = times[i].expand(num_graphs)
             s = times[i + 1].expand(num_graphs)
-            eps_pos, eps_h = self.predict_noise(pos, h, t, batch, edge_index=edge_index, **sc(cond))
+            eps_pos, eps_h, *eps_e = self.predict_noise(pos, h, t, batch, edge_index=edge_index, **sc(cond), **bonded())
             if self.self_condition:
                 cond = sampler.clean_estimate(pos, h, eps_pos, eps_h, t, batch)
             step = sampler.step(eps_pos, eps_h, t, s, pos, h, batch, generator=gen)
+            if self.bond_types:
+                e, _ = sampler.edge_step(eps_e[0], e, t, s, edge_batch, rev, generator=gen)
+                bad_edge = ~torch.isfinite(e).all(-1)
+                if bad_edge.any():  # counted as a fault of the molecule, like a bad atom
+                    bad_mol = num_nodes_per_graph(edge_batch[bad_edge], num_graphs) > 0
+                    fault[bad_mol & (fault < 0)] = i
             pos, h = step.pos, step.h
             record_faults(fault, pos, h, batch, num_graphs, i)
             if tick is not None:
                 tick(i + 1, steps + 1)
         # Final decode at t = 0: x = (z_0 - sigma_0 eps_hat) / alpha_0 (mean of p(x | z_0), EDM eq. 9-10).
         t0 = times[-1].expand(num_graphs)
-        eps_pos, eps_h = self.predict_noise(pos, h, t0, batch, edge_index=edge_index, **sc(cond))
+        eps_pos, eps_h, *eps_e = self.predict_noise(pos, h, t0, batch, edge_index=edge_index, **sc(cond), **bonded())
+        bonds = None
+        if self.bond_types:
+            alpha0, sigma0 = (x.to(dtype)[edge_batch].unsqueeze(-1) for x in self.schedule.alpha_sigma(t0))
+            bonds = self._split_bonds((e - sigma0 * eps_e[0]) / alpha0, edge_index, batch, num_graphs)
         pos, h = sampler.clean_estimate(pos, h, eps_pos, eps_h, t0, batch)
         record_faults(fault, pos, h, batch, num_graphs, steps)
         if tick is not None:
@@ -475,7 +519,21 @@ class MolDiffPipeline(torch.nn.Module):
             types.cpu().numpy(),
             None if charges is None else charges.cpu().numpy(),
             fault.cpu().numpy(),
+            bonds,
         )
+
+    def _split_bonds(self, e0, edge_index, batch, num_graphs) -> list[np.ndarray]:
+        """Per molecule ``(P_k, 3)`` rows ``[i, j, order]`` (local ``i < j``, order > 0) from the clean
+        bond estimate ``e0`` ``(E, K)`` by argmax (non-finite estimates decode as no bond)."""
+        orders = self.bond_features.decode(e0.nan_to_num(0.0).float())
+        row, col = edge_index
+        keep = (row < col) & (orders > 0)
+        starts = torch.cumsum(torch.bincount(batch, minlength=num_graphs), 0)
+        starts = torch.cat([starts.new_zeros(1), starts[:-1]])
+        mol = batch[row[keep]]
+        local = torch.stack([row[keep] - starts[mol], col[keep] - starts[mol], orders[keep]], -1).cpu().numpy()
+        mol = mol.cpu().numpy()
+        return [local[mol == k] for k in range(num_graphs)]
 
     # ------------------------------------------------------------------ persistence
     def config_dict(self) -> dict:

@@ -40,7 +40,9 @@ class SampledArrays:
 
     ``positions`` list of ``(N_k, 3)`` float arrays (Å, zero centroid); ``types`` list of ``(N_k,)``
     element indices; ``charges`` list of ``(N_k,)`` decoded charge channels (or ``None``);
-    ``fault_step[k]`` is the reverse step at which molecule k first became non-finite, or -1.
+    ``fault_step[k]`` is the reverse step at which molecule k first became non-finite, or -1;
+    ``bonds``: for models that generate bonds, one ``(P_k, 3)`` int array per molecule of rows
+    ``[i, j, order]`` (``i < j`` atom indices, order 1-3), else empty.
     """
 
     positions: list[np.ndarray]
@@ -54,6 +56,7 @@ class SampledArrays:
     time_power: float = 1.0
     noise_scale: float = 1.0
     extra: dict = field(default_factory=dict)
+    bonds: list[np.ndarray] = field(default_factory=list)
 
     def symbols(self, k: int) -> list[str]:
         return [self.elements[i] for i in self.types[k]]

@@ -31,13 +31,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moldiff.chemistry.diagnostics import geometry_diagnostics  # noqa: E402
-from moldiff.chemistry.metrics import evaluate_molecules  # noqa: E402
+from moldiff.chemistry.bonds import edm_bond_matrix  # noqa: E402
+from moldiff.chemistry.metrics import bond_rows_stability, evaluate_molecules  # noqa: E402
 from moldiff.data.qm9 import edm_split, load_qm9  # noqa: E402
 from moldiff.pipeline import MolDiffPipeline  # noqa: E402
 from moldiff.runtime import tune_allocator  # noqa: E402
@@ -101,6 +103,8 @@ def score(args, run_dir: Path) -> dict:
     qm9 = load_qm9()
     reference = list(qm9.molecules(edm_split()["train"][:500]))
     diag = geometry_diagnostics(mols, reference)
+    if arrays.bonds:
+        diag.update(generated_bond_diagnostics(mols, arrays.bonds, arrays.fault_step))
     return {
         "metrics": {k: v for k, v in report.to_dict().items() if k != "per_molecule"},
         "diagnostics": diag,
@@ -109,6 +113,21 @@ def score(args, run_dir: Path) -> dict:
         "trained": pipe.metadata,
         "last_val_loss": _last_val_loss(run_dir),
     }
+
+
+def generated_bond_diagnostics(mols, bonds, fault_step) -> dict:
+    """For bond-generating models: how often the generated bonds alone satisfy EDM's valence rule
+    (``gen_bonds_mol_stable``), and agree exactly with EDM's distance-table bonds of the generated
+    geometry (``gen_bonds_match_table``). Faulty samples count as failures."""
+    stable = match = 0
+    for (symbols, pos), rows, fault in zip(mols, bonds, fault_step):
+        if fault >= 0:
+            continue
+        stable += bond_rows_stability(symbols, rows).mol_stable
+        mine = np.zeros((len(symbols), len(symbols)), dtype=np.int64)
+        mine[rows[:, 0], rows[:, 1]] = rows[:, 2]
+        match += np.array_equal(mine + mine.T, edm_bond_matrix(symbols, pos, pair_order="index"))
+    return {"gen_bonds_mol_stable": stable / len(mols), "gen_bonds_match_table": match / len(mols)}
 
 
 def _last_val_loss(run_dir: Path):

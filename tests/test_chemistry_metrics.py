@@ -365,3 +365,15 @@ def test_planar_six_ring_needs_flatness_and_three_neighbours():
     d = geometry_diagnostics([(symbols, pos), (symbols, bent), radical, embedded("CCO")])
     assert d["planar_six_ring"] == pytest.approx(1 / 4)
     assert 0 < RING_PLANARITY_ANGSTROM < 0.6 / np.sqrt(6)
+
+
+def test_bond_rows_stability_applies_the_valence_rule_to_given_bonds():
+    from moldiff.chemistry.metrics import bond_rows_stability
+
+    # formaldehyde: C=O plus two C-H
+    rows = np.array([[0, 1, 2], [0, 2, 1], [0, 3, 1]])
+    assert bond_rows_stability(["C", "O", "H", "H"], rows).mol_stable
+    single = bond_rows_stability(["C", "O", "H", "H"], np.array([[0, 1, 1], [0, 2, 1], [0, 3, 1]]))
+    assert not single.mol_stable and single.n_stable_atoms == 2  # C (3) and O (1) fail, both H pass
+    with pytest.raises(ValueError, match="different atoms"):
+        bond_rows_stability(["C", "O"], np.array([[0, 2, 1]]))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from moldiff.geometry import fully_connected_edges
 from moldiff.training.clipping import AdaptiveClipper
 from moldiff.training.config import ConfigError, RunConfig, load_config
 from moldiff.training.ema import EMA
@@ -454,3 +455,55 @@ def test_parity_weight_adds_a_differentiable_term_and_zero_is_edms_loss(tmp_path
 def test_negative_parity_weight_is_refused():
     with pytest.raises(ConfigError, match="parity_weight"):
         load_config(DEBUG, ["diffusion.parity_weight=-1"])
+
+
+@pytest.fixture(scope="module")
+def debug_bond_data():
+    """The debug config's data with QM9 bond-order labels (a cached table; built once per machine)."""
+    return load_training_data(load_config(DEBUG, ["model.bond_types=4"]))
+
+
+def test_bond_features_switched_on_at_resume_keep_the_function_then_train(tmp_path, debug_data, debug_bond_data):
+    """A plain run resumed with model.bond_types=4: zero new edge-input columns, so positions and
+    features are predicted as before whatever the bond input; the bond head then learns (its loss
+    falls on a fixed batch) and the model samples molecules with generated bonds."""
+    Trainer(load_config(DEBUG, ["train.max_steps=2"]), tmp_path, data=debug_data, log=quiet).train()
+    plain = Trainer(load_config(DEBUG, ["train.max_steps=2"]), tmp_path / "p", data=debug_data, log=quiet)
+    plain.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=False))
+    cfg = load_config(DEBUG, ["train.max_steps=60", "train.log_every=1", "model.bond_types=4", "optim.lr=1e-3"])
+    bonded = Trainer(cfg, tmp_path, data=debug_bond_data, log=quiet)
+    assert bonded.resume()
+    _, batch = next(iter(debug_bond_data.train.batches(8, 0, 0, 0)))
+    assert batch.bonds is not None and len(batch.bonds) > 0
+    h = bonded.pipe.features.encode(batch.types, batch.charges)
+    t = torch.full((batch.num_graphs,), 0.4)
+    edge_index = fully_connected_edges(batch.batch)
+    e_t = torch.randn(edge_index.shape[1], 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = plain.model(batch.pos, h, t, batch.batch)
+        b, _ = bonded.model(batch.pos, h, t, batch.batch, edge_index=edge_index, e_t=e_t)
+    torch.testing.assert_close(b.pos, a.pos, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.h, a.h, atol=1e-6, rtol=0)
+
+    def bond_loss():
+        g = torch.Generator().manual_seed(5)
+        tt = torch.rand(batch.num_graphs, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            full = diffusion_loss(bonded.pipe, batch, tt, torch.Generator().manual_seed(6))
+            atoms = diffusion_loss(bonded.pipe, batch, tt, torch.Generator().manual_seed(6), bond_weight=0.0)
+        return float(full - atoms)
+
+    before = bond_loss()
+    bonded.train()
+    assert bond_loss() < 0.8 * before
+    assert bonded.model.blocks[0].gcls[0].edge_in.linear.weight[:, -4:].abs().max() > 0  # the new columns learn
+    mols = bonded.export_pipeline().sample(3, steps=4, seed=0)
+    assert all(m.generated_bonds is not None for m in mols)
+    back = Trainer(load_config(DEBUG, ["train.max_steps=80"]), tmp_path, data=debug_data, log=quiet)
+    with pytest.raises(ValueError, match="bond classes"):
+        back.resume()
+
+
+def test_bond_models_refuse_what_they_do_not_support_yet(tmp_path, debug_bond_data):
+    with pytest.raises(ValueError, match="self_condition"):
+        Trainer(load_config(DEBUG, ["model.bond_types=4", "model.self_condition=true"]), tmp_path, data=debug_bond_data, log=quiet)

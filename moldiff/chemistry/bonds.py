@@ -10,6 +10,8 @@ Two routes, for two purposes:
   ``d < double + 5``; only then order 3 if the pair has a triple length and ``d < triple + 3``.
 * :func:`rdkit_bond_orders` is the chemist's route (RDKit ``rdDetermineBonds``: connectivity, bond
   orders and formal charges, xyz2mol-style). Use it to inspect molecules, not to score them.
+* :func:`kekule_bond_matrix` turns the chemist's route into integer training labels (one Kekulé
+  structure), falling back to the EDM table where RDKit finds no bond orders.
 
 Deliberate difference from EDM: EDM's QM9 path raises ``KeyError`` for a pair missing from the
 single-bond table (e.g. H-Al); here such a pair simply has bond order 0.
@@ -35,6 +37,8 @@ __all__ = [
     "pairwise_distances",
     "DeterminedBonds",
     "rdkit_bond_orders",
+    "KEKULE_SOURCES",
+    "kekule_bond_matrix",
 ]
 
 
@@ -245,3 +249,57 @@ def rdkit_bond_orders(
     except Exception as exc:  # noqa: BLE001 - contract: report, never raise
         return DeterminedBonds(None, f"DetermineBonds failed: {type(exc).__name__}: {exc}".strip())
     return DeterminedBonds(mol, None)
+
+
+#: Source codes of :func:`kekule_bond_matrix`: 0 RDKit ``DetermineBonds``, 1 EDM-table fallback.
+KEKULE_SOURCES: tuple[str, ...] = ("rdDetermineBonds", "EDM table")
+
+
+def _kekule_orders(mol: Chem.Mol, positions: np.ndarray) -> np.ndarray | None:
+    """Integer Kekulé bond orders of a determined ``mol``, or ``None`` if unusable as a label."""
+    try:
+        Chem.Kekulize(mol, clearAromaticFlags=True)
+    except Exception:  # noqa: BLE001 - a failed Kekulé assignment means "use the fallback"
+        return None
+    # DetermineBonds only adds bonds to the atoms build_mol made, so atom i is input atom i; check it
+    # anyway (same count, same coordinates) rather than silently mislabel a molecule.
+    n = len(positions)
+    if mol.GetNumAtoms() != n or (n and not np.allclose(mol.GetConformer().GetPositions(), positions)):
+        return None
+    # useBO=True fills each bonded pair with the bond's GetBondTypeAsDouble(); aromatic 1.5 cannot
+    # occur after Kekulize(clearAromaticFlags=True), but rounding keeps the labels integral regardless.
+    orders = np.rint(Chem.GetAdjacencyMatrix(mol, useBO=True, force=True)).astype(np.int64)
+    if orders.shape != (n, n) or orders.min(initial=0) < 0 or orders.max(initial=0) > 3:
+        return None
+    return orders
+
+
+def kekule_bond_matrix(symbols: Sequence[object], positions: np.ndarray) -> tuple[np.ndarray, int]:
+    """Bond-order labels of one molecule: a Kekulé structure from RDKit, or EDM's table if RDKit fails.
+
+    RDKit's route is :func:`rdkit_bond_orders` with total charge 0, then
+    ``Chem.Kekulize(mol, clearAromaticFlags=True)`` so aromatic rings become alternating single and
+    double bonds; each bond's ``GetBondTypeAsDouble()`` is rounded to an integer. Formal charges
+    RDKit may assign (e.g. a nitro group's N+ and O-) are dropped: only the bond orders are kept.
+    When RDKit finds no valid bond orders, the labels are :func:`edm_bond_matrix` with its default
+    (``"index"``) pair order.
+
+    Never raises for finite ``(n, 3)`` positions of known elements (non-finite positions also fall
+    back: the EDM table bonds no pair at a NaN distance).
+
+    Args:
+        symbols: n element symbols or atomic numbers.
+        positions: (n, 3) coordinates in Å.
+
+    Returns:
+        ``(orders, source)``: an (n, n) symmetric int64 matrix of bond orders 0-3 with a zero diagonal
+        and atom order as given, and the source code (index into :data:`KEKULE_SOURCES`):
+        0 RDKit, 1 EDM-table fallback.
+    """
+    pos = np.asarray(positions, dtype=np.float64)
+    determined = rdkit_bond_orders(symbols, pos, charge=0)
+    if determined.mol is not None:
+        orders = _kekule_orders(determined.mol, pos)
+        if orders is not None:
+            return orders, 0
+    return edm_bond_matrix(symbols, pos), 1

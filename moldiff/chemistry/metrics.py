@@ -36,6 +36,7 @@ __all__ = [
     "MoleculeResult",
     "MetricsReport",
     "check_stability",
+    "bond_rows_stability",
     "validity_smiles",
     "reference_smiles",
     "reference_smiles_set",
@@ -141,6 +142,20 @@ def check_stability(symbols: Sequence[object], positions: np.ndarray) -> Stabili
     """
     elements = to_symbols(symbols)
     return _stability(elements, edm_bond_matrix(elements, positions, pair_order="index"))[0]
+
+
+def bond_rows_stability(symbols: Sequence[object], bonds: np.ndarray) -> StabilityResult:
+    """Atom and molecule stability, EDM's valence rule, under given bonds instead of EDM's distance
+    table: ``bonds`` ``(P, 3)`` rows ``[i, j, order]`` (e.g. bonds a model generated with the atoms)."""
+    elements = to_symbols(symbols)
+    n = len(elements)
+    matrix = np.zeros((n, n), dtype=np.int64)
+    rows = np.asarray(bonds, dtype=np.int64).reshape(-1, 3)
+    if len(rows) and (rows[:, :2].min() < 0 or rows[:, :2].max() >= n or (rows[:, 0] == rows[:, 1]).any()):
+        raise ValueError(f"bond rows must join two different atoms among {n}")
+    np.add.at(matrix, (rows[:, 0], rows[:, 1]), rows[:, 2])
+    np.add.at(matrix, (rows[:, 1], rows[:, 0]), rows[:, 2])
+    return _stability(elements, matrix)[0]
 
 
 def _largest_fragment_smiles(mol: Chem.Mol) -> str | None:

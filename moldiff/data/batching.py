@@ -9,11 +9,15 @@ recorded ``(epoch, position)`` continues with exactly the batches it would have 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from moldiff.geometry import remove_mean
+
+if TYPE_CHECKING:
+    from moldiff.data.qm9_bonds import BondTable
 
 __all__ = ["MoleculeBatch", "MoleculeSet", "epoch_order"]
 
@@ -21,17 +25,25 @@ __all__ = ["MoleculeBatch", "MoleculeSet", "epoch_order"]
 @dataclass
 class MoleculeBatch:
     """A batch: ``pos`` ``(n, 3)`` Å centred per molecule, ``types`` ``(n,)`` element indices,
-    ``charges`` ``(n,)`` atomic numbers, ``batch`` ``(n,)`` sorted molecule indices, ``num_graphs``."""
+    ``charges`` ``(n,)`` atomic numbers, ``batch`` ``(n,)`` sorted molecule indices, ``num_graphs``,
+    and optionally ``bonds`` ``(P, 3)`` int64 rows ``[i, j, order]``: one per bond, ``i < j`` indices
+    into the batch's atoms (the rows of ``pos``), order 1-3; ``None`` when the set has no bond labels."""
 
     pos: torch.Tensor
     types: torch.Tensor
     charges: torch.Tensor
     batch: torch.Tensor
     num_graphs: int
+    bonds: torch.Tensor | None = None
 
     def to(self, device) -> "MoleculeBatch":
         return MoleculeBatch(
-            self.pos.to(device), self.types.to(device), self.charges.to(device), self.batch.to(device), self.num_graphs
+            self.pos.to(device),
+            self.types.to(device),
+            self.charges.to(device),
+            self.batch.to(device),
+            self.num_graphs,
+            None if self.bonds is None else self.bonds.to(device),
         )
 
 
@@ -41,15 +53,24 @@ class MoleculeSet:
     Args:
         ptr: ``(M + 1,)`` atom offsets; atom_types ``(A,)``; positions ``(A, 3)`` Å;
         atomic_numbers: ``(num_types,)`` atomic number of each type index (the "charge" feature);
-        indices: which molecules (positions into ``ptr``) belong to this set.
+        indices: which molecules (positions into ``ptr``) belong to this set;
+        bonds: optional bond-order labels of the whole store (indexed like ``ptr``, not like
+        ``indices``); when given, every batch carries them as ``MoleculeBatch.bonds``.
     """
 
-    def __init__(self, ptr, atom_types, positions, atomic_numbers, indices):
+    def __init__(self, ptr, atom_types, positions, atomic_numbers, indices, *, bonds: BondTable | None = None):
         self.ptr = np.asarray(ptr, dtype=np.int64)
         self.atom_types = np.asarray(atom_types, dtype=np.int64)
         self.positions = np.asarray(positions, dtype=np.float32)
         self.atomic_numbers = np.asarray(atomic_numbers, dtype=np.int64)
         self.indices = np.asarray(indices, dtype=np.int64)
+        self._bond_ptr = self._bond_pairs = self._bond_orders = None
+        if bonds is not None:
+            if len(bonds.ptr) != len(self.ptr):
+                raise ValueError(f"bond table has {len(bonds.ptr) - 1} molecules, the store {len(self.ptr) - 1}")
+            # Shared, not copied (the compact int16/int8 store); batch() widens only the rows it gathers.
+            self._bond_ptr = np.asarray(bonds.ptr, dtype=np.int64)
+            self._bond_pairs, self._bond_orders = bonds.pairs, bonds.orders
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -69,7 +90,22 @@ class MoleculeSet:
         batch = torch.from_numpy(np.repeat(np.arange(len(mols)), counts))
         types = torch.from_numpy(self.atom_types[atoms])
         pos = remove_mean(torch.from_numpy(self.positions[atoms]), batch, len(mols))
-        return MoleculeBatch(pos, types, torch.from_numpy(self.atomic_numbers[self.atom_types[atoms]]), batch, len(mols))
+        charges = torch.from_numpy(self.atomic_numbers[self.atom_types[atoms]])
+        bonds = None if self._bond_ptr is None else torch.from_numpy(self._gather_bonds(mols, counts))
+        return MoleculeBatch(pos, types, charges, batch, len(mols), bonds)
+
+    def _gather_bonds(self, mols: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """``(P, 3)`` int64 ``[i, j, order]`` of molecules ``mols`` (store positions) with ``counts``
+        atoms each, local atom indices shifted to the molecule's first row in the batch."""
+        lo, hi = self._bond_ptr[mols], self._bond_ptr[mols + 1]
+        n_bonds = hi - lo
+        first_bond = np.cumsum(n_bonds) - n_bonds  # each molecule's first row in the output
+        rows = np.arange(n_bonds.sum()) + np.repeat(lo - first_bond, n_bonds)
+        first_atom = np.repeat(np.cumsum(counts) - counts, n_bonds)
+        out = np.empty((len(rows), 3), dtype=np.int64)
+        out[:, :2] = self._bond_pairs[rows] + first_atom[:, None]
+        out[:, 2] = self._bond_orders[rows]
+        return out
 
     def batches(self, batch_size: int, seed: int, epoch: int, start: int = 0, drop_last: bool = True):
         """Yield ``(position_in_epoch, MoleculeBatch)`` for one shuffled epoch, from batch ``start``."""

@@ -1,14 +1,15 @@
 """Gaussian diffusion over zero-CoM point clouds; it knows nothing of the network."""
 
 from moldiff.diffusion.likelihood import NLLTerms, estimate_nll, kl_prior, reconstruction_nll
-from moldiff.diffusion.losses import degrees_of_freedom, epsilon_loss, squared_error_per_molecule
+from moldiff.diffusion.losses import bond_epsilon_loss, degrees_of_freedom, epsilon_loss, squared_error_per_molecule
 from moldiff.diffusion.pairing import PAIRINGS, optimal_rotations, pair_noise
-from moldiff.diffusion.process import AtomFeatures, NoisedState, add_noise, centred_noise
+from moldiff.diffusion.process import AtomFeatures, BondFeatures, NoisedState, add_noise, centred_noise, symmetric_edge_noise
 from moldiff.diffusion.samplers import SAMPLERS, AncestralSampler, DDIMSampler, Sampler, SamplerStep, make_sampler
 from moldiff.diffusion.schedules import NoiseSchedule
 
 __all__ = [
     "AtomFeatures",
+    "BondFeatures",
     "AncestralSampler",
     "DDIMSampler",
     "NoiseSchedule",
@@ -19,6 +20,8 @@ __all__ = [
     "Sampler",
     "SamplerStep",
     "add_noise",
+    "bond_epsilon_loss",
+    "symmetric_edge_noise",
     "centred_noise",
     "degrees_of_freedom",
     "epsilon_loss",

@@ -12,7 +12,7 @@ import torch
 from moldiff.geometry import num_nodes_per_graph, scatter_sum
 
 __all__ = ["degrees_of_freedom", "squared_error_per_molecule", "epsilon_loss", "loss_weight", "LOSS_WEIGHTINGS",
-           "even_parity_probability", "valence_parity_loss"]
+           "even_parity_probability", "valence_parity_loss", "bond_epsilon_loss"]
 
 
 def degrees_of_freedom(batch: torch.Tensor, num_graphs: int, num_features: int) -> torch.Tensor:
@@ -96,3 +96,12 @@ def valence_parity_loss(type_logits: torch.Tensor, odd_types: torch.Tensor, batc
     """
     q = (type_logits.to(torch.float32).softmax(-1) * odd_types.to(torch.float32)).sum(-1)
     return -torch.log(even_parity_probability(q, batch, num_graphs).clamp(min=1e-6))
+
+
+def bond_epsilon_loss(pred_e: torch.Tensor, eps_e: torch.Tensor, edge_batch: torch.Tensor, num_graphs: int) -> torch.Tensor:
+    """``(B,)`` mean squared error of the bond-feature noise per molecule: the sum over its directed
+    edges ``(E, K)`` (each atom pair twice, both equal) divided by ``K`` x its number of edges, so each
+    molecule's bond term is on the per-dimension scale of :func:`epsilon_loss`. Single atoms: 0."""
+    err = scatter_sum(((pred_e - eps_e) ** 2).sum(-1), edge_batch, num_graphs)
+    edges = torch.bincount(edge_batch, minlength=num_graphs).to(err.dtype)
+    return err / (edges.clamp(min=1) * eps_e.shape[-1])

@@ -15,7 +15,7 @@ import torch
 from moldiff.diffusion.pairing import pair_noise
 from moldiff.geometry import remove_mean
 
-__all__ = ["AtomFeatures", "NoisedState", "centred_noise", "add_noise"]
+__all__ = ["AtomFeatures", "BondFeatures", "NoisedState", "centred_noise", "add_noise", "symmetric_edge_noise"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,34 @@ class AtomFeatures:
         if not self.include_charges:
             return types, None
         return types, torch.round(h[:, self.num_types] / self.charge_scale).long()
+
+
+@dataclass(frozen=True)
+class BondFeatures:
+    """Encodes bond orders of atom pairs (0 = no bond, 1-3) as scaled one-hots, like atom types.
+
+    ``num_types = 4``: no bond / single / double / triple (aromatic rings as their Kekulé form).
+    """
+
+    num_types: int = 4
+    scale: float = 0.25
+
+    def encode(self, orders: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        """``orders`` ``(E,)`` int in [0, num_types) -> ``(E, num_types)``."""
+        if orders.numel() and (int(orders.min()) < 0 or int(orders.max()) >= self.num_types):
+            raise ValueError(f"bond orders must be in [0, {self.num_types}), got {int(orders.min())}..{int(orders.max())}")
+        return torch.nn.functional.one_hot(orders.long(), self.num_types).to(dtype) * self.scale
+
+    def decode(self, e: torch.Tensor) -> torch.Tensor:
+        """``(E, num_types)`` -> ``(E,)`` bond orders by argmax."""
+        return e.argmax(-1)
+
+
+def symmetric_edge_noise(rev: torch.Tensor, num_types: int, *, generator=None, dtype=torch.float32) -> torch.Tensor:
+    """Standard Gaussian noise ``(E, num_types)`` equal on each edge and its reverse ``rev``
+    (:func:`moldiff.geometry.reverse_edges`): one draw per atom pair, ``(g + g[rev]) / sqrt(2)``."""
+    g = torch.randn(rev.shape[0], num_types, generator=generator, dtype=dtype, device=rev.device)
+    return (g + g[rev]) * (0.5**0.5)
 
 
 class NoisedState(NamedTuple):

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from moldiff.diffusion.process import centred_noise
+from moldiff.diffusion.process import centred_noise, symmetric_edge_noise
 from moldiff.diffusion.schedules import NoiseSchedule
 
 __all__ = ["SamplerStep", "Sampler", "AncestralSampler", "DDIMSampler", "make_sampler", "SAMPLERS"]
@@ -72,6 +72,12 @@ class Sampler:
     def step(self, eps_pos, eps_h, t, s, pos_t, h_t, batch, *, generator=None) -> SamplerStep:
         raise NotImplementedError
 
+    def edge_step(self, eps_e, e_t, t, s, edge_batch, rev, *, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same reverse step for bond features ``e_t`` ``(E, K)`` of directed edges (molecule of
+        each edge ``edge_batch`` ``(E,)``, reverse edges ``rev``); fresh noise is symmetric.
+        Returns ``(e_s, e0)``: the state at ``s`` and the clean estimate at ``t``."""
+        raise NotImplementedError
+
 
 class AncestralSampler(Sampler):
     """z_s ~ q(z_s | z_t, x = x_hat): mean ``z_t / a_ts - s2_ts / (a_ts sigma_t) eps_hat``,
@@ -105,6 +111,15 @@ class AncestralSampler(Sampler):
         pos0, h0 = self.clean_estimate(pos_t, h_t, eps_pos, eps_h, t, batch)
         return SamplerStep(pos, h, pos0, h0)
 
+    def edge_step(self, eps_e, e_t, t, s, edge_batch, rev, *, generator=None):
+        dt = e_t.dtype
+        cz, ce, std = (_per_atom(x, edge_batch, dt) for x in self.posterior(t, s))
+        noise = symmetric_edge_noise(rev, e_t.shape[1], generator=generator, dtype=dt)
+        e_s = cz * e_t - ce * eps_e + std * self.noise_scale * noise
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        e0 = (e_t - _per_atom(sigma, edge_batch, dt) * eps_e) / _per_atom(alpha, edge_batch, dt)
+        return e_s, e0
+
 
 class DDIMSampler(Sampler):
     """DDIM: ``z_s = alpha_s x_hat + sqrt(sigma_s^2 - c^2) eps_hat + c * noise`` with
@@ -137,6 +152,20 @@ class DDIMSampler(Sampler):
             pos = pos + c * centred_noise(batch, num_graphs, generator=generator, dtype=dt)
             h = h + c * torch.randn(h_t.shape, generator=generator, dtype=dt, device=h_t.device)
         return SamplerStep(pos, h, pos0, h0)
+
+    def edge_step(self, eps_e, e_t, t, s, edge_batch, rev, *, generator=None):
+        dt = e_t.dtype
+        alpha_t, sigma_t = self.schedule.alpha_sigma(t)
+        alpha_s, sigma_s = self.schedule.alpha_sigma(s)
+        a_ts = alpha_t / alpha_s
+        c = self.eta * torch.sqrt((sigma_t**2 - a_ts**2 * sigma_s**2).clamp(min=0.0)) * sigma_s / sigma_t
+        keep = torch.sqrt((sigma_s**2 - c**2).clamp(min=0.0))
+        e0 = (e_t - _per_atom(sigma_t, edge_batch, dt) * eps_e) / _per_atom(alpha_t, edge_batch, dt)
+        e_s = _per_atom(alpha_s, edge_batch, dt) * e0 + _per_atom(keep, edge_batch, dt) * eps_e
+        if self.eta > 0:
+            noise = symmetric_edge_noise(rev, e_t.shape[1], generator=generator, dtype=dt)
+            e_s = e_s + _per_atom(c * self.noise_scale, edge_batch, dt) * noise
+        return e_s, e0
 
 
 SAMPLERS = {"ancestral": AncestralSampler, "ddim": DDIMSampler}

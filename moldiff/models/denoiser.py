@@ -35,6 +35,10 @@ class DenoiserConfig:
     #: self-conditioning (Chen et al., ICLR 2023, "Analog Bits"): the network also sees its previous
     #: estimate of the clean molecule, as invariant inputs (features per atom, distances per edge)
     self_condition: bool = False
+    #: bond classes generated jointly as edge features (MiDi, Vignac et al. 2023; EQGAT-diff, Le et al.
+    #: 2024): 0 = none (EDM), 4 = no bond / single / double / triple. The network then also takes the
+    #: noisy bond features of every atom pair and predicts their noise.
+    bond_types: int = 0
 
     @classmethod
     def from_dict(cls, d: dict) -> "DenoiserConfig":
@@ -53,6 +57,23 @@ class DenoiserOutput(NamedTuple):
 
     pos: torch.Tensor
     h: torch.Tensor
+
+
+class BondHead(nn.Module):
+    """Edge output ``(E, K)`` from ``[h_i + h_j, |x_i - x_j|^2, e_ij]``: symmetric in ``i, j`` and
+    invariant (the sum of the endpoint features, a distance and the symmetric input bond features)."""
+
+    def __init__(self, hidden: int, bond_types: int):
+        super().__init__()
+        self.node = nn.Linear(hidden, hidden)
+        self.edge = nn.Linear(1 + bond_types, hidden, bias=False)
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, bond_types))
+
+    def forward(self, h, edge_index, radial, e_t):
+        a = self.node(h)  # linear, so node(h_i + h_j) = a_i + a_j - bias: one product per node
+        row, col = edge_index
+        pair = torch.index_select(a, 0, row) + torch.index_select(a, 0, col) - self.node.bias.to(a.dtype)
+        return self.out(pair + self.edge(torch.cat([radial, e_t], -1).to(a.dtype)))
 
 
 class EGNNDenoiser(nn.Module):
@@ -82,11 +103,14 @@ class EGNNDenoiser(nn.Module):
                 c.coords_range,
                 c.norm_constant,
                 c.normalization_factor,
-                extra_edge_attr=int(c.self_condition),
+                extra_edge_attr=int(c.self_condition) + c.bond_types,
             )
             for _ in range(c.n_layers)
         )
         self.embedding_out = nn.Linear(c.hidden, in_nf)
+        # Registered last: its parameters come after the plain model's, so a plain checkpoint's
+        # optimiser state still lines up when bond features are switched on mid-run.
+        self.bond_head = BondHead(c.hidden, c.bond_types) if c.bond_types else None
 
     def forward(
         self,
@@ -98,7 +122,8 @@ class EGNNDenoiser(nn.Module):
         edge_index: torch.Tensor | None = None,
         cond: tuple[torch.Tensor, torch.Tensor] | None = None,
         blocks: Sequence[Callable] | None = None,
-    ) -> DenoiserOutput:
+        e_t: torch.Tensor | None = None,
+    ) -> DenoiserOutput | tuple[DenoiserOutput, torch.Tensor]:
         """Predict on a flat batch.
 
         Args:
@@ -114,6 +139,11 @@ class EGNNDenoiser(nn.Module):
                 per edge: invariant, and bounded where the estimate is poor (high noise).
             blocks: callables to run in place of ``self.blocks``, one per block with the same
                 signature (e.g. compiled versions of them, see ``MolDiffPipeline.configure_inference``).
+            e_t: ``(E, bond_types)`` noisy bond features of the directed edges ``edge_index`` (equal for
+                ``i -> j`` and ``j -> i``); required by, and only accepted by, models with ``bond_types``.
+
+        Returns:
+            :class:`DenoiserOutput`; for bond models ``(DenoiserOutput, eps_e (E, bond_types))``.
         """
         num_graphs = t.shape[0]
         if edge_index is None:
@@ -136,10 +166,19 @@ class EGNNDenoiser(nn.Module):
                 static = torch.cat([radial0, torch.log1p(radial_hat)], -1)
         elif cond is not None:
             raise ValueError("cond was given but this denoiser was not built with self_condition")
+        if self.config.bond_types:
+            if e_t is None or e_t.shape != (edge_index.shape[1], self.config.bond_types):
+                raise ValueError(f"this denoiser generates bonds: pass e_t of shape (E, {self.config.bond_types})")
+            static = torch.cat([static, e_t.to(static.dtype)], -1)
+        elif e_t is not None:
+            raise ValueError("e_t was given but this denoiser was not built with bond_types")
         h = self.embedding(torch.cat(parts, -1))
         pos = pos_t
         for block in self.blocks if blocks is None else blocks:
             h, pos = block(h, pos, edge_index, static)
         h_out = self.embedding_out(h)[:, : self.config.num_features]
         vel = remove_mean(pos - pos_t, batch, num_graphs)
-        return DenoiserOutput(vel, h_out)
+        if self.bond_head is None:
+            return DenoiserOutput(vel, h_out)
+        radial, _ = coord_features(pos, edge_index, self.config.norm_constant)
+        return DenoiserOutput(vel, h_out), self.bond_head(h, edge_index, radial, e_t)

@@ -44,10 +44,15 @@ class DiffusionConfig:
     #: weight of the auxiliary valence-parity loss (0: EDM's loss only); see ``training.loop.diffusion_loss``.
     #: Experimental: 0.2 raised the validation loss without fixing parity (docs/experiments.md, session 6)
     parity_weight: float = 0.0
+    #: weight of the bond-feature noise loss for models with ``model.bond_types`` (per dimension, on
+    #: the scale of the atoms' loss; see ``training.loop.diffusion_loss``)
+    bond_weight: float = 1.0
 
     def __post_init__(self):
         if not (math.isfinite(self.parity_weight) and self.parity_weight >= 0):
             raise ConfigError(f"diffusion.parity_weight must be a non-negative number, got {self.parity_weight}")
+        if not (math.isfinite(self.bond_weight) and self.bond_weight >= 0):
+            raise ConfigError(f"diffusion.bond_weight must be a non-negative number, got {self.bond_weight}")
 
 
 @dataclass

@@ -33,8 +33,9 @@ from moldiff.chemistry.elements import QM9_ELEMENTS, SYMBOL_TO_Z, valence_sum_pa
 from moldiff.data.batching import MoleculeBatch, MoleculeSet
 from moldiff.data.qm9 import edm_split, load_qm9
 from moldiff.data.statistics import DatasetStatistics, compute_statistics
-from moldiff.diffusion import PAIRINGS, AtomFeatures, NoiseSchedule, add_noise, epsilon_loss
-from moldiff.diffusion.losses import loss_weight, valence_parity_loss
+from moldiff.diffusion import PAIRINGS, AtomFeatures, NoiseSchedule, add_noise, epsilon_loss, symmetric_edge_noise
+from moldiff.diffusion.losses import bond_epsilon_loss, loss_weight, valence_parity_loss
+from moldiff.geometry import fully_connected_edges, reverse_edges
 from moldiff.models import EGNNDenoiser
 from moldiff.pipeline import MolDiffPipeline
 from moldiff.training.clipping import AdaptiveClipper
@@ -71,8 +72,13 @@ def load_training_data(cfg: RunConfig) -> TrainingData:
         train_idx = train_idx[: cfg.data.max_train_molecules]
     valid_idx = split["valid"][: cfg.data.max_valid_molecules]
     z = [SYMBOL_TO_Z[e] for e in QM9_ELEMENTS]
-    train = MoleculeSet(qm9.ptr, qm9.atom_types, qm9.positions, z, train_idx)
-    valid = MoleculeSet(qm9.ptr, qm9.atom_types, qm9.positions, z, valid_idx)
+    bonds = None
+    if cfg.model.bond_types:
+        from moldiff.data.qm9_bonds import load_qm9_bonds  # only bond models need the labels (built once, cached)
+
+        bonds = load_qm9_bonds(qm9, cfg.data.cache_dir, progress=True)
+    train = MoleculeSet(qm9.ptr, qm9.atom_types, qm9.positions, z, train_idx, bonds=bonds)
+    valid = MoleculeSet(qm9.ptr, qm9.atom_types, qm9.positions, z, valid_idx, bonds=bonds)
     atom_types = np.concatenate([qm9.atom_types[qm9.ptr[i] : qm9.ptr[i + 1]] for i in train_idx])
     stats = compute_statistics(QM9_ELEMENTS, train.num_atoms, atom_types)
     return TrainingData(train, valid, stats, QM9_ELEMENTS, z)
@@ -100,7 +106,8 @@ PARITY_LOGIT_SCALE = 10.0
 
 
 def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor, generator, shard=None,
-                   weighting: str = "uniform", pairing: str = "none", parity_weight: float = 0.0) -> torch.Tensor:
+                   weighting: str = "uniform", pairing: str = "none", parity_weight: float = 0.0,
+                   bond_weight: float = 1.0) -> torch.Tensor:
     """EDM's L2 loss on one batch at times ``t`` ``(B,)`` (optionally SNR-weighted, see ``loss_weight``).
 
     ``parity_weight > 0`` adds ``parity_weight * mean_k alpha_k^2 * valence_parity_loss_k``: the
@@ -110,6 +117,10 @@ def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor,
 
     ``shard=(lo, hi)`` restricts the loss to molecules ``lo:hi`` after drawing noise for the whole
     batch (data-parallel ranks use this so that they reproduce single-process noise exactly).
+
+    Bond models (``pipe.bond_types``): the batch's bond orders (``batch.bonds``) are noised on every
+    atom pair at the same ``t`` and the loss adds ``bond_weight x`` their noise error per dimension
+    (:func:`moldiff.diffusion.losses.bond_epsilon_loss`) to the atoms' loss.
     """
     h = pipe.features.encode(batch.types, batch.charges, dtype=batch.pos.dtype)
     alpha, sigma = pipe.schedule.alpha_sigma(t)
@@ -131,8 +142,10 @@ def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor,
             a, s = pipe.schedule.alpha_sigma(tt)
             a, s = a.to(pos_t.dtype)[bvec].unsqueeze(-1), s.to(pos_t.dtype)[bvec].unsqueeze(-1)
             cond = ((pos_t - s * e_pos) / a, (h_t - s * e_h) / a)
-    pred_pos, pred_h = pipe.predict_noise(pos_t, h_t, tt.to(pos_t.dtype), bvec, cond=cond)
     weight = loss_weight(pipe.schedule.snr(tt), weighting)
+    if pipe.bond_types:
+        return _bond_model_loss(pipe, batch, pos_t, h_t, eps_pos, eps_h, tt, weight, generator, bond_weight)
+    pred_pos, pred_h = pipe.predict_noise(pos_t, h_t, tt.to(pos_t.dtype), bvec, cond=cond)
     loss = epsilon_loss(pred_pos, eps_pos, pred_h, eps_h, bvec, num_graphs, weight=weight)
     if parity_weight > 0:
         a, s = pipe.schedule.alpha_sigma(tt)
@@ -143,6 +156,40 @@ def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor,
         per_mol = valence_parity_loss(PARITY_LOGIT_SCALE * h0 / pipe.features.type_scale, odd, bvec, num_graphs)
         loss = loss + parity_weight * (a.to(per_mol.dtype) ** 2 * per_mol).mean()
     return loss
+
+
+def edge_bond_orders(bonds: torch.Tensor, edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """``(E,)`` bond order of every directed edge of ``fully_connected_edges`` (sorted by source,
+    then target), from a batch's bond rows ``[i, j, order]`` ``(P, 3)``; 0 where there is no bond."""
+    row, col = edge_index
+    key = row * num_nodes + col
+    labels = torch.zeros_like(row)
+    if bonds.numel():
+        i, j, order = bonds.to(row.device).long().unbind(-1)
+        for a, b in ((i, j), (j, i)):
+            at = torch.searchsorted(key, a * num_nodes + b)
+            if bool((at >= key.numel()).any()) or not bool((key[at] == a * num_nodes + b).all()):
+                raise ValueError("a bond joins atoms of different molecules or an atom to itself")
+            labels[at] = order
+    return labels
+
+
+def _bond_model_loss(pipe, batch, pos_t, h_t, eps_pos, eps_h, t, weight, generator, bond_weight):
+    if batch.bonds is None:
+        raise ValueError("this model generates bonds: its batches need bond orders (MoleculeSet(..., bonds=...))")
+    n = batch.batch.shape[0]
+    edge_index = fully_connected_edges(batch.batch)
+    edge_batch, rev = batch.batch[edge_index[0]], reverse_edges(edge_index, n)
+    e = pipe.bond_features.encode(edge_bond_orders(batch.bonds, edge_index, n), dtype=pos_t.dtype)
+    eps_e = symmetric_edge_noise(rev, pipe.bond_types, generator=generator, dtype=pos_t.dtype)
+    alpha, sigma = pipe.schedule.alpha_sigma(t)
+    e_t = alpha.to(e.dtype)[edge_batch].unsqueeze(-1) * e + sigma.to(e.dtype)[edge_batch].unsqueeze(-1) * eps_e
+    pred_pos, pred_h, pred_e = pipe.predict_noise(pos_t, h_t, t.to(pos_t.dtype), batch.batch, edge_index=edge_index, e_t=e_t)
+    atoms = epsilon_loss(pred_pos, eps_pos, pred_h, eps_h, batch.batch, batch.num_graphs, weight=weight)
+    per_mol = bond_epsilon_loss(pred_e.float(), eps_e.float(), edge_batch, batch.num_graphs)
+    if weight is not None:
+        per_mol = per_mol * weight.to(per_mol.dtype)
+    return atoms + bond_weight * per_mol.mean()
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -168,8 +215,10 @@ def _pad(tensor: torch.Tensor, shape) -> torch.Tensor:
 
 
 def _widen(saved: dict, target: dict) -> dict:
-    """A plain model's state dict laid out for the self-conditioned model ``target`` (zero new columns)."""
-    return {k: _pad(v, target[k].shape) for k, v in saved.items()}
+    """A plain model's state dict laid out for the self-conditioned or bond model ``target``: zero new
+    input columns; parameters only ``target`` has (new output heads) keep ``target``'s values."""
+    out = {k: _pad(v, target[k].shape) for k, v in saved.items()}
+    return {k: out.get(k, v) for k, v in target.items()}
 
 
 class Trainer:
@@ -205,6 +254,13 @@ class Trainer:
         if world_size > 1:
             self.forward_model = torch.nn.parallel.DistributedDataParallel(self.forward_model)
         loss_weight(torch.ones(1, dtype=torch.float64), cfg.diffusion.loss_weighting)  # bad names fail here
+        if cfg.model.bond_types:
+            clash = [what for what, on in (("data-parallel training", world_size > 1),
+                                           ("model.self_condition", cfg.model.self_condition),
+                                           ("diffusion.parity_weight", cfg.diffusion.parity_weight > 0),
+                                           ("diffusion.noise_pairing", cfg.diffusion.noise_pairing != "none")) if on]
+            if clash:
+                raise ValueError(f"model.bond_types does not combine with {', '.join(clash)} yet")
         if cfg.diffusion.noise_pairing not in PAIRINGS:
             raise ValueError(f"diffusion.noise_pairing must be one of {', '.join(PAIRINGS)}, got {cfg.diffusion.noise_pairing!r}")
         if cfg.train.precision not in ("fp32", "bf16"):
@@ -245,22 +301,35 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        saved_sc = bool(state.get("config", {}).get("model", {}).get("self_condition", False))
-        if saved_sc != self.cfg.model.self_condition:
-            if saved_sc:
-                raise ValueError("this checkpoint is self-conditioned; it cannot continue as a plain model")
-            # Switching self-conditioning on mid-run: the new input columns start at zero, so the
-            # network computes what it computed before, and optimiser moments start at zero for them.
+        saved_model = state.get("config", {}).get("model", {})
+        saved_sc = bool(saved_model.get("self_condition", False))
+        saved_bonds = int(saved_model.get("bond_types", 0))
+        if saved_sc and not self.cfg.model.self_condition:
+            raise ValueError("this checkpoint is self-conditioned; it cannot continue as a plain model")
+        if saved_bonds and saved_bonds != self.cfg.model.bond_types:
+            raise ValueError(f"this checkpoint generates {saved_bonds} bond classes; it cannot continue with "
+                             f"model.bond_types={self.cfg.model.bond_types}")
+        switched = [name for name, on in (("self-conditioning", saved_sc != self.cfg.model.self_condition),
+                                          ("bond features", saved_bonds != self.cfg.model.bond_types)) if on]
+        if switched:
+            # Switching self-conditioning or bond features on mid-run: the new input columns start at
+            # zero, so the network computes what it computed before; new output heads keep their
+            # initialisation; optimiser moments start at zero for everything new.
             state = dict(state)
-            state["model"] = _widen(state["model"], self.model.state_dict())
+            target = self.model.state_dict()
+            state["model"] = _widen(state["model"], target)
             if state["ema"] is not None:
-                state["ema"] = _widen(state["ema"], self.model.state_dict())
+                state["ema"] = _widen(state["ema"], target)
             opt = dict(state["optimizer"])
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             opt["state"] = {i: {k: (_pad(v, params[i].shape) if torch.is_tensor(v) and v.dim() else v) for k, v in st.items()}
                             for i, st in opt["state"].items()}
+            groups = [dict(g) for g in opt["param_groups"]]
+            known = sum(len(g["params"]) for g in groups)
+            groups[-1]["params"] = list(groups[-1]["params"]) + list(range(known, len(params)))
+            opt["param_groups"] = groups
             state["optimizer"] = opt
-            self.log("self-conditioning switched on: new input weights start at zero")
+            self.log(f"{' and '.join(switched)} switched on: new input weights start at zero")
         self.model.load_state_dict(state["model"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
@@ -348,7 +417,10 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def validation_loss(self, max_batches: int = 20) -> float:
-        """Mean loss of the EMA model on the validation subset with fixed times and noise."""
+        """Mean loss of the EMA model on the validation subset with fixed times and noise.
+
+        EDM's uniform atom loss only (for bond models too: their bond term is left out), so that
+        runs of every variant are compared on the same number."""
         model = self.ema.model if self.ema is not None else self.model
         pipe = MolDiffPipeline(model, self.pipe.schedule, self.pipe.features, self.pipe.statistics, self.pipe.atomic_numbers)
         gen = torch.Generator(device=self.device)
@@ -359,7 +431,7 @@ class Trainer:
                 break
             batch = batch.to(self.device)
             t = torch.rand(batch.num_graphs, generator=gen, dtype=torch.float64, device=self.device)
-            total += float(diffusion_loss(pipe, batch, t, gen)) * batch.num_graphs
+            total += float(diffusion_loss(pipe, batch, t, gen, bond_weight=0.0)) * batch.num_graphs
             count += batch.num_graphs
         return total / max(1, count)
 
@@ -383,7 +455,8 @@ class Trainer:
             loss = diffusion_loss(self._loss_pipe(), batch.to(self.device), t, self.generator, shard,
                                   weighting=self.cfg.diffusion.loss_weighting,
                                   pairing=self.cfg.diffusion.noise_pairing,
-                                  parity_weight=self.cfg.diffusion.parity_weight)
+                                  parity_weight=self.cfg.diffusion.parity_weight,
+                                  bond_weight=self.cfg.diffusion.bond_weight)
         if not self._all_ranks(bool(torch.isfinite(loss))):
             self.optimizer.zero_grad(set_to_none=True)
             return float(loss), float("nan"), False, True
@@ -417,11 +490,14 @@ class Trainer:
 
         class _Proxy:
             features, schedule, self_condition = self.pipe.features, self.pipe.schedule, self.pipe.self_condition
-            elements = self.pipe.elements
+            elements, bond_types, bond_features = self.pipe.elements, self.pipe.bond_types, self.pipe.bond_features
 
             @staticmethod
-            def predict_noise(pos_t, h_t, t, batch, cond=None):
-                out = wrapper(pos_t, h_t, t, batch, cond=cond)
+            def predict_noise(pos_t, h_t, t, batch, cond=None, edge_index=None, e_t=None):
+                out = wrapper(pos_t, h_t, t, batch, cond=cond, edge_index=edge_index, e_t=e_t)
+                if e_t is not None:
+                    out, eps_e = out
+                    return out.pos, out.h, eps_e
                 return out.pos, out.h
 
         return _Proxy()
