@@ -418,13 +418,18 @@ def inpaint_arrays(
     if formula is not None and fragment is None and formula_draws > 0 and initial_noise is None:
         _plan(pipe, n, None, formula, num_atoms, np.random.default_rng(0))  # the one-line errors first
         kept, used = _draw_formula(pipe, n, formula, int(formula_draws), steps=steps, sampler=sampler, seed=seed,
-                                   batch_size=batch_size, time_power=plain_time_power, noise_scale=plain_noise_scale)
+                                   batch_size=batch_size, time_power=plain_time_power, noise_scale=plain_noise_scale,
+                                   on_step=on_step)
+        if progress is not None and kept:
+            progress(len(kept))
         clamped = None
         if len(kept) < n:
-            clamped = inpaint_arrays(pipe, n - len(kept), formula=formula, steps=steps, sampler=sampler, resample=resample,
+            found = len(kept)
+            clamped = inpaint_arrays(pipe, n - found, formula=formula, steps=steps, sampler=sampler, resample=resample,
                                      seed=None if seed is None else seed + 1, batch_size=batch_size,
                                      time_power=plain_time_power, noise_scale=plain_noise_scale,
-                                     valence_guidance=valence_guidance, formula_draws=0)
+                                     valence_guidance=valence_guidance, formula_draws=0, progress=progress,
+                                     on_step=None if on_step is None else (lambda done: on_step(found + done)))
         return _joined(kept, clamped, used, chem_fragments.format_formula(chem_fragments.parse_formula(formula)))
     rng = np.random.default_rng(seed)
     if initial_noise is not None and num_atoms is None and formula is None:
@@ -471,9 +476,11 @@ def inpaint_arrays(
     return out
 
 
-def _draw_formula(pipe, n, formula, draws, *, steps, sampler, seed, batch_size, time_power, noise_scale):
+def _draw_formula(pipe, n, formula, draws, *, steps, sampler, seed, batch_size, time_power, noise_scale, on_step=None):
     """Unconditional molecules of the formula's size with exactly its composition: ``(kept, drawn)``,
-    ``kept`` a list of at most ``n`` ``(SampledArrays, index)``. The formula is already checked."""
+    ``kept`` a list of at most ``n`` ``(SampledArrays, index)``. The formula is already checked.
+    ``on_step(k)`` after every drawn batch with the ``k`` molecules kept so far (a progress bar's
+    molecules done; how many draws that takes is not known in advance)."""
     counts = chem_fragments.parse_formula(formula)
     total = sum(counts.values())
     time_power = DEFAULT_TIME_POWER if time_power is None else time_power
@@ -487,6 +494,8 @@ def _draw_formula(pipe, n, formula, draws, *, steps, sampler, seed, batch_size, 
         drawn += m
         kept += [(arrays, j) for j in range(m)
                  if arrays.fault_step[j] < 0 and chem_fragments.element_counts(arrays.symbols(j)) == counts]
+        if on_step is not None:
+            on_step(min(len(kept), n))
     return kept[:n], drawn
 
 

@@ -531,6 +531,17 @@ def test_formula_draws_fall_back_to_clamping_within_the_budget(pipe):
     assert "formula_route" not in only.extra and len(only.positions) == 2
 
 
+def test_formula_progress_never_runs_backwards_and_ends_at_n():
+    """Progress (molecules done) during drawing counts the molecules kept, and the clamped remainder
+    continues from there rather than restarting at 0."""
+    pipe = MolDiffPipeline.from_pretrained(Path(moldiff.__file__).parent / "pretrained" / "qm9")
+    seen, batches = [], []
+    inpaint_arrays(pipe, 3, formula="C7H10O2", steps=4, seed=0, formula_draws=2, batch_size=2,
+                   on_step=seen.append, progress=batches.append)
+    assert seen and all(b >= a for a, b in zip(seen, seen[1:])) and seen[-1] == 3
+    assert sum(batches) == 3
+
+
 def test_formula_draws_keep_the_models_own_molecules():
     """With the shipped model a common QM9 formula is found among unconditional samples: the kept
     molecules are plain samples (no clamping) with exactly the formula, in a fixed order per seed."""
