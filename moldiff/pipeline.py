@@ -278,6 +278,11 @@ class MolDiffPipeline(torch.nn.Module):
         """Encoding of generated bonds (``None`` for models without bond features)."""
         return BondFeatures(self.bond_types) if self.bond_types else None
 
+    @property
+    def bond_output(self) -> str:
+        """What the bond head predicts: ``"eps"`` (noise) or ``"logits"`` (clean bond class)."""
+        return getattr(self.denoiser.config, "bond_output", "eps")
+
     def require_no_bonds(self, what: str) -> None:
         """Raise a one-line ``ValueError`` where ``what`` is not available for bond-generating models."""
         if self.bond_types:
@@ -288,12 +293,14 @@ class MolDiffPipeline(torch.nn.Module):
         """Whether the network takes its previous clean-molecule estimate as input (self-conditioning)."""
         return bool(getattr(self.denoiser.config, "self_condition", False))
 
-    def predict_noise(self, pos_t, h_t, t, batch, context=None, edge_index=None, cond=None, e_t=None):
+    def predict_noise(self, pos_t, h_t, t, batch, context=None, edge_index=None, cond=None, e_t=None, raw_bonds=False):
         """Noise prediction ``(eps_pos (n, 3), eps_h (n, F))`` at times ``t`` ``(B,)``, in ``pos_t``'s dtype.
 
         ``cond``: for self-conditioned models, the previous clean estimate ``(pos_hat, h_hat)`` (or None).
         ``e_t``: for bond-generating models, the noisy bond features ``(E, K)`` of ``edge_index``'s
-        edges; the prediction is then ``(eps_pos, eps_h, eps_e (E, K))``.
+        edges; the prediction is then ``(eps_pos, eps_h, eps_e (E, K))``. A model whose bond head
+        predicts clean-bond logits (``bond_output="logits"``) returns the noise its expected clean
+        one-hot implies, ``(e_t - alpha_t E[e_0]) / sigma_t``, or the logits with ``raw_bonds``.
         """
         blocks = getattr(self, "_compiled_blocks", None)
         bf16 = getattr(self, "_precision", "fp32") == "bf16"
@@ -302,7 +309,13 @@ class MolDiffPipeline(torch.nn.Module):
                                 e_t=e_t)
         if self.bond_types:
             out, eps_e = out
-            return out.pos.to(pos_t.dtype), out.h.to(h_t.dtype), eps_e.to(e_t.dtype)
+            eps_e = eps_e.to(e_t.dtype)
+            if self.denoiser.config.bond_output == "logits" and not raw_bonds:
+                edge_t = t.to(torch.float64)[batch[edge_index[0]]]
+                alpha, sigma = (x.to(e_t.dtype).unsqueeze(-1) for x in self.schedule.alpha_sigma(edge_t))
+                e0 = eps_e.softmax(-1) * self.bond_features.scale
+                eps_e = (e_t - alpha * e0) / sigma
+            return out.pos.to(pos_t.dtype), out.h.to(h_t.dtype), eps_e
         return out.pos.to(pos_t.dtype), out.h.to(h_t.dtype)
 
     # ------------------------------------------------------------------ likelihood

@@ -145,15 +145,30 @@ def test_edge_step_matches_the_atom_step_on_the_same_numbers(sampler):
     torch.testing.assert_close(e0[:1], step.h0, atol=1e-12, rtol=0)
 
 
-def bond_pipeline(seed: int = 0) -> MolDiffPipeline:
+def bond_pipeline(seed: int = 0, bond_output: str = "eps") -> MolDiffPipeline:
     torch.manual_seed(seed)
     stats = compute_statistics(("H", "C", "N", "O", "F"), np.array([3, 4, 5, 6]), np.array([0, 1, 2, 3, 4, 1]))
-    net = EGNNDenoiser(DenoiserConfig(num_features=6, hidden=16, n_layers=2, bond_types=K))
+    net = EGNNDenoiser(DenoiserConfig(num_features=6, hidden=16, n_layers=2, bond_types=K, bond_output=bond_output))
     return MolDiffPipeline(net, NoiseSchedule.polynomial(), AtomFeatures(5), stats, [1, 6, 7, 8, 9])
 
 
-def test_bond_model_samples_end_to_end_with_generated_bonds(tmp_path):
-    pipe = bond_pipeline()
+def test_logit_bond_head_implies_the_noise_of_its_expected_clean_bonds():
+    """bond_output="logits": predict_noise returns eps_e such that (e_t - sigma eps_e) / alpha is
+    exactly softmax(logits) x scale, the expected clean one-hot; raw_bonds gives the logits."""
+    pipe = bond_pipeline(bond_output="logits").double()
+    pos, h, batch, edge_index, rev, e = state(seed=5)
+    t = torch.tensor([0.1, 0.4, 0.7, 0.95], dtype=torch.float64)
+    _, _, logits = pipe.predict_noise(pos, h, t, batch, edge_index=edge_index, e_t=e, raw_bonds=True)
+    _, _, eps_e = pipe.predict_noise(pos, h, t, batch, edge_index=edge_index, e_t=e)
+    alpha, sigma = (x[batch[edge_index[0]]].unsqueeze(-1) for x in pipe.schedule.alpha_sigma(t))
+    torch.testing.assert_close((e - sigma * eps_e) / alpha, logits.softmax(-1) * 0.25, atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="bond_output"):
+        DenoiserConfig(bond_types=K, bond_output="x0")
+
+
+@pytest.mark.parametrize("bond_output", ["eps", "logits"])
+def test_bond_model_samples_end_to_end_with_generated_bonds(tmp_path, bond_output):
+    pipe = bond_pipeline(bond_output=bond_output)
     mols = pipe.sample(6, steps=5, seed=0, batch_size=4)
     assert len(mols) == 6
     for m in mols:

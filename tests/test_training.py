@@ -463,14 +463,16 @@ def debug_bond_data():
     return load_training_data(load_config(DEBUG, ["model.bond_types=4"]))
 
 
-def test_bond_features_switched_on_at_resume_keep_the_function_then_train(tmp_path, debug_data, debug_bond_data):
+@pytest.mark.parametrize("bond_output", ["eps", "logits"])
+def test_bond_features_switched_on_at_resume_keep_the_function_then_train(tmp_path, debug_data, debug_bond_data, bond_output):
     """A plain run resumed with model.bond_types=4: zero new edge-input columns, so positions and
     features are predicted as before whatever the bond input; the bond head then learns (its loss
     falls on a fixed batch) and the model samples molecules with generated bonds."""
     Trainer(load_config(DEBUG, ["train.max_steps=2"]), tmp_path, data=debug_data, log=quiet).train()
     plain = Trainer(load_config(DEBUG, ["train.max_steps=2"]), tmp_path / "p", data=debug_data, log=quiet)
     plain.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=False))
-    cfg = load_config(DEBUG, ["train.max_steps=60", "train.log_every=1", "model.bond_types=4", "optim.lr=1e-3"])
+    cfg = load_config(DEBUG, ["train.max_steps=60", "train.log_every=1", "model.bond_types=4", "optim.lr=1e-3",
+                              f"model.bond_output={bond_output}"])
     bonded = Trainer(cfg, tmp_path, data=debug_bond_data, log=quiet)
     assert bonded.resume()
     _, batch = next(iter(debug_bond_data.train.batches(8, 0, 0, 0)))

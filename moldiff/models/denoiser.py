@@ -39,6 +39,14 @@ class DenoiserConfig:
     #: 2024): 0 = none (EDM), 4 = no bond / single / double / triple. The network then also takes the
     #: noisy bond features of every atom pair and predicts their noise.
     bond_types: int = 0
+    #: what the bond head predicts: ``"eps"`` (the noise on the bond features, as for atoms) or
+    #: ``"logits"`` (the clean bond class, trained by cross-entropy as in MiDi; sampling turns the
+    #: expected clean one-hot into the noise it implies)
+    bond_output: str = "eps"
+
+    def __post_init__(self):
+        if self.bond_output not in ("eps", "logits"):
+            raise ValueError(f"bond_output must be 'eps' or 'logits', got {self.bond_output!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "DenoiserConfig":

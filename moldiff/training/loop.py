@@ -35,7 +35,7 @@ from moldiff.data.qm9 import edm_split, load_qm9
 from moldiff.data.statistics import DatasetStatistics, compute_statistics
 from moldiff.diffusion import PAIRINGS, AtomFeatures, NoiseSchedule, add_noise, epsilon_loss, symmetric_edge_noise
 from moldiff.diffusion.losses import bond_epsilon_loss, loss_weight, valence_parity_loss
-from moldiff.geometry import fully_connected_edges, reverse_edges
+from moldiff.geometry import fully_connected_edges, reverse_edges, scatter_sum
 from moldiff.models import EGNNDenoiser
 from moldiff.pipeline import MolDiffPipeline
 from moldiff.training.clipping import AdaptiveClipper
@@ -180,15 +180,22 @@ def _bond_model_loss(pipe, batch, pos_t, h_t, eps_pos, eps_h, t, weight, generat
     n = batch.batch.shape[0]
     edge_index = fully_connected_edges(batch.batch)
     edge_batch, rev = batch.batch[edge_index[0]], reverse_edges(edge_index, n)
-    e = pipe.bond_features.encode(edge_bond_orders(batch.bonds, edge_index, n), dtype=pos_t.dtype)
+    labels = edge_bond_orders(batch.bonds, edge_index, n)
+    e = pipe.bond_features.encode(labels, dtype=pos_t.dtype)
     eps_e = symmetric_edge_noise(rev, pipe.bond_types, generator=generator, dtype=pos_t.dtype)
     alpha, sigma = pipe.schedule.alpha_sigma(t)
     e_t = alpha.to(e.dtype)[edge_batch].unsqueeze(-1) * e + sigma.to(e.dtype)[edge_batch].unsqueeze(-1) * eps_e
-    pred_pos, pred_h, pred_e = pipe.predict_noise(pos_t, h_t, t.to(pos_t.dtype), batch.batch, edge_index=edge_index, e_t=e_t)
+    pred_pos, pred_h, pred_e = pipe.predict_noise(pos_t, h_t, t.to(pos_t.dtype), batch.batch, edge_index=edge_index,
+                                                  e_t=e_t, raw_bonds=True)
     atoms = epsilon_loss(pred_pos, eps_pos, pred_h, eps_h, batch.batch, batch.num_graphs, weight=weight)
-    per_mol = bond_epsilon_loss(pred_e.float(), eps_e.float(), edge_batch, batch.num_graphs)
-    if weight is not None:
-        per_mol = per_mol * weight.to(per_mol.dtype)
+    if pipe.bond_output == "logits":  # cross-entropy of the clean bond class, mean over each molecule's edges
+        ce = torch.nn.functional.cross_entropy(pred_e.float(), labels, reduction="none")
+        per_mol = scatter_sum(ce, edge_batch, batch.num_graphs) / torch.bincount(
+            edge_batch, minlength=batch.num_graphs).clamp(min=1).to(ce.dtype)
+    else:
+        per_mol = bond_epsilon_loss(pred_e.float(), eps_e.float(), edge_batch, batch.num_graphs)
+        if weight is not None:
+            per_mol = per_mol * weight.to(per_mol.dtype)
     return atoms + bond_weight * per_mol.mean()
 
 
@@ -491,9 +498,11 @@ class Trainer:
         class _Proxy:
             features, schedule, self_condition = self.pipe.features, self.pipe.schedule, self.pipe.self_condition
             elements, bond_types, bond_features = self.pipe.elements, self.pipe.bond_types, self.pipe.bond_features
+            bond_output = self.pipe.bond_output
 
             @staticmethod
-            def predict_noise(pos_t, h_t, t, batch, cond=None, edge_index=None, e_t=None):
+            def predict_noise(pos_t, h_t, t, batch, cond=None, edge_index=None, e_t=None, raw_bonds=False):
+                # training only: bond heads' raw output (the loss asks for it with raw_bonds=True)
                 out = wrapper(pos_t, h_t, t, batch, cond=cond, edge_index=edge_index, e_t=e_t)
                 if e_t is not None:
                     out, eps_e = out
