@@ -57,7 +57,7 @@ from moldiff.chemistry import fragments as chem_fragments
 from moldiff.chemistry.elements import to_symbols
 from moldiff.diffusion import DDIMSampler, centred_noise, make_sampler
 from moldiff.geometry import fully_connected_edges, num_nodes_per_graph, remove_mean, scatter_mean
-from moldiff.sampling import DEFAULT_NOISE_SCALE, DEFAULT_TIME_POWER, SampledArrays, batch_ticker, record_faults
+from moldiff.sampling import DEFAULT_NOISE_SCALE, DEFAULT_TIME_POWER, SampledArrays, batch_ticker, network_inputs, record_faults
 
 #: RePaint rounds per step unless asked otherwise. Measured on 20 QM9 fragments (docs/inpainting_results*.md,
 #: shipped model, 50 ancestral steps): 10 rounds instead of 1 raise fragment retention from 11% to 27%
@@ -654,7 +654,8 @@ def _inpaint_batch(pipe, plan: _Plan, sizes, steps, sampler, resample, gen, nois
         t = times[i].expand(num_graphs)
         s = times[i + 1].expand(num_graphs)
         for r in range(resample):
-            eps_hat_pos, eps_hat_h = pipe.predict_noise(pos, h, t, batch, edge_index=edge_index, **sc(cond))
+            net_pos, net_h = network_inputs(fault, batch, pos, h)  # a faulted molecule's NaNs stay out of the network
+            eps_hat_pos, eps_hat_h = pipe.predict_noise(net_pos, net_h, t, batch, edge_index=edge_index, **sc(cond))
             if guide is not None:
                 eps_hat_pos = guide(pos, eps_hat_pos, t)
             if pipe.self_condition:
@@ -668,7 +669,8 @@ def _inpaint_batch(pipe, plan: _Plan, sizes, steps, sampler, resample, gen, nois
                 tick(i * resample + r + 1, steps * resample + 1)
     # Final decode at t = 0 (mean of p(x | z_0), EDM eq. 9-10), then the known atoms exactly.
     t0 = times[-1].expand(num_graphs)
-    eps_hat_pos, eps_hat_h = pipe.predict_noise(pos, h, t0, batch, edge_index=edge_index, **sc(cond))
+    net_pos, net_h = network_inputs(fault, batch, pos, h)
+    eps_hat_pos, eps_hat_h = pipe.predict_noise(net_pos, net_h, t0, batch, edge_index=edge_index, **sc(cond))
     if guide is not None:
         eps_hat_pos = guide(pos, eps_hat_pos, t0)
     pos, h = sampler.clean_estimate(pos, h, eps_hat_pos, eps_hat_h, t0, batch)

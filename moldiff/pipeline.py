@@ -32,7 +32,8 @@ from moldiff.diffusion import AtomFeatures, BondFeatures, NoiseSchedule, centred
 from moldiff.diffusion.likelihood import NLLTerms, estimate_nll
 from moldiff.geometry import fully_connected_edges, num_nodes_per_graph, remove_mean, reverse_edges
 from moldiff.inpainting import fragment_report, inpaint_arrays
-from moldiff.sampling import DEFAULT_NOISE_SCALE, DEFAULT_TIME_POWER, SampledArrays, batch_ticker, record_faults
+from moldiff.sampling import (DEFAULT_NOISE_SCALE, DEFAULT_TIME_POWER, SampledArrays, batch_ticker, network_inputs,
+                              record_faults)
 from moldiff.models import DenoiserConfig, EGNNDenoiser
 
 if TYPE_CHECKING:  # RDKit types only; all RDKit work happens in moldiff.chemistry
@@ -497,11 +498,12 @@ class MolDiffPipeline(torch.nn.Module):
         if self.bond_types:  # bond features of every directed edge, equal on i -> j and j -> i
             edge_batch, rev = batch[edge_index[0]], reverse_edges(edge_index, batch.shape[0])
             e = symmetric_edge_noise(rev, self.bond_types, generator=gen, dtype=dtype)
-        bonded = (lambda: {"e_t": e}) if self.bond_types else (lambda: {})  # noqa: E731
+        bonded = (lambda: {"e_t": network_inputs(fault, edge_batch, e)[0]}) if self.bond_types else (lambda: {})  # noqa: E731
         for i in range(steps):
             t = times[i].expand(num_graphs)
             s = times[i + 1].expand(num_graphs)
-            eps_pos, eps_h, *eps_e = self.predict_noise(pos, h, t, batch, edge_index=edge_index, **sc(cond), **bonded())
+            net_pos, net_h = network_inputs(fault, batch, pos, h)  # a faulted molecule's NaNs stay out of the network
+            eps_pos, eps_h, *eps_e = self.predict_noise(net_pos, net_h, t, batch, edge_index=edge_index, **sc(cond), **bonded())
             if self.self_condition:
                 cond = sampler.clean_estimate(pos, h, eps_pos, eps_h, t, batch)
             step = sampler.step(eps_pos, eps_h, t, s, pos, h, batch, generator=gen)
@@ -517,7 +519,8 @@ class MolDiffPipeline(torch.nn.Module):
                 tick(i + 1, steps + 1)
         # Final decode at t = 0: x = (z_0 - sigma_0 eps_hat) / alpha_0 (mean of p(x | z_0), EDM eq. 9-10).
         t0 = times[-1].expand(num_graphs)
-        eps_pos, eps_h, *eps_e = self.predict_noise(pos, h, t0, batch, edge_index=edge_index, **sc(cond), **bonded())
+        net_pos, net_h = network_inputs(fault, batch, pos, h)
+        eps_pos, eps_h, *eps_e = self.predict_noise(net_pos, net_h, t0, batch, edge_index=edge_index, **sc(cond), **bonded())
         bonds = None
         if self.bond_types:
             alpha0, sigma0 = (x.to(dtype)[edge_batch].unsqueeze(-1) for x in self.schedule.alpha_sigma(t0))

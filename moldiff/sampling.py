@@ -11,7 +11,7 @@ import torch
 from moldiff.chemistry.elements import QM9_ELEMENTS
 from moldiff.geometry import num_nodes_per_graph
 
-__all__ = ["SampledArrays", "record_faults", "batch_ticker", "DEFAULT_TIME_POWER", "DEFAULT_NOISE_SCALE"]
+__all__ = ["SampledArrays", "record_faults", "network_inputs", "batch_ticker", "DEFAULT_TIME_POWER", "DEFAULT_NOISE_SCALE"]
 
 #: Default time grid of sampling, ``t_k = (k / K) ** DEFAULT_TIME_POWER`` (1 would be EDM's uniform
 #: grid). Measured on the shipped model with 50 and 100 ancestral steps (docs/experiments.md,
@@ -79,3 +79,21 @@ def record_faults(fault: torch.Tensor, pos: torch.Tensor, h: torch.Tensor, batch
     if bad_atom.any():
         bad_mol = num_nodes_per_graph(batch[bad_atom], num_graphs) > 0
         fault[bad_mol & (fault < 0)] = step_index
+
+
+def network_inputs(fault: torch.Tensor, batch: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The states as the network should see them: rows of molecules that already faulted set to 0.
+
+    A faulted molecule stays non-finite in the sampler's state (and flagged), but its NaNs must not
+    reach the network: under bf16 autocast on CPU a NaN row in one matrix product can turn other
+    rows of the same product into NaN (seen with oneDNN: one fault took its neighbour in the flat
+    batch with it, docs/experiments.md session 8), so a fault would spread to healthy molecules.
+    ``states``: ``(n, *)`` tensors indexed like ``batch``, or ``(E, *)`` with ``batch`` given per edge.
+    """
+    if not bool((fault >= 0).any()):
+        return states
+    out = []
+    for x in states:
+        rows = (fault >= 0)[batch]
+        out.append(x.masked_fill(rows.view(-1, *([1] * (x.dim() - 1))), 0.0))
+    return tuple(out)

@@ -20,10 +20,13 @@ from moldiff.chemistry.elements import QM9_ELEMENTS
 from moldiff.chemistry.report import assess_sample, descriptor_row, grid_image, sd_record
 from moldiff.cli import main
 from moldiff.data.statistics import DatasetStatistics
-from moldiff.diffusion import AtomFeatures, NoiseSchedule
+from moldiff.diffusion import AncestralSampler, AtomFeatures, NoiseSchedule
 from moldiff.models import DenoiserConfig, EGNNDenoiser
 from moldiff.pipeline import DEFAULT_TIME_POWER, GeneratedMolecule, MolDiffPipeline, SampledArrays, molecules_from_arrays
 
+from pathlib import Path
+
+SHIPPED = Path(moldiff.__file__).parent / "pretrained" / "qm9"
 MAX_ATOMS = 9
 TAGS = ("SMILES", "valid", "mol_stable", "num_atoms", "sampler", "steps", "time_power", "noise_scale", "seed",
         "reason")
@@ -491,3 +494,53 @@ def test_tune_allocator_is_public_and_reports_what_it_did():
 
     expected = platform.libc_ver()[0] == "glibc" and not os.environ.get("MOLDIFF_DEFAULT_MALLOC")
     assert moldiff.tune_allocator() is expected
+
+
+class _FaultAt(AncestralSampler):
+    """The ancestral sampler, except that molecule ``victim``'s state becomes NaN after step ``at``
+    (a stand-in for a diverging sample)."""
+
+    def __init__(self, schedule, victim, at, batch, **kw):
+        super().__init__(schedule, **kw)
+        self.victim, self.at, self.batch, self.calls = victim, at, batch, 0
+
+    def step(self, *args, **kwargs):
+        out = super().step(*args, **kwargs)
+        self.calls += 1
+        if self.calls == self.at:
+            out.pos[self.batch == self.victim] = float("nan")
+            out.h[self.batch == self.victim] = float("nan")
+        return out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_faulted_molecule_does_not_spread_to_the_rest_of_its_batch(precision):
+    """One molecule turned non-finite mid-run is flagged at that step and keeps NaN coordinates; every
+    other molecule of the batch comes out bit-identical to the run without the fault (its NaNs are
+    kept out of the network, where bf16 matrix products can spread them across rows)."""
+    pipe = MolDiffPipeline.from_pretrained(SHIPPED).configure_inference(precision)
+    sizes = np.array([21, 19, 22, 19])  # sizes where oneDNN's bf16 products spread NaN rows on this CPU
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.as_tensor(sizes))
+    runs = []
+    for sampler in (AncestralSampler(pipe.schedule, time_power=2.0, noise_scale=0.5),
+                    _FaultAt(pipe.schedule, 2, 3, batch, time_power=2.0, noise_scale=0.5)):
+        gen = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            runs.append(pipe._sample_batch(sizes, 6, sampler, gen, torch.device("cpu")))
+    (pos_a, types_a, _, fault_a, _), (pos_b, types_b, _, fault_b, _) = runs
+    assert fault_a.tolist() == [-1] * 4 and fault_b.tolist() == [-1, -1, 2, -1]
+    member = (batch == 2).numpy()
+    assert np.isnan(pos_b[member]).all()
+    np.testing.assert_array_equal(pos_b[~member], pos_a[~member])
+    np.testing.assert_array_equal(types_b[~member], types_a[~member])
+
+
+def test_network_inputs_zero_only_the_rows_of_faulted_molecules():
+    from moldiff.sampling import network_inputs
+
+    batch = torch.tensor([0, 0, 1, 1, 1, 2])
+    x = torch.arange(12.0).view(6, 2)
+    same = network_inputs(torch.tensor([-1, -1, -1]), batch, x)
+    assert same[0] is x
+    (y,) = network_inputs(torch.tensor([-1, 4, -1]), batch, x)
+    assert torch.equal(y[[0, 1, 5]], x[[0, 1, 5]]) and torch.equal(y[2:5], torch.zeros(3, 2))
