@@ -74,11 +74,17 @@ class SampledArrays:
 
 def record_faults(fault: torch.Tensor, pos: torch.Tensor, h: torch.Tensor, batch: torch.Tensor, num_graphs: int, step_index: int) -> None:
     """Set ``fault[k] = step_index`` for molecules whose atoms became non-finite at this step
-    (first occurrence only). Faulty molecules are flagged, never repaired."""
+    (first occurrence only). Faulty molecules are flagged, never repaired: their whole state
+    ``pos``/``h`` is set to NaN in place, so that what comes out shows the fault (the network sees
+    zeros in their place, :func:`network_inputs`, and would otherwise move them on finitely)."""
     bad_atom = ~(torch.isfinite(pos).all(-1) & torch.isfinite(h).all(-1))
     if bad_atom.any():
         bad_mol = num_nodes_per_graph(batch[bad_atom], num_graphs) > 0
         fault[bad_mol & (fault < 0)] = step_index
+    if bool((fault >= 0).any()):
+        rows = (fault >= 0)[batch].unsqueeze(-1)
+        pos.masked_fill_(rows, float("nan"))
+        h.masked_fill_(rows, float("nan"))
 
 
 def network_inputs(fault: torch.Tensor, batch: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
