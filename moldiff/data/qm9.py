@@ -190,26 +190,32 @@ def _cache_path(cache_dir: Path) -> Path:
     return Path(cache_dir) / f"qm9_v{CACHE_VERSION}.npz"
 
 
-def _save(data: QM9, path: Path) -> None:
+def atomic_savez(path: Path, **arrays) -> None:
+    """``np.savez`` to ``path`` through a temporary file in the same folder and a rename: a reader
+    never sees half a file, and a failed write leaves the old file in place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
     os.close(fd)
     try:
         with open(tmp, "wb") as fh:
-            np.savez(
-                fh,
-                version=np.array(CACHE_VERSION),
-                index=data.index,
-                ptr=data.ptr,
-                atom_types=data.atom_types,
-                positions=data.positions,
-                smiles=data.smiles,
-                **{f"prop_{k}": v for k, v in data.properties.items()},
-            )
+            np.savez(fh, **arrays)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _save(data: QM9, path: Path) -> None:
+    atomic_savez(
+        path,
+        version=np.array(CACHE_VERSION),
+        index=data.index,
+        ptr=data.ptr,
+        atom_types=data.atom_types,
+        positions=data.positions,
+        smiles=data.smiles,
+        **{f"prop_{k}": v for k, v in data.properties.items()},
+    )
 
 
 def _load(path: Path) -> QM9 | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import numpy as np
 
 from moldiff.chemistry.bonds import kekule_bond_matrix
 from moldiff.chemistry.elements import QM9_ELEMENTS
-from moldiff.data.qm9 import CACHE_VERSION, default_cache_dir
+from moldiff.data.qm9 import CACHE_VERSION, atomic_savez, default_cache_dir
 
 __all__ = ["BONDS_CACHE_VERSION", "BondTable", "bond_table", "load_qm9_bonds"]
 
@@ -148,26 +147,16 @@ def _bonds_cache_path(cache_dir: Path) -> Path:
 
 
 def _save_bonds(table: BondTable, num_atoms: np.ndarray, path: Path) -> None:
-    # Written to a temporary file in the same folder, then renamed: readers never see half a file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(
-                fh,
-                version=np.array(BONDS_CACHE_VERSION),
-                qm9_cache_version=np.array(CACHE_VERSION),
-                num_atoms=np.asarray(num_atoms, dtype=np.int64),
-                ptr=table.ptr,
-                pairs=table.pairs,
-                orders=table.orders,
-                source=table.source,
-            )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_savez(
+        path,
+        version=np.array(BONDS_CACHE_VERSION),
+        qm9_cache_version=np.array(CACHE_VERSION),
+        num_atoms=np.asarray(num_atoms, dtype=np.int64),
+        ptr=table.ptr,
+        pairs=table.pairs,
+        orders=table.orders,
+        source=table.source,
+    )
 
 
 def _load_bonds(path: Path, num_atoms: np.ndarray) -> BondTable | None:
