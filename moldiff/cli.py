@@ -427,6 +427,8 @@ def cmd_sample(args) -> int:
             raise UsageError(f"--formula-draws must be >= 0, got {args.formula_draws}")
         if not args.formula:
             raise UsageError("--formula-draws goes with --formula")
+    if args.composition == "data" and (args.fragment or args.fragment_smiles or args.formula):
+        raise UsageError("--composition data draws each molecule's composition; it does not combine with --fragment*/--formula")
     if args.valence_guidance is not None:
         if not (math.isfinite(args.valence_guidance) and args.valence_guidance >= 0):
             raise UsageError(f"--valence-guidance must be a number >= 0, got {args.valence_guidance}")
@@ -439,14 +441,15 @@ def cmd_sample(args) -> int:
 
     import torch
 
-    from moldiff.inpainting import DEFAULT_INPAINT_NOISE_SCALE, DEFAULT_INPAINT_TIME_POWER
     from moldiff.sampling import DEFAULT_NOISE_SCALE, DEFAULT_TIME_POWER
 
     conditioned = args.fragment or args.fragment_smiles or args.formula
-    if args.time_power is None:
-        args.time_power = DEFAULT_INPAINT_TIME_POWER if conditioned else DEFAULT_TIME_POWER
-    if args.noise_scale is None:
-        args.noise_scale = DEFAULT_INPAINT_NOISE_SCALE if conditioned else DEFAULT_NOISE_SCALE
+    # Conditioned sampling picks its own defaults (they depend on the route: RePaint, drawing, or a
+    # model trained with given types); the values used are read back from its output.
+    if args.time_power is None and not conditioned:
+        args.time_power = DEFAULT_TIME_POWER
+    if args.noise_scale is None and not conditioned:
+        args.noise_scale = DEFAULT_NOISE_SCALE
 
     from moldiff.chemistry.io import write_csv, write_json, write_sdf
     from moldiff.chemistry.metrics import format_table
@@ -476,6 +479,8 @@ def cmd_sample(args) -> int:
     pipe.configure_inference(precision=args.precision, compile=args.compile)
     if args.num_atoms is not None:
         pipe.check_sizes([args.num_atoms])
+    if args.composition == "data":
+        pipe.require_known_types("--composition data")
     from moldiff.diffusion.samplers import make_sampler
 
     make_sampler(args.sampler, pipe.schedule)  # a bad sampler fails here, not after loading data
@@ -516,10 +521,12 @@ def cmd_sample(args) -> int:
                                     batch_size=args.batch_size, on_step=advance, time_power=args.time_power,
                                     noise_scale=args.noise_scale, valence_guidance=args.valence_guidance,
                                     formula_draws=args.formula_draws)
+            args.time_power, args.noise_scale = arrays.time_power, arrays.noise_scale
         else:
             arrays = pipe.sample_arrays(args.n, steps=args.steps, sampler=args.sampler, seed=args.seed,
                                         num_atoms=args.num_atoms, batch_size=args.batch_size, on_step=advance,
-                                        time_power=args.time_power, noise_scale=args.noise_scale)
+                                        time_power=args.time_power, noise_scale=args.noise_scale,
+                                        composition=args.composition)
     t1 = time.monotonic()
     with _progress_bar(args.n, "bonds + RDKit", "mol") as bar:
         molecules = molecules_from_arrays(arrays, progress=bar.update)
@@ -560,6 +567,7 @@ def cmd_sample(args) -> int:
         "steps": args.steps,
         "time_power": args.time_power,
         "noise_scale": args.noise_scale,
+        "composition": args.composition,
         "seed": args.seed,
         "num_atoms": args.num_atoms,
         "batch_size": args.batch_size,
@@ -578,6 +586,7 @@ def cmd_sample(args) -> int:
                                    "valence_guidance": arrays.extra["valence_guidance"]}
         if "formula_route" in arrays.extra:
             summary["conditioning"]["formula_drawn"] = arrays.extra["formula_route"].count("drawn")
+            summary["conditioning"]["formula_given"] = arrays.extra["formula_route"].count("given")
             summary["conditioning"]["formula_draws_used"] = int(arrays.extra["formula_draws_used"])
     if fragment is not None:
         summary["fragment_retention"] = sum(bool(m.fragment_retained) for m in molecules) / len(molecules)
@@ -667,6 +676,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="factor in [0, 1] on each reverse step's fresh noise: 1 is EDM's ancestral sampler, lower "
                    "is lower-temperature sampling (default 0.5, moldiff.sampling.DEFAULT_NOISE_SCALE, and "
                    "moldiff.inpainting.DEFAULT_INPAINT_NOISE_SCALE with --fragment*/--formula; docs/experiments.md)")
+    s.add_argument("--composition", choices=("model", "data"), default="model",
+                   help="model (default): the network generates each molecule's elements with its geometry, as EDM; "
+                   "data: each molecule gets the composition of a training molecule of its size and the network "
+                   "places the atoms (models trained with diffusion.known_types_prob > 0; docs/experiments.md)")
     s.add_argument("--seed", type=int, default=0, help="same seed, same molecules (default 0)")
     s.add_argument("--num-atoms", type=int, metavar="N", help="atoms per molecule (default: drawn from the training sizes)")
     s.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder, or a `moldiff train` run folder "

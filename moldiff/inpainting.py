@@ -415,6 +415,22 @@ def inpaint_arrays(
         raise ValueError(f"resample must be an integer >= 1, got {resample}")
     if steps < 1:
         raise ValueError(f"need at least one step, got {steps}")
+    if formula is not None and fragment is None and initial_noise is None and pipe.known_types_prob > 0 \
+            and not pipe.self_condition:
+        # A model trained with given atom types (diffusion.known_types_prob > 0) models p(x | types)
+        # itself: every molecule is sampled with the formula's elements as its input, one pass,
+        # no RePaint and no drawing.
+        _plan(pipe, n, None, formula, num_atoms, np.random.default_rng(0))  # the one-line errors first
+        counts = chem_fragments.parse_formula(formula)
+        types = np.array([pipe.elements.index(e) for e, c in counts.items() for _ in range(c)], dtype=np.int64)
+        arrays = pipe.sample_arrays(n, steps=steps, sampler=sampler, seed=seed, batch_size=batch_size, progress=progress,
+                                    on_step=on_step, types=[types] * n,
+                                    time_power=DEFAULT_TIME_POWER if plain_time_power is None else plain_time_power,
+                                    noise_scale=DEFAULT_NOISE_SCALE if plain_noise_scale is None else plain_noise_scale)
+        arrays.extra.update({"conditioning": "formula", "num_known_atoms": 0, "fragment_symbols": None,
+                             "formula": chem_fragments.format_formula(counts), "valence_guidance": 0.0, "resample": 1,
+                             "network_evaluations": steps + 1, "formula_route": ["given"] * n, "formula_draws_used": 0})
+        return arrays
     if formula is not None and fragment is None and formula_draws > 0 and initial_noise is None:
         _plan(pipe, n, None, formula, num_atoms, np.random.default_rng(0))  # the one-line errors first
         kept, used = _draw_formula(pipe, n, formula, int(formula_draws), steps=steps, sampler=sampler, seed=seed,

@@ -52,6 +52,7 @@ __all__ = [
     "DEFAULT_SAMPLER",
     "DEFAULT_TIME_POWER",
     "DEFAULT_NOISE_SCALE",
+    "COMPOSITIONS",
     "molecules_from_arrays",
     "evaluate_molecules",
 ]
@@ -67,6 +68,9 @@ DEFAULT_SAMPLER = "ancestral"
 #: molecules denoised together by default: one batch of 1,000 (QM9 sizes: ~330k edges, a few hundred MB
 #: in bf16) was the fastest setting measured (docs/benchmarks.md, scripts/bench_sample*.py)
 DEFAULT_BATCH_SIZE = 1000
+#: Where each sampled molecule's elements come from: ``"model"`` (generated with the geometry, as
+#: EDM) or ``"data"`` (a composition of the training data, the geometry generated for it).
+COMPOSITIONS = ("model", "data")
 
 
 class CheckpointError(ValueError):
@@ -290,6 +294,22 @@ class MolDiffPipeline(torch.nn.Module):
             raise ValueError(f"{what} is not available for models that generate bonds (bond_types={self.bond_types})")
 
     @property
+    def known_types_prob(self) -> float:
+        """Fraction of training molecules shown with clean atom types (``diffusion.known_types_prob``);
+        above 0 the network also models p(positions | types), so :meth:`sample_arrays` can take
+        ``composition="data"``. 0 for EDM-style models."""
+        return float(self.metadata.get("known_types_prob", 0.0))
+
+    def require_known_types(self, what: str) -> None:
+        """Raise a one-line ``ValueError`` where ``what`` needs a model trained with given atom types."""
+        if self.known_types_prob <= 0:
+            raise ValueError(f"{what} needs a model trained with diffusion.known_types_prob > 0; this one was not "
+                             f"(run name {self.metadata.get('run_name', '?')!r})")
+        self.require_no_bonds(what)
+        if self.self_condition:
+            raise ValueError(f"{what} is not available for self-conditioned models")
+
+    @property
     def self_condition(self) -> bool:
         """Whether the network takes its previous clean-molecule estimate as input (self-conditioning)."""
         return bool(getattr(self.denoiser.config, "self_condition", False))
@@ -358,6 +378,8 @@ class MolDiffPipeline(torch.nn.Module):
         time_power: float = DEFAULT_TIME_POWER,
         on_step: Callable[[float], None] | None = None,
         noise_scale: float = DEFAULT_NOISE_SCALE,
+        composition: str = "model",
+        types: Sequence[np.ndarray] | None = None,
     ) -> SampledArrays:
         """Sample ``n`` molecules; returns raw arrays (see :class:`SampledArrays`).
 
@@ -367,12 +389,32 @@ class MolDiffPipeline(torch.nn.Module):
         the batch in progress counted by the fraction of its evaluations made (for progress bars).
         ``time_power``: the time grid ``t_k = (k / steps) ** time_power`` (1: EDM's uniform grid).
         ``noise_scale``: factor in [0, 1] on each step's fresh noise (1: EDM's ancestral sampler).
+        ``composition``: ``"model"`` (EDM: the network generates the elements with the geometry) or
+        ``"data"``: each molecule's composition is drawn from the training molecules of its size and
+        the network places atoms of those elements (models trained with ``known_types_prob > 0``;
+        the sizes and starting noise are those of ``"model"`` with the same seed).
+        ``types``: each molecule's elements given (``(N_k,)`` indices into :attr:`elements`; sizes
+        follow from them), placed by the network as with ``composition="data"``.
         Same ``seed``, same output (on the same device and torch version).
         """
+        if composition not in COMPOSITIONS:
+            raise ValueError(f"composition must be one of {', '.join(COMPOSITIONS)}, got {composition!r}")
+        if composition == "data":
+            self.require_known_types("composition='data'")
         if n <= 0:
             raise ValueError(f"number of molecules must be positive, got {n}")
         if batch_size <= 0:
             raise ValueError(f"batch size must be positive, got {batch_size}")
+        if types is not None:
+            self.require_known_types("sampling with given atom types")
+            if composition != "model" or num_atoms is not None:
+                raise ValueError("give the atom types, or a composition='data' / num_atoms, not both")
+            types = [np.asarray(t, dtype=np.int64) for t in types]
+            if len(types) != n:
+                raise ValueError(f"got atom types for {len(types)} molecules, asked for {n}")
+            if any(t.ndim != 1 or (t.size and (t.min() < 0 or t.max() >= len(self.elements))) for t in types):
+                raise ValueError(f"atom types must be 1-D element indices in [0, {len(self.elements)})")
+            num_atoms = [len(t) for t in types]
         rng = np.random.default_rng(seed)
         if num_atoms is None:
             sizes = self.statistics.sample_sizes(n, rng, min_atoms=2)
@@ -386,13 +428,22 @@ class MolDiffPipeline(torch.nn.Module):
         device = self.device
         gen = torch.Generator(device=device)
         gen.manual_seed(int(rng.integers(2**62)))
+        flat = None  # given types: every atom's element, molecule after molecule
+        if composition == "data":
+            comps = self.statistics.sample_compositions(sizes, rng)
+            flat = np.concatenate([np.repeat(np.arange(len(c)), c) for c in comps])
+        elif types is not None:
+            flat = np.concatenate(types)
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
         sampler_obj = make_sampler(sampler, self.schedule, time_power=time_power, noise_scale=noise_scale)
         out = SampledArrays([], [], [], np.full(n, -1), self.elements, steps, sampler, seed, time_power, noise_scale)
+        out.extra["composition"] = "given" if types is not None else composition
         self.denoiser.eval()
         for start in range(0, n, batch_size):
             chunk = sizes[start : start + batch_size]
             tick = batch_ticker(on_step, start, len(chunk))
-            *arrays, bonds = self._sample_batch(chunk, steps, sampler_obj, gen, device, tick)
+            known = None if flat is None else flat[offsets[start] : offsets[start + len(chunk)]]
+            *arrays, bonds = self._sample_batch(chunk, steps, sampler_obj, gen, device, tick, known_types=known)
             out.add_batch(start, chunk, *arrays)
             if bonds is not None:
                 out.bonds.extend(bonds)
@@ -417,6 +468,7 @@ class MolDiffPipeline(torch.nn.Module):
         noise_scale: float | None = None,
         valence_guidance: float | None = None,
         formula_draws: int | None = None,
+        composition: str = "model",
     ) -> list[GeneratedMolecule]:
         """Sample ``n`` molecules and interpret them chemically.
 
@@ -454,6 +506,10 @@ class MolDiffPipeline(torch.nn.Module):
             formula_draws: with ``formula`` alone, unconditional draws per requested molecule kept
                 when they match the formula exactly, before the rest are made by clamping types
                 (``None``: ``moldiff.inpainting.DEFAULT_FORMULA_DRAWS``; 0: clamp only).
+            composition: ``"model"`` (the network generates the elements, EDM) or ``"data"``
+                (each molecule gets a composition of a training molecule of its size and the network
+                places its atoms; needs a model trained with ``diffusion.known_types_prob > 0``; not
+                with ``fragment`` or ``formula``).
 
         Returns:
             ``n`` :class:`GeneratedMolecule` in sampling order, invalid and faulty ones included
@@ -470,8 +526,11 @@ class MolDiffPipeline(torch.nn.Module):
                 n, steps=steps, sampler=sampler, seed=seed, num_atoms=num_atoms, batch_size=batch_size, progress=progress,
                 time_power=DEFAULT_TIME_POWER if time_power is None else time_power,
                 noise_scale=DEFAULT_NOISE_SCALE if noise_scale is None else noise_scale,
+                composition=composition,
             )
             return molecules_from_arrays(arrays)
+        if composition != "model":
+            raise ValueError("composition='data' draws each molecule's composition; it does not combine with a fragment or formula")
         arrays = inpaint_arrays(self, n, fragment=fragment, formula=formula, num_atoms=num_atoms, steps=steps,
                                 sampler=sampler, resample=resample, seed=seed, batch_size=batch_size, progress=progress,
                                 time_power=time_power, noise_scale=noise_scale, valence_guidance=valence_guidance,
@@ -483,13 +542,20 @@ class MolDiffPipeline(torch.nn.Module):
                 m.fragment_retained, m.fragment_rmsd = rep.retained, rep.rmsd
         return molecules
 
-    def _sample_batch(self, sizes, steps, sampler, gen, device, tick=None):
+    def _sample_batch(self, sizes, steps, sampler, gen, device, tick=None, known_types=None):
+        """Denoise one batch. ``known_types`` ``(n,)``: every atom's element index, given: the network
+        sees those clean features at every step in place of noisy ones (``composition="data"``)."""
         num_graphs = len(sizes)
         batch = torch.repeat_interleave(torch.arange(num_graphs, device=device), torch.as_tensor(sizes, device=device))
         edge_index = fully_connected_edges(batch)
         dtype = next(self.denoiser.parameters()).dtype
         pos = centred_noise(batch, num_graphs, generator=gen, dtype=dtype)
         h = torch.randn(batch.shape[0], self.features.dim, generator=gen, dtype=dtype, device=device)
+        h_known = None
+        if known_types is not None:
+            kt = torch.as_tensor(np.asarray(known_types), dtype=torch.long, device=device)
+            h_known = self.features.encode(kt, torch.as_tensor(self.atomic_numbers, device=device)[kt], dtype=dtype)
+            h = h_known.clone()
         fault = torch.full((num_graphs,), -1, dtype=torch.long, device=device)
         times = sampler.timesteps(steps, device=device)
         cond = None  # self-conditioning: the previous step's clean estimate
@@ -513,7 +579,7 @@ class MolDiffPipeline(torch.nn.Module):
                 if bad_edge.any():  # counted as a fault of the molecule, like a bad atom
                     bad_mol = num_nodes_per_graph(edge_batch[bad_edge], num_graphs) > 0
                     fault[bad_mol & (fault < 0)] = i
-            pos, h = step.pos, step.h
+            pos, h = step.pos, (step.h if h_known is None else h_known.clone())
             record_faults(fault, pos, h, batch, num_graphs, i)
             if tick is not None:
                 tick(i + 1, steps + 1)
@@ -526,6 +592,8 @@ class MolDiffPipeline(torch.nn.Module):
             alpha0, sigma0 = (x.to(dtype)[edge_batch].unsqueeze(-1) for x in self.schedule.alpha_sigma(t0))
             bonds = self._split_bonds((e - sigma0 * eps_e[0]) / alpha0, edge_index, batch, num_graphs)
         pos, h = sampler.clean_estimate(pos, h, eps_pos, eps_h, t0, batch)
+        if h_known is not None:
+            h = h_known.clone()
         record_faults(fault, pos, h, batch, num_graphs, steps)
         if tick is not None:
             tick(steps + 1, steps + 1)

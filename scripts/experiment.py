@@ -96,7 +96,7 @@ def score(args, run_dir: Path) -> dict:
     pipe.configure_inference(precision=args.precision, compile=args.compile)
     t0 = time.monotonic()
     arrays = pipe.sample_arrays(args.samples, steps=args.steps, sampler=args.sampler, seed=args.seed, time_power=args.time_power,
-                                noise_scale=args.noise_scale)
+                                noise_scale=args.noise_scale, composition=args.composition)
     sample_s = time.monotonic() - t0
     mols = [(arrays.symbols(k), arrays.positions[k]) for k in range(args.samples)]
     report = evaluate_molecules(mols)
@@ -149,7 +149,8 @@ def append(args, result: dict) -> None:
         f"| {datetime.date.today()} | {args.name} | {args.budget_text} | {meta.get('step', '?')} | {meta.get('train_hours', '?')} "
         f"| {args.sampler} {args.steps}{'' if args.time_power == 1 else f' t^{args.time_power:g}'}"
         f"{'' if args.noise_scale == 1 else f' noise {args.noise_scale:g}'}"
-        f"{'' if args.precision == 'fp32' else ' ' + args.precision} | {pct(m['atom_stable'])} | {pct(m['mol_stable'])} | {pct(m['validity'])} "
+        f"{'' if args.precision == 'fp32' else ' ' + args.precision}"
+        f"{'' if args.composition == 'model' else ' composition ' + args.composition} | {pct(m['atom_stable'])} | {pct(m['mol_stable'])} | {pct(m['validity'])} "
         f"| {pct(m['valid_and_unique'])} | {pct(d['one_piece'])} | {pct(d['close_contact'])} | {ch} | {commit()} |\n"
     )
     if not TABLE.exists() or "| date | variant" not in TABLE.read_text():
@@ -160,7 +161,8 @@ def append(args, result: dict) -> None:
         fh.write(row)
     with open(JSONL, "a") as fh:
         fh.write(json.dumps({"name": args.name, "config": args.config, "overrides": args.set, "budget": args.budget_text,
-                             "samples": args.samples, "steps": args.steps, "sampler": args.sampler, "time_power": args.time_power, "noise_scale": args.noise_scale, "precision": args.precision, "commit": commit(), **result}) + "\n")
+                             "samples": args.samples, "steps": args.steps, "sampler": args.sampler, "time_power": args.time_power, "noise_scale": args.noise_scale, "precision": args.precision,
+                             "composition": args.composition, "commit": commit(), **result}) + "\n")
     print(row, end="")
 
 
@@ -182,6 +184,9 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", help="sampling arithmetic: fp32 (default), bf16 or auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the network for sampling (faster; same math)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--composition", choices=("model", "data"), default="model",
+                   help="model (EDM): elements generated; data: compositions drawn from the training molecules "
+                   "(models trained with diffusion.known_types_prob > 0)")
     p.add_argument("--score-only", help="score this run directory instead of training")
     p.add_argument("--init-from", help="start from this run directory's checkpoint (protocol B: fine-tune a common checkpoint)")
     p.add_argument("--no-record", action="store_true", help="print results without appending to docs/")

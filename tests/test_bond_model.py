@@ -147,7 +147,7 @@ def test_edge_step_matches_the_atom_step_on_the_same_numbers(sampler):
 
 def bond_pipeline(seed: int = 0, bond_output: str = "eps") -> MolDiffPipeline:
     torch.manual_seed(seed)
-    stats = compute_statistics(("H", "C", "N", "O", "F"), np.array([3, 4, 5, 6]), np.array([0, 1, 2, 3, 4, 1]))
+    stats = compute_statistics(("H", "C", "N", "O", "F"), np.array([3, 4, 5, 6]), np.array([0, 1, 2, 3, 4, 1] * 3))
     net = EGNNDenoiser(DenoiserConfig(num_features=6, hidden=16, n_layers=2, bond_types=K, bond_output=bond_output))
     return MolDiffPipeline(net, NoiseSchedule.polynomial(), AtomFeatures(5), stats, [1, 6, 7, 8, 9])
 

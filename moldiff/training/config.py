@@ -47,12 +47,19 @@ class DiffusionConfig:
     #: weight of the bond-feature noise loss for models with ``model.bond_types`` (per dimension, on
     #: the scale of the atoms' loss; see ``training.loop.diffusion_loss``)
     bond_weight: float = 1.0
+    #: fraction of training molecules whose atom types are given to the network clean (their
+    #: ``h_t`` replaced by ``h_0``, no type loss): the model also learns p(x | types), which lets
+    #: it sample a composition drawn from the data (``composition="data"``) or a given formula
+    #: directly. 0: EDM's training. See docs/experiments.md, session 9
+    known_types_prob: float = 0.0
 
     def __post_init__(self):
         if not (math.isfinite(self.parity_weight) and self.parity_weight >= 0):
             raise ConfigError(f"diffusion.parity_weight must be a non-negative number, got {self.parity_weight}")
         if not (math.isfinite(self.bond_weight) and self.bond_weight >= 0):
             raise ConfigError(f"diffusion.bond_weight must be a non-negative number, got {self.bond_weight}")
+        if not (math.isfinite(self.known_types_prob) and 0.0 <= self.known_types_prob <= 1.0):
+            raise ConfigError(f"diffusion.known_types_prob must be in [0, 1], got {self.known_types_prob}")
 
 
 @dataclass

@@ -96,8 +96,11 @@ def build_pipeline(cfg: RunConfig, data: TrainingData) -> MolDiffPipeline:
         schedule = NoiseSchedule.cosine(s=d.cosine_s, grid=d.grid)
     else:
         raise ValueError(f"unknown schedule {d.schedule!r}")
+    metadata = {"run_name": cfg.name}
+    if d.known_types_prob > 0:  # the network also models p(positions | types): composition="data" works
+        metadata["known_types_prob"] = d.known_types_prob
     return MolDiffPipeline(EGNNDenoiser(model_cfg), schedule, features, data.statistics, data.atomic_numbers,
-                           metadata={"run_name": cfg.name})
+                           metadata=metadata)
 
 
 #: logits of the parity loss's type probabilities per unit of one-hot: a clean one-hot gives a gap
@@ -107,7 +110,7 @@ PARITY_LOGIT_SCALE = 10.0
 
 def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor, generator, shard=None,
                    weighting: str = "uniform", pairing: str = "none", parity_weight: float = 0.0,
-                   bond_weight: float = 1.0) -> torch.Tensor:
+                   bond_weight: float = 1.0, known_types_prob: float = 0.0) -> torch.Tensor:
     """EDM's L2 loss on one batch at times ``t`` ``(B,)`` (optionally SNR-weighted, see ``loss_weight``).
 
     ``parity_weight > 0`` adds ``parity_weight * mean_k alpha_k^2 * valence_parity_loss_k``: the
@@ -121,16 +124,28 @@ def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor,
     Bond models (``pipe.bond_types``): the batch's bond orders (``batch.bonds``) are noised on every
     atom pair at the same ``t`` and the loss adds ``bond_weight x`` their noise error per dimension
     (:func:`moldiff.diffusion.losses.bond_epsilon_loss`) to the atoms' loss.
+
+    ``known_types_prob = p > 0``: each molecule, on a coin of probability ``p`` (drawn for the whole
+    batch from ``generator``), is shown to the network with its clean atom features ``h_0`` in place
+    of ``h_t``, and its type error counts as zero (the coordinates' error keeps its usual weight):
+    the network also learns to place atoms whose elements are given (composition-conditioned
+    sampling). ``p = 0`` draws nothing, so the random stream is EDM's.
     """
     h = pipe.features.encode(batch.types, batch.charges, dtype=batch.pos.dtype)
     alpha, sigma = pipe.schedule.alpha_sigma(t)
     noised = add_noise(batch.pos, h, alpha, sigma, batch.batch, generator=generator, pairing=pairing)
     bvec, num_graphs, tt = batch.batch, batch.num_graphs, t
     pos_t, h_t, eps_pos, eps_h = noised
+    known = None  # (n, 1) bool: atoms of molecules whose types are given clean
+    if known_types_prob > 0:
+        coin = torch.rand(num_graphs, generator=generator, device=generator.device) < known_types_prob
+        known = coin.to(bvec.device)[bvec].unsqueeze(-1)
+        h_t = torch.where(known, h.to(h_t.dtype), h_t)
     if shard is not None:
         lo, hi = shard
         keep = (bvec >= lo) & (bvec < hi)
         pos_t, h_t, eps_pos, eps_h = pos_t[keep], h_t[keep], eps_pos[keep], eps_h[keep]
+        known = None if known is None else known[keep]
         bvec, num_graphs, tt = bvec[keep] - lo, hi - lo, t[lo:hi]
     cond = None
     # Self-conditioning (Chen et al. 2023): on a coin flip per batch, first estimate the clean
@@ -146,6 +161,8 @@ def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor,
     if pipe.bond_types:
         return _bond_model_loss(pipe, batch, pos_t, h_t, eps_pos, eps_h, tt, weight, generator, bond_weight)
     pred_pos, pred_h = pipe.predict_noise(pos_t, h_t, tt.to(pos_t.dtype), bvec, cond=cond)
+    if known is not None:  # given types: nothing to predict for them (zero error, no gradient)
+        pred_h = torch.where(known, eps_h.to(pred_h.dtype), pred_h)
     loss = epsilon_loss(pred_pos, eps_pos, pred_h, eps_h, bvec, num_graphs, weight=weight)
     if parity_weight > 0:
         a, s = pipe.schedule.alpha_sigma(tt)
@@ -265,9 +282,15 @@ class Trainer:
             clash = [what for what, on in (("data-parallel training", world_size > 1),
                                            ("model.self_condition", cfg.model.self_condition),
                                            ("diffusion.parity_weight", cfg.diffusion.parity_weight > 0),
-                                           ("diffusion.noise_pairing", cfg.diffusion.noise_pairing != "none")) if on]
+                                           ("diffusion.noise_pairing", cfg.diffusion.noise_pairing != "none"),
+                                           ("diffusion.known_types_prob", cfg.diffusion.known_types_prob > 0)) if on]
             if clash:
                 raise ValueError(f"model.bond_types does not combine with {', '.join(clash)} yet")
+        if cfg.diffusion.known_types_prob > 0:
+            clash = [what for what, on in (("model.self_condition", cfg.model.self_condition),
+                                           ("diffusion.parity_weight", cfg.diffusion.parity_weight > 0)) if on]
+            if clash:
+                raise ValueError(f"diffusion.known_types_prob does not combine with {', '.join(clash)} yet")
         if cfg.diffusion.noise_pairing not in PAIRINGS:
             raise ValueError(f"diffusion.noise_pairing must be one of {', '.join(PAIRINGS)}, got {cfg.diffusion.noise_pairing!r}")
         if cfg.train.precision not in ("fp32", "bf16"):
@@ -463,7 +486,8 @@ class Trainer:
                                   weighting=self.cfg.diffusion.loss_weighting,
                                   pairing=self.cfg.diffusion.noise_pairing,
                                   parity_weight=self.cfg.diffusion.parity_weight,
-                                  bond_weight=self.cfg.diffusion.bond_weight)
+                                  bond_weight=self.cfg.diffusion.bond_weight,
+                                  known_types_prob=self.cfg.diffusion.known_types_prob)
         if not self._all_ranks(bool(torch.isfinite(loss))):
             self.optimizer.zero_grad(set_to_none=True)
             return float(loss), float("nan"), False, True
