@@ -598,7 +598,8 @@ def cmd_sample(args) -> int:
     })
 
     print(f"sampled {args.n} molecules in {t2 - t0:.1f} s ({args.sampler}, {args.steps} steps, time power "
-          f"{args.time_power:g}, noise scale {args.noise_scale:g}, seed {args.seed}, "
+          f"{args.time_power:g}, noise scale {args.noise_scale:g}, "
+          f"{'compositions from the training data, ' if args.composition == 'data' else ''}seed {args.seed}, "
           f"device {args.device}; denoising {t1 - t0:.1f} s)")
     print(format_table(report))
     if fragment is not None:
@@ -705,7 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RePaint resampling rounds per step with --fragment*/--formula (default 10; cost x R)")
     g.add_argument("--formula-draws", type=int, default=None, metavar="K",
                    help="with --formula alone: draw up to K unconditional molecules per requested one and keep exact "
-                   "matches before clamping types for the rest (default 20; 0 = clamp only)")
+                   "matches before clamping types for the rest, or giving them to a model trained with given types "
+                   "(default 20; 0 = no drawing)")
     g.add_argument("--valence-guidance", type=float, default=None, metavar="G",
                    help="steer the free atoms so each fragment atom gets as many new neighbours as it has open "
                    "valences (default: see docs/inpainting.md; 0 = off)")

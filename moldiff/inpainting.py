@@ -371,10 +371,12 @@ def inpaint_arrays(
 
         formula_draws: with a formula and no fragment, draw up to ``formula_draws * n``
             unconditional molecules of the formula's size (``time_power`` / ``noise_scale`` ``None``
-            mean plain sampling's defaults here) and keep exact matches; the rest are clamped
-            (``None``: :data:`DEFAULT_FORMULA_DRAWS`; 0: clamp only). ``extra["formula_route"]``
-            says per molecule ``"drawn"`` or ``"clamped"``, ``extra["formula_draws_used"]`` how many
-            molecules were drawn.
+            mean plain sampling's defaults here) and keep exact matches; the rest are clamped, or,
+            for a model trained with given types (``pipe.known_types_prob > 0``), sampled in one
+            pass with the formula's types as the network's input (plain sampling's defaults)
+            (``None``: :data:`DEFAULT_FORMULA_DRAWS`; 0: no drawing). ``extra["formula_route"]``
+            says per molecule ``"drawn"``, ``"clamped"`` or ``"given"``, ``extra["formula_draws_used"]``
+            how many molecules were drawn.
 
     Returns:
         :class:`~moldiff.pipeline.SampledArrays` (positions zero-centroid, Å); ``extra`` holds
@@ -415,11 +417,11 @@ def inpaint_arrays(
         raise ValueError(f"resample must be an integer >= 1, got {resample}")
     if steps < 1:
         raise ValueError(f"need at least one step, got {steps}")
-    if formula is not None and fragment is None and initial_noise is None and pipe.known_types_prob > 0 \
-            and not pipe.self_condition:
+    if formula is not None and fragment is None and initial_noise is None and formula_draws == 0 \
+            and pipe.known_types_prob > 0 and not pipe.self_condition:
         # A model trained with given atom types (diffusion.known_types_prob > 0) models p(x | types)
-        # itself: every molecule is sampled with the formula's elements as its input, one pass,
-        # no RePaint and no drawing.
+        # itself: the molecules not drawn are sampled with the formula's elements as the network's
+        # input, one pass, instead of clamping with RePaint.
         _plan(pipe, n, None, formula, num_atoms, np.random.default_rng(0))  # the one-line errors first
         counts = chem_fragments.parse_formula(formula)
         types = np.array([pipe.elements.index(e) for e, c in counts.items() for _ in range(c)], dtype=np.int64)
@@ -516,7 +518,8 @@ def _draw_formula(pipe, n, formula, draws, *, steps, sampler, seed, batch_size, 
 
 
 def _joined(kept, clamped, drawn: int, formula_text: str) -> SampledArrays:
-    """One :class:`SampledArrays`: the drawn molecules, then the clamped ones (if any)."""
+    """One :class:`SampledArrays`: the drawn molecules, then the rest (clamped, or sampled with the
+    formula's types given to a model trained for it), if any."""
     first = kept[0][0] if kept else clamped
     out = SampledArrays([a.positions[j] for a, j in kept], [a.types[j] for a, j in kept], [a.charges[j] for a, j in kept],
                         np.array([a.fault_step[j] for a, j in kept], dtype=np.int64), first.elements, first.steps,
@@ -528,7 +531,7 @@ def _joined(kept, clamped, drawn: int, formula_text: str) -> SampledArrays:
         out.types += clamped.types
         out.charges += clamped.charges
         out.fault_step = np.concatenate([out.fault_step, clamped.fault_step])
-        route += ["clamped"] * len(clamped.positions)
+        route += list(clamped.extra.get("formula_route", ["clamped"] * len(clamped.positions)))
     out.extra.update({"conditioning": "formula", "num_known_atoms": 0, "fragment_symbols": None, "formula": formula_text,
                       "valence_guidance": 0.0, "formula_route": route, "formula_draws_used": drawn})
     return out

@@ -504,8 +504,9 @@ class MolDiffPipeline(torch.nn.Module):
                 ``moldiff.inpainting.DEFAULT_VALENCE_GUIDANCE``; see
                 :func:`moldiff.inpainting.inpaint_arrays`).
             formula_draws: with ``formula`` alone, unconditional draws per requested molecule kept
-                when they match the formula exactly, before the rest are made by clamping types
-                (``None``: ``moldiff.inpainting.DEFAULT_FORMULA_DRAWS``; 0: clamp only).
+                when they match the formula exactly, before the rest are made by clamping types, or
+                with the types given to a model trained for it (``diffusion.known_types_prob > 0``)
+                (``None``: ``moldiff.inpainting.DEFAULT_FORMULA_DRAWS``; 0: no drawing).
             composition: ``"model"`` (the network generates the elements, EDM) or ``"data"``
                 (each molecule gets a composition of a training molecule of its size and the network
                 places its atoms; needs a model trained with ``diffusion.known_types_prob > 0``; not
@@ -598,6 +599,9 @@ class MolDiffPipeline(torch.nn.Module):
         if tick is not None:
             tick(steps + 1, steps + 1)
         types, charges = self.features.decode(h.nan_to_num(0.0))  # decode only; faulty molecules stay flagged
+        if h_known is not None:  # given types stay what they were, faulted molecules included
+            types = kt
+            charges = None if charges is None else torch.as_tensor(self.atomic_numbers, device=device)[kt]
         return (
             pos.double().cpu().numpy(),
             types.cpu().numpy(),

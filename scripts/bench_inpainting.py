@@ -154,7 +154,7 @@ def run_formulas(pipe, formulas, args) -> tuple[list[dict], float]:
         cond_mols = split_arrays(cond, 0, args.n)
         free_mols = split_arrays(free, i * args.n, (i + 1) * args.n)
         rows.append({
-            "formula": formula, "qm9_index": index, "N": size, "drawn": cond.extra.get("formula_route", []).count("drawn"),
+            "formula": formula, "qm9_index": index, "N": size, "drawn": cond.extra.get("formula_route", []).count("drawn"), "given": cond.extra.get("formula_route", []).count("given"),
             "cond": {**protocol(cond_mols), "honoured": np.mean([formula_honoured(s, formula) for s, _ in cond_mols])},
             "free": {**protocol(free_mols), "honoured": np.mean([formula_honoured(s, formula) for s, _ in free_mols])},
         })  # fmt: skip
@@ -221,7 +221,8 @@ def formula_section(args, form_rows, form_s) -> list[str]:
         "",
         f"## Formulas ({len(form_rows)} formulas of QM9 test molecules, {n_form} molecules per row, {form_s:.0f} s; "
         f"formula draws {args.formula_draws if args.formula_draws is not None else DEFAULT_FORMULA_DRAWS} per molecule: "
-        f"{sum(r['drawn'] for r in form_rows)} of {n_form} drawn, the rest clamped)",
+        f"{sum(r['drawn'] for r in form_rows)} of {n_form} drawn, {sum(r.get('given', 0) for r in form_rows)} sampled with "
+        f"the types given to the network (a model trained with given types), the rest clamped)",
         "",
         "| sampling | exact formula | validity | molecule stable | atom stable | unique valid SMILES |",
         "|---|---|---|---|---|---|",

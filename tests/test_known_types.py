@@ -230,17 +230,43 @@ def test_given_types_are_kept_exactly_and_checked():
         pipe.sample_arrays(3, steps=2, types=types, num_atoms=4)
 
 
-def test_formula_goes_straight_to_a_model_trained_with_given_types():
-    """With such a model, formula-conditioned sampling is one pass with the formula's elements as
-    input: every molecule has exactly the formula, with no RePaint rounds and no drawing."""
+def test_formula_molecules_not_drawn_are_sampled_with_the_types_given():
+    """With a model trained with given types, the molecules that drawing does not find are sampled
+    in one pass with the formula's elements as input (not clamped with RePaint): every molecule has
+    exactly the formula; with formula_draws=0 all of them take that route."""
+    from moldiff.inpainting import inpaint_arrays
+
     pipe = tiny_pipeline()
     mols = pipe.sample(4, steps=3, seed=0, formula="CH4")
     assert all(sorted(m.symbols) == ["C", "H", "H", "H", "H"] for m in mols)
-    from moldiff.inpainting import inpaint_arrays
-
     arrays = inpaint_arrays(pipe, 4, formula="CH4", steps=3, seed=0)
-    assert arrays.extra["formula_route"] == ["given"] * 4 and arrays.extra["resample"] == 1
-    assert arrays.time_power == 2.0  # plain sampling's defaults, not RePaint's
+    assert set(arrays.extra["formula_route"]) <= {"drawn", "given"} and len(arrays.extra["formula_route"]) == 4
+    given = inpaint_arrays(pipe, 4, formula="CH4", steps=3, seed=0, formula_draws=0)
+    assert given.extra["formula_route"] == ["given"] * 4 and given.extra["resample"] == 1
+    assert given.time_power == 2.0  # plain sampling's defaults, not RePaint's
     plain = tiny_pipeline(known_types_prob=None)
     clamped = inpaint_arrays(plain, 2, formula="CH4", steps=2, seed=0, formula_draws=0)  # RePaint, as before
     assert "formula_route" not in clamped.extra and clamped.extra["resample"] > 1 and clamped.time_power == 1.0
+
+
+def test_a_faulted_molecule_keeps_its_given_types_and_is_flagged():
+    """A network output that turns one molecule non-finite flags it (never repaired); with given
+    types its elements are still the given ones (not decoded from NaN), and the others are finite."""
+    pipe = tiny_pipeline()
+    network = pipe.predict_noise
+
+    def faulty(pos_t, h_t, t, batch, **kw):
+        eps_pos, eps_h = network(pos_t, h_t, t, batch, **kw)
+        eps_pos = eps_pos.clone()
+        eps_pos[batch == 1] = float("nan")
+        return eps_pos, eps_h
+
+    pipe.predict_noise = faulty
+    types = [np.array([1, 0, 0, 0, 0]), np.array([3, 0, 0]), np.array([2, 0, 0, 0])]
+    arrays = pipe.sample_arrays(3, steps=3, seed=0, types=types)
+    assert list(arrays.fault_step) == [-1, 0, -1]
+    assert not np.isfinite(arrays.positions[1]).any()
+    assert np.isfinite(arrays.positions[0]).all() and np.isfinite(arrays.positions[2]).all()
+    for k in range(3):
+        np.testing.assert_array_equal(arrays.types[k], types[k])
+        np.testing.assert_array_equal(arrays.charges[k], np.array([1, 6, 7, 8, 9])[types[k]])
