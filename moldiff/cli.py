@@ -479,8 +479,12 @@ def cmd_sample(args) -> int:
     pipe.configure_inference(precision=args.precision, compile=args.compile)
     if args.num_atoms is not None:
         pipe.check_sizes([args.num_atoms])
+    if args.composition is None and not conditioned:
+        args.composition = pipe.default_composition  # "data" for a model trained with every type given
     if args.composition == "data":
         pipe.require_known_types("--composition data")
+    elif not conditioned:
+        pipe.require_type_generation("--composition model")
     from moldiff.diffusion.samplers import make_sampler
 
     make_sampler(args.sampler, pipe.schedule)  # a bad sampler fails here, not after loading data
@@ -677,10 +681,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="factor in [0, 1] on each reverse step's fresh noise: 1 is EDM's ancestral sampler, lower "
                    "is lower-temperature sampling (default 0.5, moldiff.sampling.DEFAULT_NOISE_SCALE, and "
                    "moldiff.inpainting.DEFAULT_INPAINT_NOISE_SCALE with --fragment*/--formula; docs/experiments.md)")
-    s.add_argument("--composition", choices=("model", "data"), default="model",
-                   help="model (default): the network generates each molecule's elements with its geometry, as EDM; "
+    s.add_argument("--composition", choices=("model", "data"), default=None,
+                   help="model: the network generates each molecule's elements with its geometry, as EDM; "
                    "data: each molecule gets the composition of a training molecule of its size and the network "
-                   "places the atoms (models trained with diffusion.known_types_prob > 0; docs/experiments.md)")
+                   "places the atoms (models trained with diffusion.known_types_prob > 0; docs/experiments.md). "
+                   "Default: model, or data for a model trained with every molecule's types given")
     s.add_argument("--seed", type=int, default=0, help="same seed, same molecules (default 0)")
     s.add_argument("--num-atoms", type=int, metavar="N", help="atoms per molecule (default: drawn from the training sizes)")
     s.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder, or a `moldiff train` run folder "

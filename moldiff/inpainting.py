@@ -395,6 +395,10 @@ def inpaint_arrays(
     if batch_size <= 0:
         raise ValueError(f"batch size must be positive, got {batch_size}")
     pipe.require_no_bonds("fragment- or formula-conditioned sampling")
+    if fragment is not None:
+        pipe.require_type_generation("fragment-conditioned sampling")
+    if pipe.known_types_prob >= 1.0:
+        formula_draws = 0  # the model does not generate types: nothing to draw, every molecule gets them given
     if resample is None:
         resample = DEFAULT_RESAMPLE
     if formula_draws is None:

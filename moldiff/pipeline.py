@@ -300,6 +300,19 @@ class MolDiffPipeline(torch.nn.Module):
         ``composition="data"``. 0 for EDM-style models."""
         return float(self.metadata.get("known_types_prob", 0.0))
 
+    @property
+    def default_composition(self) -> str:
+        """``"data"`` for a model trained with every molecule's types given (``known_types_prob = 1``:
+        it never learned to generate elements), else ``"model"``."""
+        return "data" if self.known_types_prob >= 1.0 else "model"
+
+    def require_type_generation(self, what: str) -> None:
+        """Raise a one-line ``ValueError`` where ``what`` needs a network that generates atom types."""
+        if self.known_types_prob >= 1.0:
+            raise ValueError(f"{what} needs a model that generates atom types; this one was trained with every "
+                             f"molecule's types given (known_types_prob = 1): use composition='data' "
+                             f"(--composition data) or a formula")
+
     def require_known_types(self, what: str) -> None:
         """Raise a one-line ``ValueError`` where ``what`` needs a model trained with given atom types."""
         if self.known_types_prob <= 0:
@@ -378,7 +391,7 @@ class MolDiffPipeline(torch.nn.Module):
         time_power: float = DEFAULT_TIME_POWER,
         on_step: Callable[[float], None] | None = None,
         noise_scale: float = DEFAULT_NOISE_SCALE,
-        composition: str = "model",
+        composition: str | None = None,
         types: Sequence[np.ndarray] | None = None,
     ) -> SampledArrays:
         """Sample ``n`` molecules; returns raw arrays (see :class:`SampledArrays`).
@@ -389,7 +402,8 @@ class MolDiffPipeline(torch.nn.Module):
         the batch in progress counted by the fraction of its evaluations made (for progress bars).
         ``time_power``: the time grid ``t_k = (k / steps) ** time_power`` (1: EDM's uniform grid).
         ``noise_scale``: factor in [0, 1] on each step's fresh noise (1: EDM's ancestral sampler).
-        ``composition``: ``"model"`` (EDM: the network generates the elements with the geometry) or
+        ``composition``: ``None`` (the model's :attr:`default_composition`), ``"model"`` (EDM: the
+        network generates the elements with the geometry) or
         ``"data"``: each molecule's composition is drawn from the training molecules of its size and
         the network places atoms of those elements (models trained with ``known_types_prob > 0``;
         the sizes and starting noise are those of ``"model"`` with the same seed).
@@ -397,10 +411,14 @@ class MolDiffPipeline(torch.nn.Module):
         follow from them), placed by the network as with ``composition="data"``.
         Same ``seed``, same output (on the same device and torch version).
         """
+        if composition is None:
+            composition = self.default_composition if types is None else "model"
         if composition not in COMPOSITIONS:
             raise ValueError(f"composition must be one of {', '.join(COMPOSITIONS)}, got {composition!r}")
         if composition == "data":
             self.require_known_types("composition='data'")
+        elif types is None:
+            self.require_type_generation("composition='model'")
         if n <= 0:
             raise ValueError(f"number of molecules must be positive, got {n}")
         if batch_size <= 0:
@@ -468,7 +486,7 @@ class MolDiffPipeline(torch.nn.Module):
         noise_scale: float | None = None,
         valence_guidance: float | None = None,
         formula_draws: int | None = None,
-        composition: str = "model",
+        composition: str | None = None,
     ) -> list[GeneratedMolecule]:
         """Sample ``n`` molecules and interpret them chemically.
 
@@ -507,7 +525,8 @@ class MolDiffPipeline(torch.nn.Module):
                 when they match the formula exactly, before the rest are made by clamping types, or
                 with the types given to a model trained for it (``diffusion.known_types_prob > 0``)
                 (``None``: ``moldiff.inpainting.DEFAULT_FORMULA_DRAWS``; 0: no drawing).
-            composition: ``"model"`` (the network generates the elements, EDM) or ``"data"``
+            composition: ``None`` (the model's :attr:`default_composition`), ``"model"`` (the network
+                generates the elements, EDM) or ``"data"``
                 (each molecule gets a composition of a training molecule of its size and the network
                 places its atoms; needs a model trained with ``diffusion.known_types_prob > 0``; not
                 with ``fragment`` or ``formula``).
@@ -530,8 +549,8 @@ class MolDiffPipeline(torch.nn.Module):
                 composition=composition,
             )
             return molecules_from_arrays(arrays)
-        if composition != "model":
-            raise ValueError("composition='data' draws each molecule's composition; it does not combine with a fragment or formula")
+        if composition not in (None, "model"):
+            raise ValueError(f"composition={composition!r} draws each molecule's composition; it does not combine with a fragment or formula")
         arrays = inpaint_arrays(self, n, fragment=fragment, formula=formula, num_atoms=num_atoms, steps=steps,
                                 sampler=sampler, resample=resample, seed=seed, batch_size=batch_size, progress=progress,
                                 time_power=time_power, noise_scale=noise_scale, valence_guidance=valence_guidance,

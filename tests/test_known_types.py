@@ -270,3 +270,31 @@ def test_a_faulted_molecule_keeps_its_given_types_and_is_flagged():
     for k in range(3):
         np.testing.assert_array_equal(arrays.types[k], types[k])
         np.testing.assert_array_equal(arrays.charges[k], np.array([1, 6, 7, 8, 9])[types[k]])
+
+
+def test_a_model_trained_with_every_type_given_samples_data_compositions_by_default(tmp_path, capsys):
+    """known_types_prob = 1: the network never learned to generate elements, so sampling defaults to
+    compositions from the data, plain EDM sampling and fragments are refused in one line, and a
+    formula skips drawing (every molecule gets its types given)."""
+    from moldiff.inpainting import Fragment, inpaint_arrays
+
+    pipe = tiny_pipeline(known_types_prob=1.0)
+    assert pipe.default_composition == "data" and tiny_pipeline().default_composition == "model"
+    arrays = pipe.sample_arrays(3, steps=2, seed=0)
+    assert arrays.extra["composition"] == "data"
+    with pytest.raises(ValueError, match="generates atom types"):
+        pipe.sample_arrays(3, steps=2, composition="model")
+    with pytest.raises(ValueError, match="generates atom types"):
+        inpaint_arrays(pipe, 2, fragment=Fragment(["C", "O"], np.array([[0.0, 0, 0], [1.2, 0, 0]])), num_atoms=5, steps=2)
+    formula = inpaint_arrays(pipe, 3, formula="CH4", steps=2, seed=0)
+    assert formula.extra["formula_route"] == ["given"] * 3 and formula.extra["formula_draws_used"] == 0
+    ckpt = pipe.save_pretrained(tmp_path / "given")
+    assert main(["sample", "--checkpoint", str(ckpt), "-n", "3", "--steps", "2", "-o", str(tmp_path / "out"),
+                 "--threads", "1"]) == 0
+    import json
+
+    assert json.loads((tmp_path / "out" / "samples.json").read_text())["composition"] == "data"
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(ckpt), "-n", "3", "--steps", "2", "--composition", "model",
+                 "-o", str(tmp_path / "out2"), "--threads", "1"]) != 0
+    assert "generates atom types" in capsys.readouterr().err
