@@ -453,6 +453,7 @@ def inpaint_arrays(
                                      valence_guidance=valence_guidance, formula_draws=0, progress=progress,
                                      on_step=None if on_step is None else (lambda done: on_step(found + done)))
         return _joined(kept, clamped, used, chem_fragments.format_formula(chem_fragments.parse_formula(formula)))
+    pipe.require_type_generation("RePaint-conditioned sampling (here: a formula with initial_noise)")
     rng = np.random.default_rng(seed)
     if initial_noise is not None and num_atoms is None and formula is None:
         raise ValueError("initial_noise needs fixed molecule sizes: pass num_atoms (or a formula)")

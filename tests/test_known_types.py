@@ -286,6 +286,8 @@ def test_a_model_trained_with_every_type_given_samples_data_compositions_by_defa
         pipe.sample_arrays(3, steps=2, composition="model")
     with pytest.raises(ValueError, match="generates atom types"):
         inpaint_arrays(pipe, 2, fragment=Fragment(["C", "O"], np.array([[0.0, 0, 0], [1.2, 0, 0]])), num_atoms=5, steps=2)
+    with pytest.raises(ValueError, match="generates atom types"):
+        inpaint_arrays(pipe, 2, formula="CH4", steps=2, initial_noise=np.zeros((10, 9)))
     formula = inpaint_arrays(pipe, 3, formula="CH4", steps=2, seed=0)
     assert formula.extra["formula_route"] == ["given"] * 3 and formula.extra["formula_draws_used"] == 0
     ckpt = pipe.save_pretrained(tmp_path / "given")
