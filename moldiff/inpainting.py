@@ -433,9 +433,8 @@ def inpaint_arrays(
                                     on_step=on_step, types=[types] * n,
                                     time_power=DEFAULT_TIME_POWER if plain_time_power is None else plain_time_power,
                                     noise_scale=DEFAULT_NOISE_SCALE if plain_noise_scale is None else plain_noise_scale)
-        arrays.extra.update({"conditioning": "formula", "num_known_atoms": 0, "fragment_symbols": None,
-                             "formula": chem_fragments.format_formula(counts), "valence_guidance": 0.0, "resample": 1,
-                             "network_evaluations": steps + 1, "formula_route": ["given"] * n, "formula_draws_used": 0})
+        arrays.extra.update({"resample": 1, "network_evaluations": steps + 1,
+                             **_formula_extra(chem_fragments.format_formula(counts), ["given"] * n, 0)})
         return arrays
     if formula is not None and fragment is None and formula_draws > 0 and initial_noise is None:
         _plan(pipe, n, None, formula, num_atoms, np.random.default_rng(0))  # the one-line errors first
@@ -537,9 +536,14 @@ def _joined(kept, clamped, drawn: int, formula_text: str) -> SampledArrays:
         out.charges += clamped.charges
         out.fault_step = np.concatenate([out.fault_step, clamped.fault_step])
         route += list(clamped.extra.get("formula_route", ["clamped"] * len(clamped.positions)))
-    out.extra.update({"conditioning": "formula", "num_known_atoms": 0, "fragment_symbols": None, "formula": formula_text,
-                      "valence_guidance": 0.0, "formula_route": route, "formula_draws_used": drawn})
+    out.extra.update(_formula_extra(formula_text, route, drawn))
     return out
+
+
+def _formula_extra(formula_text: str, route: list[str], drawn: int) -> dict:
+    """``extra`` entries of formula-conditioned output made without RePaint (drawn or given types)."""
+    return {"conditioning": "formula", "num_known_atoms": 0, "fragment_symbols": None, "formula": formula_text,
+            "valence_guidance": 0.0, "formula_route": route, "formula_draws_used": drawn}
 
 
 def _valence_guide(pos, eps_pos, alpha, sigma, pairs, slots, num_known, strength):

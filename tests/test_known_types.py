@@ -76,11 +76,11 @@ def test_compositions_are_drawn_with_their_training_frequencies():
 
 
 # ----------------------------------------------------------------------------- training loss
-def test_known_types_are_shown_clean_and_carry_no_type_loss(debug_data):
+def test_known_types_are_shown_clean_and_carry_no_type_loss(tmp_path, debug_data):
     """p = 1: the network's feature input equals the clean encoding for every atom, and the loss is
     the coordinate error alone (the same value whatever the network says about types)."""
     cfg = load_config(DEBUG)
-    pipe = Trainer(cfg, "/tmp/unused-known-types", data=debug_data, log=quiet).pipe
+    pipe = Trainer(cfg, tmp_path, data=debug_data, log=quiet).pipe
     _, batch = next(iter(debug_data.train.batches(8, 0, 0, 0)))
     t = torch.full((batch.num_graphs,), 0.7)
     seen = {}
@@ -110,9 +110,9 @@ def test_known_types_are_shown_clean_and_carry_no_type_loss(debug_data):
     assert float(plain) > float(loss)  # an untrained network's type error is large; given types have none
 
 
-def test_known_types_prob_zero_draws_nothing_and_half_mixes(debug_data):
+def test_known_types_prob_zero_draws_nothing_and_half_mixes(tmp_path, debug_data):
     cfg = load_config(DEBUG)
-    pipe = Trainer(cfg, "/tmp/unused-known-types", data=debug_data, log=quiet).pipe
+    pipe = Trainer(cfg, tmp_path, data=debug_data, log=quiet).pipe
     _, batch = next(iter(debug_data.train.batches(32, 0, 0, 0)))
     t = torch.full((batch.num_graphs,), 0.5)
     with torch.no_grad():
