@@ -366,6 +366,10 @@ def cmd_nll(args) -> int:
     pipe = load_pretrained(checkpoint, device=args.device)
     if tuple(pipe.elements) != tuple(QM9_ELEMENTS):
         raise UsageError(f"this model's elements {list(pipe.elements)} are not QM9's {list(QM9_ELEMENTS)}")
+    try:
+        pipe.require_type_generation("the likelihood bound on p(x, h, N)")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     qm9 = load_qm9(_cache_dir(args), progress=True)
     idx = edm_split(len(qm9))[split_name]
     idx = idx[: args.n] if args.n is not None else idx
@@ -646,7 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     n = sub.add_parser("nll", help="EDM's test NLL (variational bound, nats per molecule) of a model on QM9")
-    n.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder or run folder (default: the shipped model)")
+    n.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder, run folder or shipped model name "
+                   "(default: the shipped qm9 model)")
     n.add_argument("--dataset", default="qm9:test", help="qm9:test (default), qm9:valid or qm9:train")
     n.add_argument("-n", type=int, help="first N molecules of the split (default: all)")
     n.add_argument("--seed", type=int, default=0, help="noise and time draws (default 0)")
@@ -688,8 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "Default: model, or data for a model trained with every molecule's types given")
     s.add_argument("--seed", type=int, default=0, help="same seed, same molecules (default 0)")
     s.add_argument("--num-atoms", type=int, metavar="N", help="atoms per molecule (default: drawn from the training sizes)")
-    s.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder, or a `moldiff train` run folder "
-                   "(default: the QM9 model shipped with moldiff)")
+    s.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder, a `moldiff train` run folder, or the "
+                   "name of a model shipped with moldiff (moldiff.pipeline.shipped_models(); default: qm9)")
     s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     s.add_argument("--batch-size", type=int, default=1000, metavar="B", help="molecules denoised together (default 1000)")
     s.add_argument("--no-novelty", dest="novelty", action="store_false",

@@ -46,6 +46,8 @@ __all__ = [
     "CheckpointError",
     "FORMAT_VERSION",
     "PRETRAINED_DIR",
+    "PRETRAINED_ROOT",
+    "shipped_models",
     "load_pretrained",
     "resolve_checkpoint",
     "DEFAULT_STEPS",
@@ -60,8 +62,10 @@ __all__ = [
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.pt"
-#: The checkpoint shipped inside the package; ``load_pretrained()`` with no path loads it.
-PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained" / "qm9"
+#: Where the package's own models live, one folder per model; a folder's name is the model's name.
+PRETRAINED_ROOT = Path(__file__).resolve().parent / "pretrained"
+#: The default shipped checkpoint; ``load_pretrained()`` with no path loads it.
+PRETRAINED_DIR = PRETRAINED_ROOT / "qm9"
 #: Defaults of :meth:`MolDiffPipeline.sample` and ``moldiff sample``.
 DEFAULT_STEPS = 50
 DEFAULT_SAMPLER = "ancestral"
@@ -359,6 +363,7 @@ class MolDiffPipeline(torch.nn.Module):
         it on QM9 (see :mod:`moldiff.diffusion.likelihood`). ``pos`` ``(n, 3)`` Å, ``types`` ``(n,)``
         indices into :attr:`elements`, ``charges`` ``(n,)`` atomic numbers, sorted ``batch`` ``(n,)``."""
         self.require_no_bonds("the likelihood bound")
+        self.require_type_generation("the likelihood bound on p(x, h, N)")
         self.denoiser.eval()
         sizes = num_nodes_per_graph(batch, num_graphs).cpu().numpy()
         p_size = self.statistics.size_distribution()
@@ -704,7 +709,8 @@ class MolDiffPipeline(torch.nn.Module):
         directory = Path(directory)
         cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not directory.is_dir():
-            raise CheckpointError(f"checkpoint directory not found: {directory}")
+            names = ", ".join(shipped_models()) or "none"
+            raise CheckpointError(f"checkpoint directory not found: {directory} (models shipped by name: {names})")
         if not cfg_path.is_file() or not w_path.is_file():
             raise CheckpointError(f"{directory} is not a moldiff checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
         try:
@@ -745,11 +751,20 @@ def _check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def shipped_models() -> list[str]:
+    """Names of the models shipped inside the package (folders of :data:`PRETRAINED_ROOT`), sorted."""
+    if not PRETRAINED_ROOT.is_dir():
+        return []
+    return sorted(d.name for d in PRETRAINED_ROOT.iterdir() if (d / CONFIG_NAME).is_file())
+
+
 def resolve_checkpoint(path: str | os.PathLike | None = None) -> Path:
     """The checkpoint directory ``path`` refers to.
 
-    ``None`` is the shipped model (:data:`PRETRAINED_DIR`); a training run directory (holding
-    ``pipeline/``) resolves to its ``pipeline/`` folder; anything else is taken as it is.
+    ``None`` is the default shipped model (:data:`PRETRAINED_DIR`); the name of a shipped model
+    (:func:`shipped_models`, e.g. ``"qm9"``) is that model, unless a folder of that name exists
+    here; a training run directory (holding ``pipeline/``) resolves to its ``pipeline/`` folder;
+    anything else is taken as it is.
 
     Raises:
         CheckpointError: ``None`` but no model is shipped with this installation.
@@ -762,6 +777,8 @@ def resolve_checkpoint(path: str | os.PathLike | None = None) -> Path:
             )
         return PRETRAINED_DIR
     directory = Path(path).expanduser()
+    if not directory.exists() and isinstance(path, str) and path in shipped_models():
+        return PRETRAINED_ROOT / path
     if not (directory / CONFIG_NAME).is_file() and (directory / "pipeline" / CONFIG_NAME).is_file():
         return directory / "pipeline"
     return directory
@@ -771,8 +788,8 @@ def load_pretrained(path: str | os.PathLike | None = None, device: str | torch.d
     """Load a sampling pipeline.
 
     Args:
-        path: ``None`` for the QM9 model shipped in the package (``moldiff/pretrained/qm9``), a
-            checkpoint directory (``config.json`` + ``model.pt``, from ``save_pretrained``), or a
+        path: ``None`` for the QM9 model shipped in the package (``moldiff/pretrained/qm9``), the
+            name of a shipped model (:func:`shipped_models`), a checkpoint directory (``config.json`` + ``model.pt``, from ``save_pretrained``), or a
             training run directory (its ``pipeline/`` is used).
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
 

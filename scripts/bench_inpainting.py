@@ -44,7 +44,7 @@ from moldiff.chemistry.fragments import (
 from moldiff.chemistry.metrics import evaluate_molecules
 from moldiff.data.qm9 import edm_split, load_qm9
 from moldiff.inpainting import DEFAULT_INPAINT_NOISE_SCALE, DEFAULT_INPAINT_TIME_POWER, DEFAULT_FORMULA_DRAWS, DEFAULT_RESAMPLE, DEFAULT_VALENCE_GUIDANCE, Fragment, formula_honoured, fragment_report, fragment_reports, inpaint_arrays
-from moldiff.pipeline import MolDiffPipeline
+from moldiff.pipeline import DEFAULT_TIME_POWER, MolDiffPipeline
 
 
 # ----------------------------------------------------------------------------- picking the inputs
@@ -110,13 +110,25 @@ def pct(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
+def plain_power(args) -> float:
+    """The time power of the unconditional rows: the one asked for, else plain sampling's default."""
+    return DEFAULT_TIME_POWER if args.time_power is None else args.time_power
+
+
+def describe_power(args) -> str:
+    if args.time_power is not None:
+        return f"time grid power {args.time_power:g}"
+    return (f"the package's time grids (power {DEFAULT_TIME_POWER:g} for unconditional, drawn and given-types "
+            f"molecules, {DEFAULT_INPAINT_TIME_POWER:g} for RePaint)")
+
+
 def run_fragments(pipe, fragments, args) -> tuple[list[dict], float]:
     if not fragments:
         return [], 0.0
     start = time.perf_counter()
     sizes = [size for _, _, size in fragments for _ in range(args.n)]
     free = pipe.sample_arrays(len(sizes), num_atoms=sizes, steps=args.steps, sampler=args.sampler, seed=args.seed,
-                              time_power=args.time_power, noise_scale=args.noise_scale)
+                              time_power=plain_power(args), noise_scale=args.noise_scale)
     rows = []
     for i, (fragment, index, size) in enumerate(fragments):
         cond = inpaint_arrays(pipe, args.n, fragment=fragment, num_atoms=size, steps=args.steps,
@@ -145,7 +157,7 @@ def run_formulas(pipe, formulas, args) -> tuple[list[dict], float]:
     start = time.perf_counter()
     sizes = [size for _, _, size in formulas for _ in range(args.n)]
     free = pipe.sample_arrays(len(sizes), num_atoms=sizes, steps=args.steps, sampler=args.sampler, seed=args.seed + 1,
-                              time_power=args.time_power, noise_scale=args.noise_scale)
+                              time_power=plain_power(args), noise_scale=args.noise_scale)
     rows = []
     for i, (formula, index, size) in enumerate(formulas):
         cond = inpaint_arrays(pipe, args.n, formula=formula, steps=args.steps, sampler=args.sampler,
@@ -177,7 +189,7 @@ def markdown(args, frag_rows, frag_s, form_rows, form_s, command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Checkpoint `{args.checkpoint}`; sampler `{args.sampler}`, {args.steps} steps, time grid power {args.time_power:g}, resample {args.resample if args.resample is not None else DEFAULT_RESAMPLE}, "
+        f"Checkpoint `{args.checkpoint}`; sampler `{args.sampler}`, {args.steps} steps, {describe_power(args)}, resample {args.resample if args.resample is not None else DEFAULT_RESAMPLE}, "
         f"noise scale {args.noise_scale:g}, open-valence guidance {args.valence_guidance:g} (fragments), "
         f"{args.n} molecules per fragment / formula, seed {args.seed}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. Unconditional rows: the same sampler at the same sizes.",
@@ -264,9 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=10, help="molecules per fragment / formula (default 10)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--sampler", default="ancestral")
-    p.add_argument("--time-power", type=float, default=DEFAULT_INPAINT_TIME_POWER,
-                   help=f"time grid t_k = (k/K)^P of both the conditioned and the unconditional rows "
-                   f"(default {DEFAULT_INPAINT_TIME_POWER:g}, the package's inpainting default; 1 = uniform)")
+    p.add_argument("--time-power", type=float, default=None,
+                   help=f"time grid t_k = (k/K)^P of both the conditioned and the unconditional rows (1 = uniform; "
+                   f"default: the package's for each route, as `moldiff sample` runs it: {DEFAULT_TIME_POWER:g} for "
+                   f"unconditional, drawn and given-types molecules, {DEFAULT_INPAINT_TIME_POWER:g} for RePaint)")
     p.add_argument("--noise-scale", type=float, default=DEFAULT_INPAINT_NOISE_SCALE,
                    help=f"factor on each step's fresh noise, both rows (default {DEFAULT_INPAINT_NOISE_SCALE:g}, the "
                    f"package's inpainting default)")

@@ -300,3 +300,21 @@ def test_a_model_trained_with_every_type_given_samples_data_compositions_by_defa
     assert main(["sample", "--checkpoint", str(ckpt), "-n", "3", "--steps", "2", "--composition", "model",
                  "-o", str(tmp_path / "out2"), "--threads", "1"]) != 0
     assert "generates atom types" in capsys.readouterr().err
+
+
+def test_the_likelihood_bound_is_refused_for_a_model_that_never_generates_types(tmp_path, capsys):
+    """EDM's NLL bounds -log p(x, h, N); a p = 1 network only models p(x | h), so both the API and
+    ``moldiff nll`` refuse in one line (before any data is loaded)."""
+    pipe = tiny_pipeline(known_types_prob=1.0)
+    pos = torch.randn(3, 3, dtype=torch.float64)
+    types = torch.tensor([1, 0, 0])
+    charges = torch.tensor([6, 1, 1])
+    batch = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="generates atom types"):
+        pipe.nll_terms(pos, types, charges, batch, 1)
+    assert torch.isfinite(tiny_pipeline(known_types_prob=0.5).nll_terms(pos, types, charges, batch, 1).total).all()
+    ckpt = pipe.save_pretrained(tmp_path / "given")
+    capsys.readouterr()
+    assert main(["nll", "--checkpoint", str(ckpt), "-n", "2", "--cache-dir", str(tmp_path / "none")]) != 0
+    err = capsys.readouterr().err
+    assert "generates atom types" in err and len(err.strip().splitlines()) == 1

@@ -60,3 +60,21 @@ def test_cli_sample_with_novelty_reference(tmp_path):
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "samples.json").read_text())
     assert "novelty" in summary and (summary["n_valid"] == 0 or summary["novelty"] is not None)
+
+
+def test_shipped_models_load_by_name_and_a_local_folder_of_that_name_wins(tmp_path, monkeypatch):
+    import pytest
+
+    from moldiff.pipeline import PRETRAINED_ROOT, CheckpointError, resolve_checkpoint, shipped_models
+
+    names = shipped_models()
+    assert "qm9" in names and all((PRETRAINED_ROOT / n / "model.pt").is_file() for n in names)
+    assert resolve_checkpoint("qm9") == PRETRAINED_DIR and resolve_checkpoint(None) == PRETRAINED_DIR
+    for name in names:
+        pipe = moldiff.load_pretrained(name)
+        assert list(pipe.elements) == ["H", "C", "N", "O", "F"]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="models shipped by name: .*qm9"):
+        moldiff.load_pretrained("no-such-model")
+    (tmp_path / "qm9").mkdir()
+    assert resolve_checkpoint("qm9").resolve() == (tmp_path / "qm9").resolve()
