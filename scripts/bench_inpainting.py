@@ -44,7 +44,7 @@ from moldiff.chemistry.fragments import (
 from moldiff.chemistry.metrics import evaluate_molecules
 from moldiff.data.qm9 import edm_split, load_qm9
 from moldiff.inpainting import DEFAULT_INPAINT_NOISE_SCALE, DEFAULT_INPAINT_TIME_POWER, DEFAULT_FORMULA_DRAWS, DEFAULT_RESAMPLE, DEFAULT_VALENCE_GUIDANCE, Fragment, formula_honoured, fragment_report, fragment_reports, inpaint_arrays
-from moldiff.pipeline import DEFAULT_TIME_POWER, MolDiffPipeline
+from moldiff.pipeline import DEFAULT_TIME_POWER, load_pretrained
 
 
 # ----------------------------------------------------------------------------- picking the inputs
@@ -270,7 +270,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="pipeline directory (config.json + model.pt)")
+    p.add_argument("--checkpoint", required=True, help="pipeline directory (config.json + model.pt), run directory or shipped model name")
     p.add_argument("--fragments", type=int, default=20, help="number of fragments (default 20)")
     p.add_argument("--formulas", type=int, default=20, help="number of formulas (default 20)")
     p.add_argument("--n", type=int, default=10, help="molecules per fragment / formula (default 10)")
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = MolDiffPipeline.from_pretrained(args.checkpoint, device=args.device).configure_inference(args.precision)
+    pipe = load_pretrained(args.checkpoint, device=args.device).configure_inference(args.precision)
     qm9 = load_qm9(args.cache_dir)
     test = edm_split(len(qm9))["test"]
     # Molecules larger than the model's largest training molecule are skipped (only matters for

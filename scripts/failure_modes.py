@@ -70,6 +70,7 @@ def main() -> None:
     under, over = Counter(), Counter()
     over_patterns = Counter()
     paired_under: list[float] = []
+    crowded = 0  # over-bonded atoms with more neighbours than their largest valence
     pair_kinds = Counter()
     mols_under = mols_over = 0
     errors = Counter()
@@ -92,6 +93,7 @@ def main() -> None:
             else:
                 over[s] += 1
                 o = True
+                crowded += int(np.count_nonzero(bonds[i])) > max(allowed)
                 partners = sorted(f"{symbols[j]}{'-=#'[bonds[i, j] - 1]}" for j in np.nonzero(bonds[i])[0])
                 over_patterns[f"{s}: " + " ".join(partners)] += 1
         mols_under += u
@@ -123,6 +125,7 @@ def main() -> None:
         print(f"single bonds joining two under-bonded atoms: {len(paired_under)} "
               f"({', '.join(f'{k} {v}' for k, v in pair_kinds.most_common(4))}); length 10/50/90%: "
               f"{q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f} A")
+    print(f"over-bonded atoms with more neighbours than their valence allows: {crowded} of {sum(over.values())}")
     print("commonest over-bonded atoms (element: partners with bond order):")
     for k, v in over_patterns.most_common(8):
         print(f"  {v:4d}  {k}")
