@@ -595,6 +595,7 @@ def cmd_sample(args) -> int:
         if "formula_route" in arrays.extra:
             summary["conditioning"]["formula_drawn"] = arrays.extra["formula_route"].count("drawn")
             summary["conditioning"]["formula_given"] = arrays.extra["formula_route"].count("given")
+            summary["conditioning"]["formula_clamped"] = arrays.extra["formula_route"].count("clamped")
             summary["conditioning"]["formula_draws_used"] = int(arrays.extra["formula_draws_used"])
     if fragment is not None:
         summary["fragment_retention"] = sum(bool(m.fragment_retained) for m in molecules) / len(molecules)
@@ -612,6 +613,10 @@ def cmd_sample(args) -> int:
     print(format_table(report))
     if fragment is not None:
         print(f"fragment retained (substructure match): {100 * summary['fragment_retention']:.2f}%")
+    if "formula_route" in arrays.extra:
+        c = summary["conditioning"]
+        print(f"formula {arrays.extra['formula']}: {c['formula_drawn']} drawn from unconditional samples, "
+              f"{c['formula_given']} sampled with the elements given to the network, {c['formula_clamped']} clamped (RePaint)")
     print(f"numerical faults: {n_faults}; coordinates-only records (no bonds): {n_coordinates_only}")
     if sa_note == SA_SCORE_NOTE:
         print(f"note: {SA_SCORE_NOTE}")

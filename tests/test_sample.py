@@ -406,6 +406,11 @@ def test_cli_sample_with_fragment_and_formula(tmp_path, checkpoint):
     assert r.returncode == 0, r.stderr
     with open(out2 / "samples.csv") as fh:
         assert [row["formula"] for row in _csv.DictReader(fh)] == ["C2H6O", "C2H6O"]
+    cond = _json.loads((out2 / "samples.json").read_text())["conditioning"]
+    routes = [cond["formula_drawn"], cond["formula_given"], cond["formula_clamped"]]
+    assert sum(routes) == 2 and cond["formula_given"] == 0  # this model was not trained with given types
+    assert (f"formula C2H6O: {routes[0]} drawn from unconditional samples, 0 sampled with the elements given "
+            f"to the network, {routes[2]} clamped (RePaint)") in r.stdout
 
     r = _sp.run([_sys.executable, "-m", "moldiff.cli", "sample", "-n", "2", "--checkpoint",
                  str(checkpoint), "--formula", "C2H6Cl", "-o", str(tmp_path / "bad"), "--no-novelty"],
