@@ -318,3 +318,23 @@ def test_the_likelihood_bound_is_refused_for_a_model_that_never_generates_types(
     assert main(["nll", "--checkpoint", str(ckpt), "-n", "2", "--cache-dir", str(tmp_path / "none")]) != 0
     err = capsys.readouterr().err
     assert "generates atom types" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_with_every_type_given_is_validated_on_its_own_objective(tmp_path, debug_data):
+    """p = 1: the validation loss is the coordinate error with the types given (the joint loss's type
+    term is never trained and grows without bound); p < 1 keeps EDM's joint loss."""
+    for p in (1.0, 0.5):
+        cfg = load_config(DEBUG, ["train.max_steps=1", "train.val_every=0", f"diffusion.known_types_prob={p}"])
+        trainer = Trainer(cfg, tmp_path / str(p), data=debug_data, log=quiet)
+        model = trainer.ema.model if trainer.ema is not None else trainer.model
+        pipe = MolDiffPipeline(model, trainer.pipe.schedule, trainer.pipe.features, trainer.pipe.statistics,
+                               trainer.pipe.atomic_numbers)
+        batch = next(iter(trainer.data.valid.batches(cfg.train.batch_size, seed=0, epoch=0, drop_last=False)))[1].to(trainer.device)
+        gen = torch.Generator().manual_seed(12345)
+        t = torch.rand(batch.num_graphs, generator=gen, dtype=torch.float64)
+        expected = float(diffusion_loss(pipe, batch, t, gen, bond_weight=0.0, known_types_prob=1.0 if p == 1.0 else 0.0))
+        gen = torch.Generator().manual_seed(12345)
+        t = torch.rand(batch.num_graphs, generator=gen, dtype=torch.float64)
+        joint = float(diffusion_loss(pipe, batch, t, gen, bond_weight=0.0))
+        assert trainer.validation_loss(max_batches=1) == pytest.approx(expected, rel=1e-9)
+        assert (expected < joint) if p == 1.0 else (expected == joint)

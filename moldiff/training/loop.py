@@ -450,18 +450,22 @@ class Trainer:
         """Mean loss of the EMA model on the validation subset with fixed times and noise.
 
         EDM's uniform atom loss only (for bond models too: their bond term is left out), so that
-        runs of every variant are compared on the same number."""
+        runs of every variant are compared on the same number. The exception is a run with
+        ``diffusion.known_types_prob = 1``: its network never learns to denoise types (their error
+        grows without bound), so it is validated as it is trained, every molecule's types given
+        (the coordinate error alone)."""
         model = self.ema.model if self.ema is not None else self.model
         pipe = MolDiffPipeline(model, self.pipe.schedule, self.pipe.features, self.pipe.statistics, self.pipe.atomic_numbers)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(12345)
+        given = 1.0 if self.cfg.diffusion.known_types_prob >= 1.0 else 0.0
         total, count = 0.0, 0
         for b, batch in self.data.valid.batches(self.cfg.train.batch_size, seed=0, epoch=0, drop_last=False):
             if b >= max_batches:
                 break
             batch = batch.to(self.device)
             t = torch.rand(batch.num_graphs, generator=gen, dtype=torch.float64, device=self.device)
-            total += float(diffusion_loss(pipe, batch, t, gen, bond_weight=0.0)) * batch.num_graphs
+            total += float(diffusion_loss(pipe, batch, t, gen, bond_weight=0.0, known_types_prob=given)) * batch.num_graphs
             count += batch.num_graphs
         return total / max(1, count)
 
