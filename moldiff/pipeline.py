@@ -789,7 +789,8 @@ def load_pretrained(path: str | os.PathLike | None = None, device: str | torch.d
 
     Args:
         path: ``None`` for the QM9 model shipped in the package (``moldiff/pretrained/qm9``), the
-            name of a shipped model (:func:`shipped_models`), a checkpoint directory (``config.json`` + ``model.pt``, from ``save_pretrained``), or a
+            name of a shipped model (:func:`shipped_models`: ``"qm9"``, ``"qm9-given"``), a
+            checkpoint directory (``config.json`` + ``model.pt``, from ``save_pretrained``), or a
             training run directory (its ``pipeline/`` is used).
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
 
