@@ -20,6 +20,7 @@ from collections import Counter
 import numpy as np
 import torch
 from rdkit import rdBase
+from scipy.sparse.csgraph import connected_components
 
 from moldiff.chemistry.bonds import edm_bond_matrix, pairwise_distances
 from moldiff.chemistry.elements import allowed_valences
@@ -28,22 +29,7 @@ from moldiff.pipeline import evaluate_molecules, load_pretrained, molecules_from
 
 
 def n_components(bonds: np.ndarray) -> int:
-    n = len(bonds)
-    seen = np.zeros(n, dtype=bool)
-    count = 0
-    for start in range(n):
-        if seen[start]:
-            continue
-        count += 1
-        stack = [start]
-        seen[start] = True
-        while stack:
-            i = stack.pop()
-            for j in np.nonzero(bonds[i])[0]:
-                if not seen[j]:
-                    seen[j] = True
-                    stack.append(int(j))
-    return count
+    return int(connected_components(bonds > 0, directed=False)[0])
 
 
 def main() -> None:
@@ -63,7 +49,8 @@ def main() -> None:
     kwargs = {} if args.noise_scale is None else {"noise_scale": args.noise_scale}
     arrays = pipe.sample_arrays(args.n, steps=args.steps, seed=args.seed, composition=args.composition, **kwargs)
     mols = molecules_from_arrays(arrays)
-    results = evaluate_molecules(mols).per_molecule
+    metrics = evaluate_molecules(mols)
+    results = metrics.per_molecule
 
     pieces = Counter()
     close = 0
@@ -110,7 +97,7 @@ def main() -> None:
             errors[f"over-valent {m.group(1)} ({m.group(2)})" if m else err.split("\n")[0][:60]] += 1
 
     n = len(mols)
-    report = evaluate_molecules(mols).to_dict(per_molecule=False)
+    report = metrics.to_dict(per_molecule=False)
     print(f"{args.checkpoint}, step {pipe.metadata.get('step', '?')}, composition "
           f"{args.composition or pipe.default_composition}, {n} x {args.steps} steps, seed {args.seed}")
     print(f"atom {100 * report['atom_stable']:.2f} mol {100 * report['mol_stable']:.2f} "
