@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import moldiff
@@ -63,8 +64,6 @@ def test_cli_sample_with_novelty_reference(tmp_path):
 
 
 def test_shipped_models_load_by_name_and_a_local_folder_of_that_name_wins(tmp_path, monkeypatch):
-    import pytest
-
     from moldiff.pipeline import PRETRAINED_ROOT, CheckpointError, resolve_checkpoint, shipped_models
 
     names = shipped_models()
