@@ -490,6 +490,8 @@ def inpaint_arrays(
                                                     chunk_noise, tick, guidance=float(valence_guidance)))
         if progress is not None:
             progress(len(chunk))
+    if formula is not None and fragment is None:  # every molecule clamped (no drawing asked for): say so
+        out.extra.update(formula_route=["clamped"] * n, formula_draws_used=0)
     if fragment is not None:
         # Translation that puts each molecule's fragment atoms back on the input coordinates.
         k = plan.num_known

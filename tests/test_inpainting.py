@@ -528,7 +528,8 @@ def test_formula_draws_fall_back_to_clamping_within_the_budget(pipe):
     assert arrays.extra["formula_draws_used"] == 3 * DEFAULT_FORMULA_DRAWS
     assert all(formula_honoured(arrays.symbols(j), "CH4") for j in range(3))
     only = inpaint_arrays(pipe, 2, formula="CH4", steps=3, seed=1, formula_draws=0)
-    assert "formula_route" not in only.extra and len(only.positions) == 2
+    assert only.extra["formula_route"] == ["clamped"] * 2 and only.extra["formula_draws_used"] == 0
+    assert len(only.positions) == 2
 
 
 def test_formula_progress_never_runs_backwards_and_ends_at_n():

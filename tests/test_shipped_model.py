@@ -98,3 +98,29 @@ def test_every_shipped_model_samples_from_the_cli_by_name(tmp_path):
 
             records = read_molecules(out / "samples.sdf")
             assert len(records) == 6 and all(valence_sum_parity(rec.symbols) == 0 for rec in records)
+
+
+def test_formula_alone_uses_the_given_types_model_unless_a_checkpoint_is_named(tmp_path):
+    """`moldiff sample --formula` with no --checkpoint places the atoms with the given-types model (one
+    pass, every molecule of the formula); naming the joint model keeps its draw-then-clamp route; a
+    fragment (which the given-types model cannot grow) keeps the default model."""
+    from moldiff.pipeline import FORMULA_MODEL, PRETRAINED_DIR, PRETRAINED_ROOT
+
+    def run(name, *extra):
+        out = tmp_path / name
+        r = subprocess.run([sys.executable, "-m", "moldiff.cli", "sample", "--formula", "C2H6O", "-n", "2", "--steps", "2",
+                            "--resample", "1", "--formula-draws", "0", "-o", str(out), "--no-novelty", *extra],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r, json.loads((out / "samples.json").read_text())
+
+    r, summary = run("default")
+    assert summary["checkpoint"] == str(PRETRAINED_ROOT / FORMULA_MODEL)
+    assert summary["conditioning"]["formula_given"] == 2 and summary["conditioning"]["formula_clamped"] == 0
+    assert f"using the shipped model {FORMULA_MODEL}" in r.stderr
+    r, summary = run("joint", "--checkpoint", "qm9")
+    assert summary["checkpoint"] == str(PRETRAINED_DIR)
+    assert summary["conditioning"]["formula_given"] == 0 and summary["conditioning"]["formula_clamped"] == 2
+    assert FORMULA_MODEL not in r.stderr
+    r, summary = run("fragment", "--fragment-smiles", "CO")
+    assert summary["checkpoint"] == str(PRETRAINED_DIR)
