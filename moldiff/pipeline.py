@@ -69,7 +69,7 @@ PRETRAINED_DIR = PRETRAINED_ROOT / "qm9"
 #: The shipped model ``moldiff sample --formula`` uses when no checkpoint is named: trained with every
 #: molecule's elements given, it places a formula's atoms in one pass. On 60 QM9 test formulas x 5
 #: (50 steps) it gave 70.3% valid / 41.3% stable molecules in 133 s, the default joint model (drawing,
-#: then RePaint clamping) 48.3% / 32.3% in 1,439 s (docs/experiments.md, session 11).
+#: then RePaint clamping) 51.7% / 34.7% in 1,353 s (docs/experiments.md, session 11).
 FORMULA_MODEL = "qm9-given"
 #: Defaults of :meth:`MolDiffPipeline.sample` and ``moldiff sample``.
 DEFAULT_STEPS = 50
