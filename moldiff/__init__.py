@@ -23,9 +23,10 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 _EXPORTS = {
     "load_pretrained": "moldiff.pipeline",
     "MolDiffPipeline": "moldiff.pipeline",
-    "GeneratedMolecule": "moldiff.pipeline",
+    "GeneratedMolecule": "moldiff.molecules",
+    "SampleRequest": "moldiff.pipeline",
     "CheckpointError": "moldiff.pipeline",
-    "evaluate_molecules": "moldiff.pipeline",
+    "evaluate_molecules": "moldiff.molecules",
     "format_table": "moldiff.chemistry.metrics",
     "tune_allocator": "moldiff.runtime",
 }

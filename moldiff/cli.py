@@ -9,8 +9,6 @@ that closes the pipe early (``moldiff data | head -3``) ends the command quietly
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 import time
@@ -166,20 +164,28 @@ def cmd_train(args) -> int:
             raise UsageError(f"{run_dir} already holds a run; use --resume to continue it or --overwrite")
         cfg = load_config(args.config, args.set)
     torch.set_num_threads(args.threads or cfg.train.num_threads)
-    if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("train.device is cuda but no CUDA GPU is available")
+    # train.device "auto" (the default) is a CUDA GPU when torch sees one; the configuration keeps
+    # what it says, so a run resumed on another machine is resolved afresh.
+    device = _check_device(cfg.train.device, option="train.device")
     if world_size > 1:
-        backend = "nccl" if cfg.train.device.startswith("cuda") else "gloo"
+        if device.startswith("cuda"):
+            # One GPU per process. NCCL binds each process to its current device: select it before
+            # the process group starts (otherwise every rank would talk through cuda:0).
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            if local_rank >= torch.cuda.device_count():
+                raise UsageError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are "
+                                 "visible; start at most one process per GPU")
+            torch.cuda.set_device(local_rank)
+            device = f"cuda:{local_rank}"
+        backend = "nccl" if device.startswith("cuda") else "gloo"
         # Rank 0 alone samples for the periodic metrics check while the others wait at the next
         # collective: allow that well beyond the default timeout (10 min for NCCL).
         import datetime
 
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
-        if cfg.train.device.startswith("cuda"):
-            cfg.train.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     evaluate = _sampled_metrics if cfg.train.sample_every else None
     trainer = Trainer(cfg, run_dir, rank=rank, world_size=world_size, evaluate=evaluate,
-                      log=lambda m: print(m, flush=True))
+                      log=lambda m: print(m, flush=True), device=device)
     if args.resume:
         trainer.resume()
     total = cfg.train.max_steps - trainer.step if cfg.train.max_steps is not None else None
@@ -297,22 +303,34 @@ def _check_sampler_name(name: str) -> None:
             raise UsageError(f"sampler {name!r}: only ddim takes an argument, eta in [0, 1] (e.g. ddim:0.5)")
 
 
-def _check_device(device: str) -> None:
+def _check_device(device: str, option: str = "--device") -> str:
+    """The device a command runs on: ``device`` checked, ``auto`` resolved (a CUDA GPU when torch sees
+    one, else the CPU). For a CUDA device this also lets fp32 matrix products run in TF32
+    (:func:`moldiff.runtime.allow_tf32`): global torch state, which only the CLI sets."""
     import re
 
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise UsageError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
-    if device.startswith("cuda"):
-        import torch
+    from moldiff.runtime import DEVICE_PATTERN, allow_tf32, resolve_device
 
+    if not re.fullmatch(DEVICE_PATTERN, device):
+        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if device == "cpu":  # no torch import: the cheap checks stay cheap
+        return device
+    import torch
+
+    if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: no CUDA GPU is available (torch.cuda.is_available() is False)")
+            raise UsageError(f"{option} {device}: no CUDA GPU is available (torch.cuda.is_available() is False)")
         index = int(device.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
-            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+            raise UsageError(f"{option} {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    resolved = resolve_device(device)
+    if resolved.startswith("cuda"):
+        allow_tf32()
+    return resolved
 
 
-def _sample_tags(m, k: int, args) -> dict:
+def _sample_tags(m, k: int, run: dict) -> dict:
+    """SD tags of sampled molecule ``k``: its verdicts and ``run``'s settings (sampler, steps, ...)."""
     import numpy as np
 
     reason = m.reason
@@ -327,11 +345,7 @@ def _sample_tags(m, k: int, args) -> dict:
         "n_stable_atoms": m.n_stable_atoms,
         "rdkit_SMILES": m.rdkit_smiles,
         "bonds": m.bonds,
-        "sampler": args.sampler,
-        "steps": args.steps,
-        "time_power": args.time_power,
-        "noise_scale": args.noise_scale,
-        "seed": args.seed,
+        **run,
         "reason": reason,
     } | ({} if m.fragment_retained is None else {"fragment_retained": m.fragment_retained, "fragment_rmsd": m.fragment_rmsd})
 
@@ -346,6 +360,7 @@ def cmd_nll(args) -> int:
         raise UsageError(f"--threads must be positive, got {args.threads}")
     if args.json:
         _check_writable(Path(args.json).parent, {"json": Path(args.json)})
+    args.device = _check_device(args.device)
     import numpy as np
     import torch
 
@@ -402,14 +417,16 @@ def cmd_nll(args) -> int:
     return 0
 
 
-#: ``moldiff sample`` compiles the network by default from this many molecule-steps (n x steps) on:
-#: 1,000 molecules x 50 steps and up, where the one-off compilation pays for itself (docs/benchmarks.md).
+#: ``moldiff sample`` compiles the network by default where :func:`moldiff.runtime.choose_arithmetic`
+#: says compiled steps are faster (bf16 on a CPU with native bf16; on an AVX2-only CPU compiled
+#: reverse steps measured slower, docs/benchmarks.md) and from this many molecule-steps (n x steps)
+#: on: 1,000 molecules x 50 steps and up, where the one-off compilation pays for itself.
 COMPILE_AUTO_WORK = 20_000
 
 
-def cmd_sample(args) -> int:
-    # Everything that can be wrong is checked before a single molecule is sampled, the cheap
-    # checks before torch and RDKit are imported.
+def _check_sample_args(args) -> None:
+    """The checks that need neither torch nor the model (they fail before anything loads); the
+    options' defaults and their consistency are :meth:`moldiff.pipeline.SampleRequest.resolved`'s."""
     if args.n <= 0:
         raise UsageError(f"-n must be a positive number of molecules, got {args.n}")
     if args.steps <= 0:
@@ -422,81 +439,72 @@ def cmd_sample(args) -> int:
         raise UsageError(f"--threads must be positive, got {args.threads}")
     if args.resample is not None and args.resample <= 0:
         raise UsageError(f"--resample must be positive, got {args.resample}")
-    if args.time_power is not None and not (math.isfinite(args.time_power) and args.time_power > 0):
-        raise UsageError(f"--time-power must be a positive number, got {args.time_power}")
-    if args.noise_scale is not None and not (math.isfinite(args.noise_scale) and 0 <= args.noise_scale <= 1):
-        raise UsageError(f"--noise-scale must be between 0 and 1, got {args.noise_scale}")
-    if args.formula_draws is not None:
-        if args.formula_draws < 0:
-            raise UsageError(f"--formula-draws must be >= 0, got {args.formula_draws}")
-        if not args.formula:
-            raise UsageError("--formula-draws goes with --formula")
-    if args.composition == "data" and (args.fragment or args.fragment_smiles or args.formula):
-        raise UsageError("--composition data draws each molecule's composition; it does not combine with --fragment*/--formula")
-    if args.valence_guidance is not None:
-        if not (math.isfinite(args.valence_guidance) and args.valence_guidance >= 0):
-            raise UsageError(f"--valence-guidance must be a number >= 0, got {args.valence_guidance}")
-        if not (args.fragment or args.fragment_smiles):
-            raise UsageError("--valence-guidance steers the atoms around a fragment: give --fragment or --fragment-smiles")
-    folder, files = _output_files(args.output)
-    _check_writable(folder, files)
-    _check_sampler_name(args.sampler)
-    _check_device(args.device)
+    if args.formula_draws is not None and not args.formula:
+        raise UsageError("--formula-draws goes with --formula")
+    if args.valence_guidance is not None and not (args.fragment or args.fragment_smiles):
+        raise UsageError("--valence-guidance steers the atoms around a fragment: give --fragment or --fragment-smiles")
 
+
+def _sampling_pipeline(args):
+    """The model ``moldiff sample`` runs (``--formula`` alone: the given-types model unless
+    ``--checkpoint`` names one), configured for inference; returns ``(pipe, checkpoint folder)``."""
     import torch
 
-    from moldiff.sampling import DEFAULT_NOISE_SCALE, DEFAULT_TIME_POWER
-
-    conditioned = args.fragment or args.fragment_smiles or args.formula
-    from moldiff.pipeline import FORMULA_MODEL, shipped_models
+    from moldiff.pipeline import FORMULA_MODEL, PRETRAINED_DIR, CheckpointError, load_pretrained, resolve_checkpoint, shipped_models
 
     if args.checkpoint is None and args.formula and not (args.fragment or args.fragment_smiles) \
             and FORMULA_MODEL in shipped_models():
         args.checkpoint = FORMULA_MODEL  # isomers: the given-types model is more often valid and ~10x faster
         print(f"--formula: using the shipped model {FORMULA_MODEL} (elements given to the network); "
               "--checkpoint qm9 for the joint model", file=sys.stderr)
-    # Conditioned sampling picks its own defaults (they depend on the route: RePaint, drawing, or a
-    # model trained with given types); the values used are read back from its output.
-    if args.time_power is None and not conditioned:
-        args.time_power = DEFAULT_TIME_POWER
-    if args.noise_scale is None and not conditioned:
-        args.noise_scale = DEFAULT_NOISE_SCALE
-
-    from moldiff.chemistry.io import write_csv, write_json, write_sdf
-    from moldiff.chemistry.metrics import format_table
-    from moldiff.chemistry.report import (
-        SA_SCORE_NOTE,
-        descriptor_row,
-        display_smiles,
-        grid_image,
-        sa_score_available,
-        sd_record,
-        write_png,
-    )
-    from moldiff.pipeline import evaluate_molecules, load_pretrained, molecules_from_arrays, resolve_checkpoint
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    from moldiff.pipeline import PRETRAINED_DIR, CheckpointError
-
     try:
         checkpoint = resolve_checkpoint(args.checkpoint)
     except CheckpointError:
         raise UsageError(f"no pretrained model is shipped in {PRETRAINED_DIR} yet; give --checkpoint DIR "
                          "(a checkpoint folder or a `moldiff train` run folder)") from None
     pipe = load_pretrained(checkpoint, device=args.device)
-    if args.compile is None:  # auto: worth its one-off compilation only for long CPU runs
-        args.compile = pipe.device.type == "cpu" and args.n * args.steps >= COMPILE_AUTO_WORK
+    if args.compile is None:  # auto: where compiled steps measured faster, and only for runs long enough
+        from moldiff.runtime import choose_arithmetic
+
+        arithmetic = choose_arithmetic(pipe.device, args.precision, "auto")
+        args.compile = arithmetic.compile and args.n * args.steps >= COMPILE_AUTO_WORK
     pipe.configure_inference(precision=args.precision, compile=args.compile)
     if args.num_atoms is not None:
         pipe.check_sizes([args.num_atoms])
-    if args.composition is None and not conditioned:
-        args.composition = pipe.default_composition  # "data" for a model trained with every type given
-    if args.composition == "data":
-        pipe.require_known_types("--composition data")
-    elif not conditioned:
-        pipe.require_type_generation("--composition model")
+    return pipe, checkpoint
+
+
+def _novelty_reference(args):
+    """QM9 training SMILES for novelty, or ``None`` with ``--no-novelty``."""
+    if not args.novelty:
+        return None
+    from moldiff.data.qm9 import default_cache_dir, training_smiles
+
+    cache_folder = Path(_cache_dir(args) or default_cache_dir())
+
+    def announce():  # only when neither the cache nor the shipped reference (same RDKit) serves
+        print(f"building the novelty reference (QM9 training SMILES) once into {cache_folder}; about a minute ...",
+              file=sys.stderr, flush=True)
+
+    try:
+        return training_smiles(_cache_dir(args), on_build=announce)
+    except Exception as exc:  # noqa: BLE001 - say what to do instead
+        raise UsageError(f"cannot load QM9 training SMILES for novelty ({exc}); use --no-novelty") from None
+
+
+def cmd_sample(args) -> int:
+    # Parse, call, save: every check that needs no model runs before torch and RDKit are imported.
+    _check_sample_args(args)
+    folder, files = _output_files(args.output)
+    _check_writable(folder, files)
+    _check_sampler_name(args.sampler)
+    args.device = _check_device(args.device)
+
+    pipe, checkpoint = _sampling_pipeline(args)
     from moldiff.diffusion.samplers import make_sampler
+    from moldiff.pipeline import SampleRequest, evaluate_molecules, interpret
 
     make_sampler(args.sampler, pipe.schedule)  # a bad sampler fails here, not after loading data
     fragment = None
@@ -504,20 +512,12 @@ def cmd_sample(args) -> int:
         from moldiff.inpainting import Fragment
 
         fragment = Fragment.from_file(args.fragment) if args.fragment else Fragment.from_smiles(args.fragment_smiles)
-    reference = None
-    if args.novelty:
-        from moldiff.data.qm9 import default_cache_dir, training_smiles
-
-        cache_folder = Path(_cache_dir(args) or default_cache_dir())
-
-        def announce():  # only when neither the cache nor the shipped reference (same RDKit) serves
-            print(f"building the novelty reference (QM9 training SMILES) once into {cache_folder}; about a minute ...",
-                  file=sys.stderr, flush=True)
-
-        try:
-            reference = training_smiles(_cache_dir(args), on_build=announce)
-        except Exception as exc:  # noqa: BLE001 - say what to do instead
-            raise UsageError(f"cannot load QM9 training SMILES for novelty ({exc}); use --no-novelty") from None
+    request = SampleRequest(args.n, steps=args.steps, sampler=args.sampler, seed=args.seed, num_atoms=args.num_atoms,
+                            batch_size=args.batch_size, composition=args.composition, fragment=fragment,
+                            formula=args.formula, resample=args.resample, time_power=args.time_power,
+                            noise_scale=args.noise_scale, valence_guidance=args.valence_guidance,
+                            formula_draws=args.formula_draws).resolved(pipe)  # bad combinations fail here
+    reference = _novelty_reference(args)
 
     if args.compile and sys.stderr.isatty():
         print("compiling the network on the first step (PyTorch caches it: ~30 s on a new machine, a few s later)",
@@ -528,33 +528,27 @@ def cmd_sample(args) -> int:
             bar.n = int(done)
             bar.refresh()
 
-        if conditioned:
-            from moldiff.inpainting import inpaint_arrays
-
-            arrays = inpaint_arrays(pipe, args.n, fragment=fragment, formula=args.formula, num_atoms=args.num_atoms,
-                                    steps=args.steps, sampler=args.sampler, resample=args.resample, seed=args.seed,
-                                    batch_size=args.batch_size, on_step=advance, time_power=args.time_power,
-                                    noise_scale=args.noise_scale, valence_guidance=args.valence_guidance,
-                                    formula_draws=args.formula_draws)
-            args.time_power, args.noise_scale = arrays.time_power, arrays.noise_scale
-        else:
-            arrays = pipe.sample_arrays(args.n, steps=args.steps, sampler=args.sampler, seed=args.seed,
-                                        num_atoms=args.num_atoms, batch_size=args.batch_size, on_step=advance,
-                                        time_power=args.time_power, noise_scale=args.noise_scale,
-                                        composition=args.composition)
+        arrays = pipe.generate(request, on_step=advance)
     t1 = time.monotonic()
     with _progress_bar(args.n, "bonds + RDKit", "mol") as bar:
-        molecules = molecules_from_arrays(arrays, progress=bar.update)
-    if fragment is not None:
-        from moldiff.inpainting import fragment_report
-
-        for m in molecules:
-            rep = fragment_report(fragment, m.symbols, m.positions, mol=m.mol)
-            m.fragment_retained, m.fragment_rmsd = rep.retained, rep.rmsd
+        molecules = interpret(arrays, fragment=fragment, progress=bar.update)
     report = evaluate_molecules(molecules, reference=reference)
     t2 = time.monotonic()
+    summary = _write_samples(folder, files, molecules, report, arrays, request, args, pipe, checkpoint,
+                             {"seconds": round(t2 - t0, 3), "seconds_sampling": round(t1 - t0, 3)})
+    _print_sample_summary(summary, report, arrays, files, args, t2 - t0, t1 - t0)
+    return 0
 
-    records = [sd_record(m.mol, m.symbols, m.positions, _sample_tags(m, k, args), f"moldiff sample {k}")
+
+def _write_samples(folder, files, molecules, report, arrays, request, args, pipe, checkpoint, timing) -> dict:
+    """Write the SDF, CSV, PNG and JSON of a sampling run (each atomically); returns the JSON summary."""
+    from moldiff.chemistry.io import write_csv, write_json, write_sdf
+    from moldiff.chemistry.report import SA_SCORE_NOTE, descriptor_row, display_smiles, grid_image, sa_score_available, sd_record, write_png
+
+    fragment = request.fragment
+    tags = {"sampler": request.sampler, "steps": request.steps, "time_power": arrays.time_power,
+            "noise_scale": arrays.noise_scale, "seed": request.seed}
+    records = [sd_record(m.mol, m.symbols, m.positions, _sample_tags(m, k, tags), f"moldiff sample {k}")
                for k, m in enumerate(molecules)]
     rows = []
     for k, m in enumerate(molecules):
@@ -566,70 +560,68 @@ def cmd_sample(args) -> int:
         rows.append(row)
     preview = [(k, m.mol) for k, m in enumerate(molecules) if m.valid and m.mol is not None][:_PREVIEW_MOLECULES]
     image = grid_image([mol for _, mol in preview], [f"#{k} {display_smiles(mol) or ''}" for k, mol in preview],
-                       empty_text=f"no valid molecules among {args.n} samples")
+                       empty_text=f"no valid molecules among {request.n} samples")
     # The SA scorer loads a 1 s fragment table; only needed (and only reported) with valid molecules.
-    n_valid = sum(m.valid for m in molecules)
-    if n_valid == 0:
+    if not any(m.valid for m in molecules):
         sa_note = "not computed (no valid molecules)"
     else:
         sa_note = "RDKit Contrib sascorer" if sa_score_available() else SA_SCORE_NOTE
-    n_faults = sum(m.fault for m in molecules)
-    n_coordinates_only = sum(m.bonds == "none" for m in molecules)
     summary = report.to_dict(per_molecule=False) | {
-        "n_faults": n_faults,
-        "n_coordinates_only": n_coordinates_only,
-        "sampler": args.sampler,
-        "steps": args.steps,
-        "time_power": args.time_power,
-        "noise_scale": args.noise_scale,
-        "composition": args.composition,
-        "seed": args.seed,
+        "n_faults": sum(m.fault for m in molecules),
+        "n_coordinates_only": sum(m.bonds == "none" for m in molecules),
+        **tags,
+        "composition": request.composition,
         "num_atoms": args.num_atoms,
-        "batch_size": args.batch_size,
-        "device": args.device,
+        "batch_size": request.batch_size,
+        "device": str(pipe.device),
         "precision": pipe.inference_precision,
         "compile": args.compile,
         "checkpoint": str(checkpoint),
-        "seconds": round(t2 - t0, 3),
-        "seconds_sampling": round(t1 - t0, 3),
+        **timing,
         "protocol": "EDM (Hoogeboom et al. 2022): table bonds, stability, validity, uniqueness, novelty",
         "sa_score": sa_note,
+        "preview": len(preview),
     }
-    if conditioned:
+    if request.route != "plain":
         summary["conditioning"] = {"fragment": args.fragment or args.fragment_smiles, "formula": args.formula,
                                    "resample": int(arrays.extra["resample"]),
                                    "valence_guidance": arrays.extra["valence_guidance"]}
         if "formula_route" in arrays.extra:
-            summary["conditioning"]["formula_drawn"] = arrays.extra["formula_route"].count("drawn")
-            summary["conditioning"]["formula_given"] = arrays.extra["formula_route"].count("given")
-            summary["conditioning"]["formula_clamped"] = arrays.extra["formula_route"].count("clamped")
-            summary["conditioning"]["formula_draws_used"] = int(arrays.extra["formula_draws_used"])
+            route = arrays.extra["formula_route"]
+            summary["conditioning"].update(formula_drawn=route.count("drawn"), formula_given=route.count("given"),
+                                           formula_clamped=route.count("clamped"),
+                                           formula_draws_used=int(arrays.extra["formula_draws_used"]))
     if fragment is not None:
         summary["fragment_retention"] = sum(bool(m.fragment_retained) for m in molecules) / len(molecules)
     _write_outputs(folder, files, {
         "sdf": lambda path: write_sdf(path, records),
         "csv": lambda path: write_csv(path, rows),
         "png": lambda path: write_png(path, image),
-        "json": lambda path: write_json(path, summary),
+        "json": lambda path: write_json(path, {k: v for k, v in summary.items() if k != "preview"}),
     })
+    return summary
 
-    print(f"sampled {args.n} molecules in {t2 - t0:.1f} s ({args.sampler}, {args.steps} steps, time power "
-          f"{args.time_power:g}, noise scale {args.noise_scale:g}, "
-          f"{'compositions from the training data, ' if args.composition == 'data' else ''}seed {args.seed}, "
-          f"device {args.device}; denoising {t1 - t0:.1f} s)")
+
+def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds_sampling) -> None:
+    from moldiff.chemistry.metrics import format_table
+    from moldiff.chemistry.report import SA_SCORE_NOTE
+
+    print(f"sampled {args.n} molecules in {seconds:.1f} s ({summary['sampler']}, {summary['steps']} steps, time power "
+          f"{summary['time_power']:g}, noise scale {summary['noise_scale']:g}, "
+          f"{'compositions from the training data, ' if summary['composition'] == 'data' else ''}seed {summary['seed']}, "
+          f"device {summary['device']}; denoising {seconds_sampling:.1f} s)")
     print(format_table(report))
-    if fragment is not None:
+    if "fragment_retention" in summary:
         print(f"fragment retained (substructure match): {100 * summary['fragment_retention']:.2f}%")
     if "formula_route" in arrays.extra:
         c = summary["conditioning"]
         print(f"formula {arrays.extra['formula']}: {c['formula_drawn']} drawn from unconditional samples, "
               f"{c['formula_given']} sampled with the elements given to the network, {c['formula_clamped']} clamped (RePaint)")
-    print(f"numerical faults: {n_faults}; coordinates-only records (no bonds): {n_coordinates_only}")
-    if sa_note == SA_SCORE_NOTE:
+    print(f"numerical faults: {summary['n_faults']}; coordinates-only records (no bonds): {summary['n_coordinates_only']}")
+    if summary["sa_score"] == SA_SCORE_NOTE:
         print(f"note: {SA_SCORE_NOTE}")
-    print(f"wrote {files['sdf']} ({len(records)} records), {files['csv']}, {files['png']} "
-          f"({len(preview)} molecules), {files['json']}")
-    return 0
+    print(f"wrote {files['sdf']} ({len(arrays.positions)} records), {files['csv']}, {files['png']} "
+          f"({summary['preview']} molecules), {files['json']}")
 
 
 # ---------------------------------------------------------------------------- parser
@@ -668,7 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("-n", type=int, help="first N molecules of the split (default: all)")
     n.add_argument("--seed", type=int, default=0, help="noise and time draws (default 0)")
     n.add_argument("--batch-size", type=int, default=128)
-    n.add_argument("--device", default="cpu")
+    n.add_argument("--device", default="auto", help="auto (default: cuda when a CUDA GPU is available, else cpu), "
+                   "cpu, cuda or cuda:N")
     n.add_argument("--threads", type=int)
     n.add_argument("--json", help="also write the result as JSON here")
     n.add_argument("--cache-dir")
@@ -708,7 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder, a `moldiff train` run folder, or the "
                    "name of a model shipped with moldiff (moldiff.pipeline.shipped_models(); default: qm9, and "
                    "qm9-given for --formula without a fragment)")
-    s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    s.add_argument("--device", default="auto", help="auto (default: cuda when a CUDA GPU is available, else cpu), "
+                   "cpu, cuda or cuda:N")
     s.add_argument("--batch-size", type=int, default=1000, metavar="B", help="molecules denoised together (default 1000)")
     s.add_argument("--no-novelty", dest="novelty", action="store_false",
                    help="skip novelty (otherwise compared with the cached QM9 training SMILES)")

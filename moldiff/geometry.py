@@ -19,6 +19,7 @@ __all__ = [
     "random_rotation",
     "random_orthogonal",
     "kabsch_align",
+    "optimal_rotations",
 ]
 
 
@@ -123,19 +124,31 @@ def random_rotation(
     return random_orthogonal(num, generator=generator, dtype=dtype, reflect=False)
 
 
+def optimal_rotations(mobile: torch.Tensor, target: torch.Tensor, batch: torch.Tensor, num_graphs: int,
+                      allow_reflection: bool = False) -> torch.Tensor:
+    """Kabsch, per molecule: the rotation ``R`` ``(B, 3, 3)`` minimising ``sum_i |R mobile_i - target_i|^2``
+    (proper unless ``allow_reflection``). Both point sets ``(n, 3)`` must already be centred per
+    molecule. The one implementation in torch; :func:`moldiff.chemistry.fragments.kabsch_rmsd` is
+    its numpy twin for the torch-free chemistry layer."""
+    cov = scatter_sum(mobile.unsqueeze(-1) * target.unsqueeze(-2), batch, num_graphs)  # (B, 3, 3) = sum m t^T
+    u, _, vt = torch.linalg.svd(cov.double())
+    d = torch.ones(u.shape[:-1], dtype=u.dtype, device=u.device)
+    if not allow_reflection:
+        sign = torch.sign(torch.linalg.det(vt.transpose(-1, -2) @ u.transpose(-1, -2)))
+        d[..., 2] = torch.where(sign == 0, torch.ones_like(sign), sign)
+    rot = vt.transpose(-1, -2) @ torch.diag_embed(d) @ u.transpose(-1, -2)
+    return rot.to(mobile.dtype)
+
+
 def kabsch_align(mobile: torch.Tensor, target: torch.Tensor, allow_reflection: bool = False):
     """Best rigid superposition of ``mobile`` onto ``target`` (both ``(n, 3)``, Å).
 
     Returns ``(aligned, rmsd)``: ``mobile`` rotated and translated onto ``target`` and the RMSD (Å).
     """
     mc, tc = mobile.mean(0), target.mean(0)
-    a, b = mobile - mc, target - tc
-    h = a.T @ b
-    u, _, vt = torch.linalg.svd(h)
-    d = torch.ones(3, dtype=mobile.dtype, device=mobile.device)
-    if not allow_reflection and torch.linalg.det(vt.T @ u.T) < 0:
-        d[2] = -1.0
-    rot = vt.T @ torch.diag(d) @ u.T
+    a = mobile - mc
+    one = torch.zeros(len(a), dtype=torch.long, device=a.device)
+    rot = optimal_rotations(a, target - tc, one, 1, allow_reflection)[0]
     aligned = a @ rot.T + tc
     rmsd = torch.sqrt(((aligned - target) ** 2).sum(-1).mean())
     return aligned, rmsd

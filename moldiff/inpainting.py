@@ -55,36 +55,36 @@ import torch
 
 from moldiff.chemistry import fragments as chem_fragments
 from moldiff.chemistry.elements import to_symbols
-from moldiff.diffusion import DDIMSampler, centred_noise, make_sampler
-from moldiff.geometry import fully_connected_edges, num_nodes_per_graph, remove_mean, scatter_mean
-from moldiff.sampling import DEFAULT_NOISE_SCALE, DEFAULT_TIME_POWER, SampledArrays, batch_ticker, network_inputs, record_faults
+from moldiff.diffusion import DDIMSampler, make_sampler
+from moldiff.geometry import remove_mean, scatter_mean
+from moldiff.sampling import SampledArrays, SamplingHook, batch_ticker, denoise_batch
 
-#: RePaint rounds per step unless asked otherwise. Measured on 20 QM9 fragments (docs/inpainting_results*.md,
-#: shipped model, 50 ancestral steps): 10 rounds instead of 1 raise fragment retention from 11% to 27%
+#: RePaint rounds per step unless asked otherwise. Measured on 20 QM9 fragments (docs/results/inpainting/reports.jsonl runs
+#: s13814_resample1 / s13814_resample10, 50 ancestral steps): 10 rounds instead of 1 raise fragment retention from 11% to 27%
 #: and validity from 8% to 28% (unconditional at the same sizes: 35%); formulas: atom stability 41% -> 59%.
 DEFAULT_RESAMPLE = 10
 #: Time grid of conditioned sampling unless asked otherwise: EDM's uniform grid. Plain sampling uses
 #: ``t_k = (k/K)^2`` (moldiff.sampling.DEFAULT_TIME_POWER), but with RePaint resampling the uniform
 #: grid kept fragments better: on 20 QM9 fragments (step 24,603, 50 steps, resample 10) retention
-#: 31% vs 20% and validity 28% vs 21% (docs/inpainting_results_s24603_p1.md / _p2.md).
+#: 31% vs 20% and validity 28% vs 21% (docs/results/inpainting/reports.jsonl: s24603_p1 / s24603_p2).
 DEFAULT_INPAINT_TIME_POWER = 1.0
 #: Noise factor of conditioned sampling unless asked otherwise: 0.5, as plain sampling
 #: (moldiff.sampling.DEFAULT_NOISE_SCALE). On 20 QM9 fragments and 20 formulas (shipped step 42,911,
 #: 50 steps, resample 10, 100 molecules per row) 0.5 against 1: fragment retention 31% vs 24%,
 #: validity 25% vs 24%, formula validity 13% vs 7%; fragment molecule stability 0% vs 3%
-#: (docs/inpainting_results_s42911_noise0.5.md / _noise1.md); benzene validity 95% vs 85%.
+#: (docs/results/inpainting/reports.jsonl: s42911_noise0.5 / s42911_noise1); benzene validity 95% vs 85%.
 DEFAULT_INPAINT_NOISE_SCALE = 0.5
 #: Formula-only conditioning first draws up to this many unconditional molecules per requested one at
 #: the formula's size (plain sampling and its defaults) and keeps those with exactly the formula: the
 #: model's own conditional distribution. Molecules still missing are made by clamping the types
 #: (inpainting). 0: clamp only. Step 54,838, 20 QM9 test formulas: 9% of unconditional samples at
 #: the same size have the exact formula, at 87% validity; clamped types give 8% validity
-#: (docs/inpainting_results_s54838_formulas.md).
+#: (docs/results/inpainting/reports.jsonl: s54838_formulas).
 DEFAULT_FORMULA_DRAWS = 20
 #: Strength of open-valence guidance unless asked otherwise, for fragments with bonds (see
 #: :func:`inpaint_arrays`; 0: off). On 20 QM9 fragments (shipped step 54,838, 50 steps, resample 10,
 #: noise 0.5, 100 molecules) guidance 1 against 0: fragment retention 66% vs 34%, validity 66% vs
-#: 32%, molecule stability 12% vs 3% (docs/inpainting_results_s54838_noise0.5_guidance*.md).
+#: 32%, molecule stability 12% vs 3% (docs/results/inpainting/reports.jsonl: s54838_noise0.5_guidance0 / _guidance1).
 DEFAULT_VALENCE_GUIDANCE = 1.0
 #: Open-valence guidance counts a free atom as a fragment atom's new neighbour with weight
 #: ``sigmoid((NEIGHBOUR_CUTOFF - d) / NEIGHBOUR_WIDTH)``: ~1 at covalent distances (C-H 1.09 Å,
@@ -228,7 +228,7 @@ def _fixed_sizes(num_atoms, n: int) -> np.ndarray | None:
     return sizes
 
 
-def _plan(
+def plan_conditioning(
     pipe,
     n: int,
     fragment: Fragment | None,
@@ -309,6 +309,12 @@ def _as_noise(initial_noise, total_atoms: int, num_features: int) -> tuple[torch
     return pos_noise, h_noise
 
 
+def default_valence_guidance(fragment) -> float:
+    """:data:`DEFAULT_VALENCE_GUIDANCE` for a fragment with bonds (they define its open valences), else 0."""
+    has_bonds = isinstance(fragment, Fragment) and fragment.mol is not None
+    return DEFAULT_VALENCE_GUIDANCE if has_bonds else 0.0
+
+
 @torch.no_grad()
 def inpaint_arrays(
     pipe,
@@ -328,9 +334,10 @@ def inpaint_arrays(
     on_step: Callable[[float], None] | None = None,
     noise_scale: float | None = None,
     valence_guidance: float | None = None,
-    formula_draws: int | None = None,
 ) -> SampledArrays:
-    """Sample ``n`` molecules that contain ``fragment`` and/or have the composition ``formula``.
+    """Sample ``n`` molecules that contain ``fragment`` and/or have the composition ``formula``, by
+    RePaint (the known parts imposed at every step). :meth:`moldiff.pipeline.MolDiffPipeline.generate`
+    chooses between this and the faster routes a formula alone can take (drawing, given types).
 
     Args:
         pipe: a trained (unconditional) pipeline.
@@ -369,15 +376,6 @@ def inpaint_arrays(
             So a benzene ring's carbons are steered to one new neighbour each rather than two or
             none. Needs the fragment's bonds (``Fragment.mol``); ignored without a fragment.
 
-        formula_draws: with a formula and no fragment, draw up to ``formula_draws * n``
-            unconditional molecules of the formula's size (``time_power`` / ``noise_scale`` ``None``
-            mean plain sampling's defaults here) and keep exact matches; the rest are clamped, or,
-            for a model trained with given types (``pipe.known_types_prob > 0``), sampled in one
-            pass with the formula's types as the network's input (plain sampling's defaults)
-            (``None``: :data:`DEFAULT_FORMULA_DRAWS`; 0: no drawing). ``extra["formula_route"]``
-            says per molecule ``"drawn"``, ``"clamped"`` or ``"given"``, ``extra["formula_draws_used"]``
-            how many molecules were drawn.
-
     Returns:
         :class:`~moldiff.pipeline.SampledArrays` (positions zero-centroid, Å); ``extra`` holds
         ``conditioning``, ``num_known_atoms`` (k), ``fragment_symbols``, ``formula`` (Hill
@@ -395,24 +393,16 @@ def inpaint_arrays(
     if batch_size <= 0:
         raise ValueError(f"batch size must be positive, got {batch_size}")
     pipe.require_no_bonds("fragment- or formula-conditioned sampling")
-    if fragment is not None:
-        pipe.require_type_generation("fragment-conditioned sampling")
-    if pipe.known_types_prob >= 1.0:
-        formula_draws = 0  # the model does not generate types: nothing to draw, every molecule gets them given
+    pipe.require_gaussian_types("fragment- or formula-conditioned sampling (RePaint)")
+    pipe.require_type_generation("RePaint-conditioned sampling" if fragment is None else "fragment-conditioned sampling")
     if resample is None:
         resample = DEFAULT_RESAMPLE
-    if formula_draws is None:
-        formula_draws = DEFAULT_FORMULA_DRAWS
-    if int(formula_draws) != formula_draws or formula_draws < 0:
-        raise ValueError(f"formula_draws must be an integer >= 0, got {formula_draws}")
-    plain_time_power, plain_noise_scale = time_power, noise_scale  # None: plain sampling's defaults when drawing
     if time_power is None:
         time_power = DEFAULT_INPAINT_TIME_POWER
     if noise_scale is None:
         noise_scale = DEFAULT_INPAINT_NOISE_SCALE
-    if valence_guidance is None:  # the default applies where it can: fragments with bonds
-        has_bonds = isinstance(fragment, Fragment) and fragment.mol is not None
-        valence_guidance = DEFAULT_VALENCE_GUIDANCE if has_bonds else 0.0
+    if valence_guidance is None:
+        valence_guidance = default_valence_guidance(fragment)
     if not (math.isfinite(valence_guidance) and valence_guidance >= 0):
         raise ValueError(f"valence_guidance must be a finite number >= 0, got {valence_guidance}")
     if valence_guidance > 0 and isinstance(fragment, Fragment) and fragment.mol is None:
@@ -421,42 +411,10 @@ def inpaint_arrays(
         raise ValueError(f"resample must be an integer >= 1, got {resample}")
     if steps < 1:
         raise ValueError(f"need at least one step, got {steps}")
-    if formula is not None and fragment is None and initial_noise is None and formula_draws == 0 \
-            and pipe.known_types_prob > 0 and not pipe.self_condition:
-        # A model trained with given atom types (diffusion.known_types_prob > 0) models p(x | types)
-        # itself: the molecules not drawn are sampled with the formula's elements as the network's
-        # input, one pass, instead of clamping with RePaint.
-        _plan(pipe, n, None, formula, num_atoms, np.random.default_rng(0))  # the one-line errors first
-        counts = chem_fragments.parse_formula(formula)
-        types = np.array([pipe.elements.index(e) for e, c in counts.items() for _ in range(c)], dtype=np.int64)
-        arrays = pipe.sample_arrays(n, steps=steps, sampler=sampler, seed=seed, batch_size=batch_size, progress=progress,
-                                    on_step=on_step, types=[types] * n,
-                                    time_power=DEFAULT_TIME_POWER if plain_time_power is None else plain_time_power,
-                                    noise_scale=DEFAULT_NOISE_SCALE if plain_noise_scale is None else plain_noise_scale)
-        arrays.extra.update({"resample": 1, "network_evaluations": steps + 1,
-                             **_formula_extra(chem_fragments.format_formula(counts), ["given"] * n, 0)})
-        return arrays
-    if formula is not None and fragment is None and formula_draws > 0 and initial_noise is None:
-        _plan(pipe, n, None, formula, num_atoms, np.random.default_rng(0))  # the one-line errors first
-        kept, used = _draw_formula(pipe, n, formula, int(formula_draws), steps=steps, sampler=sampler, seed=seed,
-                                   batch_size=batch_size, time_power=plain_time_power, noise_scale=plain_noise_scale,
-                                   on_step=on_step)
-        if progress is not None and kept:
-            progress(len(kept))
-        clamped = None
-        if len(kept) < n:
-            found = len(kept)
-            clamped = inpaint_arrays(pipe, n - found, formula=formula, steps=steps, sampler=sampler, resample=resample,
-                                     seed=None if seed is None else seed + 1, batch_size=batch_size,
-                                     time_power=plain_time_power, noise_scale=plain_noise_scale,
-                                     valence_guidance=valence_guidance, formula_draws=0, progress=progress,
-                                     on_step=None if on_step is None else (lambda done: on_step(found + done)))
-        return _joined(kept, clamped, used, chem_fragments.format_formula(chem_fragments.parse_formula(formula)))
-    pipe.require_type_generation("RePaint-conditioned sampling (here: a formula with initial_noise)")
     rng = np.random.default_rng(seed)
     if initial_noise is not None and num_atoms is None and formula is None:
         raise ValueError("initial_noise needs fixed molecule sizes: pass num_atoms (or a formula)")
-    plan = _plan(pipe, n, fragment, formula, num_atoms, rng)
+    plan = plan_conditioning(pipe, n, fragment, formula, num_atoms, rng)
     noise = None
     if initial_noise is not None:
         noise = _as_noise(initial_noise, int(plan.sizes.sum()), pipe.features.dim)
@@ -490,7 +448,7 @@ def inpaint_arrays(
                                                     chunk_noise, tick, guidance=float(valence_guidance)))
         if progress is not None:
             progress(len(chunk))
-    if formula is not None and fragment is None:  # every molecule clamped (no drawing asked for): say so
+    if formula is not None and fragment is None:  # every molecule clamped: say so
         out.extra.update(formula_route=["clamped"] * n, formula_draws_used=0)
     if fragment is not None:
         # Translation that puts each molecule's fragment atoms back on the input coordinates.
@@ -498,54 +456,6 @@ def inpaint_arrays(
         centre = fragment.positions.mean(0)
         out.extra["fragment_offset"] = np.stack([centre - p[:k].mean(0) for p in out.positions])
     return out
-
-
-def _draw_formula(pipe, n, formula, draws, *, steps, sampler, seed, batch_size, time_power, noise_scale, on_step=None):
-    """Unconditional molecules of the formula's size with exactly its composition: ``(kept, drawn)``,
-    ``kept`` a list of at most ``n`` ``(SampledArrays, index)``. The formula is already checked.
-    ``on_step(k)`` after every drawn batch with the ``k`` molecules kept so far (a progress bar's
-    molecules done; how many draws that takes is not known in advance)."""
-    counts = chem_fragments.parse_formula(formula)
-    total = sum(counts.values())
-    time_power = DEFAULT_TIME_POWER if time_power is None else time_power
-    noise_scale = DEFAULT_NOISE_SCALE if noise_scale is None else noise_scale
-    rng = np.random.default_rng(seed)
-    kept, drawn, budget = [], 0, draws * n
-    while len(kept) < n and drawn < budget:
-        m = min(max(batch_size, 1), budget - drawn)
-        arrays = pipe.sample_arrays(m, num_atoms=total, steps=steps, sampler=sampler, seed=int(rng.integers(2**31)),
-                                    batch_size=batch_size, time_power=time_power, noise_scale=noise_scale)
-        drawn += m
-        kept += [(arrays, j) for j in range(m)
-                 if arrays.fault_step[j] < 0 and chem_fragments.element_counts(arrays.symbols(j)) == counts]
-        if on_step is not None:
-            on_step(min(len(kept), n))
-    return kept[:n], drawn
-
-
-def _joined(kept, clamped, drawn: int, formula_text: str) -> SampledArrays:
-    """One :class:`SampledArrays`: the drawn molecules, then the rest (clamped, or sampled with the
-    formula's types given to a model trained for it), if any."""
-    first = kept[0][0] if kept else clamped
-    out = SampledArrays([a.positions[j] for a, j in kept], [a.types[j] for a, j in kept], [a.charges[j] for a, j in kept],
-                        np.array([a.fault_step[j] for a, j in kept], dtype=np.int64), first.elements, first.steps,
-                        first.sampler, first.seed, first.time_power, first.noise_scale)
-    out.extra = {"resample": 1, "network_evaluations": first.steps + 1} if clamped is None else dict(clamped.extra)
-    route = ["drawn"] * len(kept)
-    if clamped is not None:
-        out.positions += clamped.positions
-        out.types += clamped.types
-        out.charges += clamped.charges
-        out.fault_step = np.concatenate([out.fault_step, clamped.fault_step])
-        route += list(clamped.extra.get("formula_route", ["clamped"] * len(clamped.positions)))
-    out.extra.update(_formula_extra(formula_text, route, drawn))
-    return out
-
-
-def _formula_extra(formula_text: str, route: list[str], drawn: int) -> dict:
-    """``extra`` entries of formula-conditioned output made without RePaint (drawn or given types)."""
-    return {"conditioning": "formula", "num_known_atoms": 0, "fragment_symbols": None, "formula": formula_text,
-            "valence_guidance": 0.0, "formula_route": route, "formula_draws_used": drawn}
 
 
 def _valence_guide(pos, eps_pos, alpha, sigma, pairs, slots, num_known, strength):
@@ -584,145 +494,110 @@ def _valence_guide(pos, eps_pos, alpha, sigma, pairs, slots, num_known, strength
     return ((pos.to(work) - alpha * x0) / sigma).to(eps_pos.dtype)
 
 
+class Clamp(SamplingHook):
+    """RePaint's replacement (see the module docstring): after every step the known parts of the
+    state (the fragment's shape, known types) are a forward-process draw at the step's level; at
+    the end they are set exactly (the fragment translated to the centroid the model gave it)."""
+
+    def __init__(self, plan: _Plan, deterministic: bool):
+        self.plan = plan
+        #: a deterministic sampler keeps the known atoms on one noise draw (their initial noise),
+        #: so the run is a function of the initial noise; stochastic samplers redraw it each step
+        self.deterministic = deterministic
+
+    def begin(self, ctx, state, t):
+        plan, device, local, batch = self.plan, ctx.device, ctx.local, ctx.batch
+        self.k = plan.num_known
+        self.known_pos = local < self.k
+        self.frag_idx = batch[self.known_pos]
+        self.frag = torch.as_tensor(plan.frag_pos, dtype=torch.float64, device=device)[local[self.known_pos]]
+        known_types = torch.full((ctx.num_atoms,), -1, dtype=torch.long, device=device)
+        known_types[self.known_pos] = torch.as_tensor(plan.frag_types, device=device)[local[self.known_pos]]
+        if plan.rest_types is not None:
+            known_types[~self.known_pos] = torch.as_tensor(plan.rest_types, device=device)[local[~self.known_pos] - self.k]
+        self.known_h = known_types >= 0
+        numbers = torch.as_tensor(ctx.pipe.atomic_numbers, device=device)
+        self.h_x = ctx.pipe.features.encode(known_types[self.known_h], numbers[known_types[self.known_h]], dtype=ctx.dtype)
+        self._impose(ctx, state, t)
+
+    def _impose(self, ctx, state, time):
+        """Replace the known parts of z at ``time`` (B,) by a forward-process draw."""
+        alpha, sigma = ctx.pipe.schedule.alpha_sigma(time)
+        if self.deterministic:
+            e_pos, e_h = ctx.initial_noise
+        else:
+            e_pos = torch.randn(ctx.num_atoms, 3, generator=ctx.generator, dtype=ctx.dtype, device=ctx.device)
+            e_h = torch.randn(ctx.num_atoms, ctx.pipe.features.dim, generator=ctx.generator, dtype=ctx.dtype,
+                              device=ctx.device)
+        if self.k > 0:
+            rows, idx, num_graphs = self.known_pos, self.frag_idx, ctx.num_graphs
+            e = e_pos[rows]
+            e = e - scatter_mean(e, idx, num_graphs)[idx]  # the fragment's relative part only
+            centroid = scatter_mean(state.pos[rows], idx, num_graphs)[idx]
+            pos = state.pos.clone()
+            pos[rows] = centroid + _column(alpha, idx, ctx.dtype) * self.frag.to(ctx.dtype) + _column(sigma, idx, ctx.dtype) * e
+            state.pos = remove_mean(pos, ctx.batch, num_graphs)
+        if self.known_h.any():
+            rows = ctx.batch[self.known_h]
+            h = state.h.clone()
+            h[self.known_h] = _column(alpha, rows, ctx.dtype) * self.h_x + _column(sigma, rows, ctx.dtype) * e_h[self.known_h]
+            state.h = h
+
+    def after_step(self, ctx, state, s, final=False):
+        if not final:
+            self._impose(ctx, state, s)
+
+    def finish(self, ctx, state):
+        if self.k > 0:  # the clean fragment (float64), translated to the centroid the model gave its atoms
+            rows, idx = self.known_pos, self.frag_idx
+            pos = state.pos.clone()
+            pos[rows] = scatter_mean(pos[rows], idx, ctx.num_graphs)[idx] + self.frag
+            state.pos = remove_mean(pos, ctx.batch, ctx.num_graphs)
+        if self.known_h.any():
+            h = state.h.clone()
+            h[self.known_h] = self.h_x
+            state.h = h
+
+
+class ValenceGuidance(SamplingHook):
+    """Open-valence guidance (see :func:`inpaint_arrays` and :func:`_valence_guide`): each fragment
+    atom is steered to as many new neighbours as it has open valences."""
+
+    def __init__(self, plan: _Plan, strength: float):
+        self.plan = plan
+        self.strength = strength
+
+    def begin(self, ctx, state, t):
+        src, dst = ctx.edge_index
+        known_pos = ctx.local < self.plan.num_known
+        keep = known_pos[src] & ~known_pos[dst]
+        known_rows = torch.nonzero(known_pos).squeeze(-1)
+        row_of = torch.full((ctx.num_atoms,), -1, dtype=torch.long, device=ctx.device)
+        row_of[known_rows] = torch.arange(len(known_rows), device=ctx.device)
+        self.pairs = torch.stack([src[keep], dst[keep], row_of[src[keep]]])
+        self.slots = torch.as_tensor(self.plan.frag_slots, dtype=torch.float64, device=ctx.device)[ctx.local[known_rows]]
+        self.num_known_rows = len(known_rows)
+
+    def guide(self, ctx, state, eps_pos, eps_h, t):
+        alpha, sigma = ctx.pipe.schedule.alpha_sigma(t)
+        a, sd = alpha[ctx.batch].unsqueeze(-1), sigma[ctx.batch].unsqueeze(-1)
+        eps = _valence_guide(state.pos, eps_pos, a, sd, self.pairs, self.slots, self.num_known_rows, self.strength)
+        return remove_mean(eps, ctx.batch, ctx.num_graphs), eps_h
+
+
+def _column(x: torch.Tensor, rows: torch.Tensor, dtype) -> torch.Tensor:
+    return x.to(dtype)[rows].unsqueeze(-1)
+
+
 def _inpaint_batch(pipe, plan: _Plan, sizes, steps, sampler, resample, gen, noise, tick=None, guidance=0.0):
     """Reverse process for one batch of molecules with sizes ``sizes`` (B,); returns numpy
     ``(pos (A, 3) float64 Å, types (A,), charges (A,) or None, fault_step (B,))``."""
-    device = pipe.device
-    dtype = next(pipe.denoiser.parameters()).dtype
-    num_graphs = len(sizes)
-    sizes_t = torch.as_tensor(sizes, device=device)
-    batch = torch.repeat_interleave(torch.arange(num_graphs, device=device), sizes_t)
-    edge_index = fully_connected_edges(batch)
-    num_total = batch.shape[0]
-    starts = torch.cumsum(sizes_t, 0) - sizes_t
-    local = torch.arange(num_total, device=device) - starts[batch]  # atom index inside its molecule
-
-    # What is known. Positions: the fragment atoms (local index < k). Types: the fragment atoms,
-    # and with a formula every atom.
-    k = plan.num_known
-    known_pos = local < k
-    frag_idx = batch[known_pos]
-    frag = torch.as_tensor(plan.frag_pos, dtype=torch.float64, device=device)[local[known_pos]]
-    frag_x = frag.to(dtype)
-    known_types = torch.full((num_total,), -1, dtype=torch.long, device=device)
-    known_types[known_pos] = torch.as_tensor(plan.frag_types, device=device)[local[known_pos]]
-    if plan.rest_types is not None:
-        known_types[~known_pos] = torch.as_tensor(plan.rest_types, device=device)[local[~known_pos] - k]
-    known_h = known_types >= 0
-    atomic_numbers = torch.as_tensor(pipe.atomic_numbers, device=device)
-    h_x = pipe.features.encode(known_types[known_h], atomic_numbers[known_types[known_h]], dtype=dtype)
-
-    # Initial state z_1: zero-CoM Gaussian positions, Gaussian features (as plain sampling).
-    if noise is None:
-        eps_pos = torch.randn(num_total, 3, generator=gen, dtype=dtype, device=device)
-        eps_h = torch.randn(num_total, pipe.features.dim, generator=gen, dtype=dtype, device=device)
-    else:
-        eps_pos, eps_h = (x.to(device=device, dtype=dtype) for x in noise)
-    pos = remove_mean(eps_pos, batch, num_graphs)
-    h = eps_h.clone()
-    # A deterministic sampler keeps the known atoms on one noise draw (their initial noise), so the
-    # run is a function of the initial noise; stochastic samplers redraw it each step (RePaint).
     deterministic = isinstance(sampler, DDIMSampler) and sampler.eta == 0.0 and resample == 1
-
-    def per_atom(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return x.to(dtype)[rows].unsqueeze(-1)
-
-    guide = None
-    if guidance > 0 and k > 0 and plan.frag_slots is not None:
-        src, dst = edge_index
-        keep = known_pos[src] & ~known_pos[dst]
-        known_rows = torch.nonzero(known_pos).squeeze(-1)
-        row_of = torch.full((num_total,), -1, dtype=torch.long, device=device)
-        row_of[known_rows] = torch.arange(len(known_rows), device=device)
-        pairs = torch.stack([src[keep], dst[keep], row_of[src[keep]]])
-        slots = torch.as_tensor(plan.frag_slots, dtype=torch.float64, device=device)[local[known_rows]]
-
-        def guide(pos, eps_pos, time):
-            alpha, sigma = pipe.schedule.alpha_sigma(time)
-            a, sd = alpha[batch].unsqueeze(-1), sigma[batch].unsqueeze(-1)
-            eps = _valence_guide(pos, eps_pos, a, sd, pairs, slots, len(known_rows), guidance)
-            return remove_mean(eps, batch, num_graphs)
-
-    def impose(pos, h, time):
-        """Replace the known parts of z at ``time`` (B,) by a forward-process draw (see module doc)."""
-        alpha, sigma = pipe.schedule.alpha_sigma(time)
-        if deterministic:
-            e_pos, e_h = eps_pos, eps_h
-        else:
-            e_pos = torch.randn(num_total, 3, generator=gen, dtype=dtype, device=device)
-            e_h = torch.randn(num_total, pipe.features.dim, generator=gen, dtype=dtype, device=device)
-        if k > 0:
-            e = e_pos[known_pos]
-            e = e - scatter_mean(e, frag_idx, num_graphs)[frag_idx]  # the fragment's relative part only
-            centroid = scatter_mean(pos[known_pos], frag_idx, num_graphs)[frag_idx]
-            pos = pos.clone()
-            pos[known_pos] = centroid + per_atom(alpha, frag_idx) * frag_x + per_atom(sigma, frag_idx) * e
-            pos = remove_mean(pos, batch, num_graphs)
-        if known_h.any():
-            rows = batch[known_h]
-            h = h.clone()
-            h[known_h] = per_atom(alpha, rows) * h_x + per_atom(sigma, rows) * e_h[known_h]
-        return pos, h
-
-    def renoise(pos, h, s, t):
-        """A draw from q(z_t | z_s), t > s: ``alpha_ts z_s + sigma_ts eps`` (EDM eq. 3)."""
-        alpha_t, sigma_t = pipe.schedule.alpha_sigma(t)
-        alpha_s, sigma_s = pipe.schedule.alpha_sigma(s)
-        a_ts = alpha_t / alpha_s
-        std = torch.sqrt((sigma_t**2 - a_ts**2 * sigma_s**2).clamp(min=0.0))
-        noise_pos = centred_noise(batch, num_graphs, generator=gen, dtype=dtype)
-        noise_h = torch.randn(h.shape, generator=gen, dtype=dtype, device=device)
-        a, sd = per_atom(a_ts, batch), per_atom(std, batch)
-        return a * pos + sd * noise_pos, a * h + sd * noise_h
-
-    fault = torch.full((num_graphs,), -1, dtype=torch.long, device=device)
-    times = sampler.timesteps(steps, device=device)
-    pos, h = impose(pos, h, times[0].expand(num_graphs))
-    cond = None  # self-conditioning: the latest clean estimate
-    sc = (lambda c: {"cond": c}) if pipe.self_condition else (lambda c: {})  # noqa: E731
-    for i in range(steps):
-        t = times[i].expand(num_graphs)
-        s = times[i + 1].expand(num_graphs)
-        for r in range(resample):
-            net_pos, net_h = network_inputs(fault, batch, pos, h)  # a faulted molecule's NaNs stay out of the network
-            eps_hat_pos, eps_hat_h = pipe.predict_noise(net_pos, net_h, t, batch, edge_index=edge_index, **sc(cond))
-            if guide is not None:
-                eps_hat_pos = guide(pos, eps_hat_pos, t)
-            if pipe.self_condition:
-                cond = sampler.clean_estimate(pos, h, eps_hat_pos, eps_hat_h, t, batch)
-            step = sampler.step(eps_hat_pos, eps_hat_h, t, s, pos, h, batch, generator=gen)
-            pos, h = impose(step.pos, step.h, s)
-            record_faults(fault, pos, h, batch, num_graphs, i)
-            if r < resample - 1:
-                pos, h = renoise(pos, h, s, t)
-            if tick is not None:
-                tick(i * resample + r + 1, steps * resample + 1)
-    # Final decode at t = 0 (mean of p(x | z_0), EDM eq. 9-10), then the known atoms exactly.
-    t0 = times[-1].expand(num_graphs)
-    net_pos, net_h = network_inputs(fault, batch, pos, h)
-    eps_hat_pos, eps_hat_h = pipe.predict_noise(net_pos, net_h, t0, batch, edge_index=edge_index, **sc(cond))
-    if guide is not None:
-        eps_hat_pos = guide(pos, eps_hat_pos, t0)
-    pos, h = sampler.clean_estimate(pos, h, eps_hat_pos, eps_hat_h, t0, batch)
-    record_faults(fault, pos, h, batch, num_graphs, steps)
-    if tick is not None:
-        tick(steps * resample + 1, steps * resample + 1)
-    pos = pos.double()
-    if k > 0:
-        # The clean fragment (float64), translated to the centroid the model gave its atoms.
-        centroid = scatter_mean(pos[known_pos], frag_idx, num_graphs)[frag_idx]
-        pos[known_pos] = centroid + frag
-        pos = remove_mean(pos, batch, num_graphs)
-    if known_h.any():
-        h = h.clone()
-        h[known_h] = h_x
-    types, charges = pipe.features.decode(h.nan_to_num(0.0))  # faulty molecules stay flagged
-    return (
-        pos.cpu().numpy(),
-        types.cpu().numpy(),
-        None if charges is None else charges.cpu().numpy(),
-        fault.cpu().numpy(),
-    )
+    hooks = [Clamp(plan, deterministic)]
+    if guidance > 0 and plan.num_known > 0 and plan.frag_slots is not None:
+        hooks.insert(0, ValenceGuidance(plan, guidance))
+    return denoise_batch(pipe, sizes, steps, sampler, gen, hooks=hooks, resample=resample, initial_noise=noise,
+                         tick=tick)
 
 
 # ---------------------------------------------------------------------------------------- reports

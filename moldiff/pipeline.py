@@ -1,14 +1,16 @@
-"""MolDiffPipeline: a trained denoiser + its noise schedule + dataset statistics, and the sampling loop.
+"""MolDiffPipeline: a trained denoiser + its noise schedule + dataset statistics, and what to sample.
 
-The loop is written out in :meth:`MolDiffPipeline.sample_arrays` (diffusers style): draw sizes,
-draw zero-CoM noise, then for each time pair ``(t, s)`` ask the network for the noise and let
-the sampler take one step. Checkpoint directories hold ``config.json`` (everything needed to
-rebuild the objects, no code defaults involved) and ``model.pt`` (a plain state dict that loads
-with ``torch.load(weights_only=True)``).
+The reverse loop itself is :func:`moldiff.sampling.denoise_batch`, written once; the pipeline
+decides what it runs: :meth:`MolDiffPipeline.generate` takes a :class:`SampleRequest` (every option
+checked and given its default in one place, :meth:`SampleRequest.resolved`) and routes it: plain
+sampling (the network's compositions or the data's), a fragment (RePaint,
+:mod:`moldiff.inpainting`), or a formula (kept draws, given types, or RePaint). Checkpoint
+directories hold ``config.json`` (everything needed to rebuild the objects, no code defaults
+involved) and ``model.pt`` (a plain state dict that loads with ``torch.load(weights_only=True)``).
 
-:meth:`MolDiffPipeline.sample` is the user-facing call: it returns one :class:`GeneratedMolecule`
-per sample (RDKit molecule, SMILES, EDM-protocol flags, and why a sample is invalid), handing all
-RDKit work to :mod:`moldiff.chemistry`. :func:`load_pretrained` finds and loads a checkpoint.
+:meth:`MolDiffPipeline.sample` is the user-facing call: it returns one
+:class:`~moldiff.molecules.GeneratedMolecule` per sample (RDKit molecule, SMILES, EDM-protocol
+flags, and why a sample is invalid). :func:`load_pretrained` finds and loads a checkpoint.
 """
 
 from __future__ import annotations
@@ -17,27 +19,26 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from moldiff.chemistry.elements import QM9_ELEMENTS
-from moldiff.chemistry.metrics import MetricsReport, MoleculeResult, evaluate_molecule, summarize
-from moldiff.chemistry.report import assess_sample
 from moldiff.data.statistics import DatasetStatistics
-from moldiff.diffusion import AtomFeatures, BondFeatures, NoiseSchedule, centred_noise, make_sampler, symmetric_edge_noise
+from moldiff.diffusion import AtomFeatures, BondFeatures, NoiseSchedule, make_sampler
+from moldiff.diffusion.categorical import CategoricalDiffusion, CategoricalFeatures
 from moldiff.diffusion.likelihood import NLLTerms, estimate_nll
-from moldiff.geometry import fully_connected_edges, num_nodes_per_graph, remove_mean, reverse_edges
-from moldiff.inpainting import fragment_report, inpaint_arrays
-from moldiff.sampling import (DEFAULT_NOISE_SCALE, DEFAULT_TIME_POWER, SampledArrays, batch_ticker, network_inputs,
-                              record_faults)
+from moldiff.geometry import num_nodes_per_graph, remove_mean
+from moldiff.chemistry import fragments as chem_fragments
+from moldiff.inpainting import DEFAULT_INPAINT_NOISE_SCALE, DEFAULT_INPAINT_TIME_POWER, inpaint_arrays, plan_conditioning
+from moldiff.molecules import GeneratedMolecule, evaluate_molecules, interpret, molecules_from_arrays
+from moldiff.sampling import (DEFAULT_NOISE_SCALE, DEFAULT_TIME_POWER, GivenTypes, SampledArrays, batch_ticker,
+                              denoise_batch)
 from moldiff.models import DenoiserConfig, EGNNDenoiser
-
-if TYPE_CHECKING:  # RDKit types only; all RDKit work happens in moldiff.chemistry
-    from rdkit import Chem
+from moldiff.runtime import choose_arithmetic, resolve_device
 
 __all__ = [
     "MolDiffPipeline",
@@ -55,6 +56,8 @@ __all__ = [
     "DEFAULT_TIME_POWER",
     "DEFAULT_NOISE_SCALE",
     "COMPOSITIONS",
+    "SampleRequest",
+    "interpret",
     "molecules_from_arrays",
     "evaluate_molecules",
 ]
@@ -86,134 +89,128 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing, incomplete or corrupt."""
 
 
-@dataclass(eq=False, repr=False)
-class GeneratedMolecule:
-    """One sampled molecule, as :meth:`MolDiffPipeline.sample` returns it.
-
-    Every sample is returned; nothing is dropped or repaired. Atom ``i`` of ``mol`` is atom ``i``
-    of ``symbols``/``positions``.
+@dataclass
+class SampleRequest:
+    """What to sample: the options of :meth:`MolDiffPipeline.sample`, checked and given their
+    defaults in one place, :meth:`resolved`. ``None`` means the default of the route taken.
 
     Attributes:
-        symbols: N element symbols.
-        positions: ``(N, 3)`` float64 coordinates in Å (zero centroid); non-finite after a
-            numerical fault, left as they came out.
-        charges: ``(N,)`` integer charge channel as sampled (EDM's channel encodes the nuclear
-            charge, not a formal charge), or ``None`` for a model without one. Formal charges,
-            where RDKit could assign them, are on ``mol``'s atoms.
-        mol: RDKit molecule with a 3D conformer, every sampled hydrogen an explicit atom, or
-            ``None`` after a numerical fault. Bonds from RDKit's ``rdDetermineBonds`` when it
-            succeeds (bond orders and formal charges a viewer shows sensibly); else the EDM
-            table-bonded molecule if it sanitizes (under-bonded atoms then carry implicit
-            hydrogens, EDM's convention); else coordinates only, no bonds (``bonds`` says which).
-        smiles: EDM validity SMILES (largest fragment of the table-bonded molecule, hydrogens
-            written as ``[H]`` atoms), ``None`` when invalid.
-        valid: EDM validity (RDKit sanitizes the table-bonded molecule).
-        mol_stable: EDM molecule stability (every atom's bond-order sum is an allowed valence).
-        n_stable_atoms: number of EDM-stable atoms.
-        reason: why the sample is invalid and/or unstable, or ``"numerical fault at reverse
-            step k"``; ``None`` for a valid, stable molecule.
-        rdkit_smiles: heavy-atom SMILES of the ``rdDetermineBonds`` molecule, ``None`` if that
-            route failed.
-        bonds: ``"rdDetermineBonds"``, ``"EDM table"`` or ``"none"`` (origin of ``mol``'s bonds).
-        fault_step: reverse step at which the sample first became non-finite, -1 if never
-            (``steps`` means the final decode).
-        generated_bonds: for models that generate bonds, ``(P, 3)`` rows ``[i, j, order]`` the
-            network generated with the atoms (the EDM metrics above still use the distance table).
+        n: number of molecules (> 0).
+        steps: reverse steps (> 0); the model was trained on continuous t, so any number works.
+        sampler: ``"ancestral"`` (DDPM), ``"ddim"`` (deterministic) or ``"ddim:<eta>"``.
+        seed: same seed, same molecules (same device, torch version and ``batch_size``); ``None``
+            for fresh randomness.
+        num_atoms: ``None`` draws sizes from the training p(N); an int fixes every size; a list
+            gives one size per molecule (2 .. ``statistics.max_atoms``).
+        batch_size: molecules denoised together (memory vs speed).
+        composition: ``"model"`` (the network generates the elements, EDM) or ``"data"`` (each
+            molecule gets the composition of a training molecule of its size, the network places
+            the atoms; models trained with ``diffusion.known_types_prob > 0``); ``None``: the
+            model's :attr:`~MolDiffPipeline.default_composition`. Not with a fragment or formula.
+        fragment: a :class:`moldiff.inpainting.Fragment` every molecule contains at its geometry
+            (its atoms come first). See docs/inpainting.md.
+        formula: the composition of every molecule, e.g. ``"C7H8O"`` (isomer generation).
+        resample: RePaint rounds per step (``None``: ``moldiff.inpainting.DEFAULT_RESAMPLE``).
+        time_power: the time grid ``t_k = (k / steps) ** time_power`` (> 0; 1: EDM's uniform grid).
+            ``None``: :data:`DEFAULT_TIME_POWER` for plain sampling, drawing and given types,
+            ``moldiff.inpainting.DEFAULT_INPAINT_TIME_POWER`` for RePaint.
+        noise_scale: factor in [0, 1] on each reverse step's fresh noise (1: EDM's ancestral
+            sampler). ``None``: :data:`DEFAULT_NOISE_SCALE`, or the RePaint default.
+        valence_guidance: open-valence guidance strength around a fragment (``None``: on for a
+            fragment with bonds, ``moldiff.inpainting.DEFAULT_VALENCE_GUIDANCE``).
+        formula_draws: with a formula alone, unconditional draws per requested molecule kept when
+            they match it exactly (``None``: ``moldiff.inpainting.DEFAULT_FORMULA_DRAWS``; 0: none;
+            always 0 for a model that never generates elements).
     """
 
-    symbols: list[str]
-    positions: np.ndarray
-    charges: np.ndarray | None
-    mol: "Chem.Mol | None"
-    smiles: str | None
-    valid: bool
-    mol_stable: bool
-    n_stable_atoms: int
-    reason: str | None = None
-    rdkit_smiles: str | None = None
-    bonds: str = "none"
-    fault_step: int = -1
-    fragment_retained: bool | None = None
-    fragment_rmsd: float | None = None
-    generated_bonds: np.ndarray | None = None
+    n: int
+    steps: int = DEFAULT_STEPS
+    sampler: str = DEFAULT_SAMPLER
+    seed: int | None = 0
+    num_atoms: int | Sequence[int] | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    composition: str | None = None
+    fragment: object = None
+    formula: str | Mapping[str, int] | None = None
+    resample: int | None = None
+    time_power: float | None = None
+    noise_scale: float | None = None
+    valence_guidance: float | None = None
+    formula_draws: int | None = None
+    #: the time grid and noise of plain sampling within a formula's route (drawing, given types)
+    plain_time_power: float = field(default=DEFAULT_TIME_POWER, repr=False)
+    plain_noise_scale: float = field(default=DEFAULT_NOISE_SCALE, repr=False)
 
     @property
-    def num_atoms(self) -> int:
-        return len(self.symbols)
+    def route(self) -> str:
+        """``"fragment"``, ``"formula"`` (a formula alone) or ``"plain"``."""
+        return "fragment" if self.fragment is not None else "formula" if self.formula is not None else "plain"
 
-    @property
-    def fault(self) -> bool:
-        """Whether the sample hit a numerical fault (NaN/inf) during sampling."""
-        return self.fault_step >= 0
+    def resolved(self, pipe: "MolDiffPipeline") -> "SampleRequest":
+        """A copy with every ``None`` replaced by the default of the route for ``pipe``, after checking
+        the options against each other and the model (one-line ``ValueError`` otherwise)."""
+        from moldiff.inpainting import DEFAULT_FORMULA_DRAWS, DEFAULT_RESAMPLE, default_valence_guidance
 
-    @property
-    def formula(self) -> str:
-        """Hill formula of the sampled atoms, e.g. ``C3H7NO``."""
-        counts: dict[str, int] = {}
-        for s in self.symbols:
-            counts[s] = counts.get(s, 0) + 1
-        if "C" in counts:  # Hill order: C, H, then alphabetical; alphabetical without carbon
-            order = ["C", "H"] + sorted(e for e in counts if e not in ("C", "H"))
-        else:
-            order = sorted(counts)
-        return "".join(f"{e}{counts[e] if counts[e] > 1 else ''}" for e in order if e in counts)
+        r = replace(self)
+        for name in ("n", "steps", "batch_size"):
+            value = getattr(r, name)
+            if int(value) != value or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        if r.time_power is not None and not (math.isfinite(r.time_power) and r.time_power > 0):
+            raise ValueError(f"time_power must be a positive number, got {r.time_power}")
+        if r.noise_scale is not None and not (math.isfinite(r.noise_scale) and 0.0 <= r.noise_scale <= 1.0):
+            raise ValueError(f"noise_scale must be in [0, 1], got {r.noise_scale}")
+        if r.formula_draws is not None and (int(r.formula_draws) != r.formula_draws or r.formula_draws < 0):
+            raise ValueError(f"formula_draws must be an integer >= 0, got {r.formula_draws}")
+        if r.route != "plain" and r.composition not in (None, "model"):
+            raise ValueError(f"composition={r.composition!r} draws each molecule's composition; "
+                             "it does not combine with a fragment or formula")
+        if r.route == "plain":
+            r.composition = pipe.default_composition if r.composition is None else r.composition
+        r.plain_time_power = DEFAULT_TIME_POWER if r.time_power is None else r.time_power
+        r.plain_noise_scale = DEFAULT_NOISE_SCALE if r.noise_scale is None else r.noise_scale
+        if r.route == "plain":
+            r.time_power, r.noise_scale = r.plain_time_power, r.plain_noise_scale
+            return r
+        r.resample = DEFAULT_RESAMPLE if r.resample is None else r.resample
+        r.time_power = DEFAULT_INPAINT_TIME_POWER if r.time_power is None else r.time_power
+        r.noise_scale = DEFAULT_INPAINT_NOISE_SCALE if r.noise_scale is None else r.noise_scale
+        if r.route == "fragment":
+            r.valence_guidance = default_valence_guidance(r.fragment) if r.valence_guidance is None else r.valence_guidance
+            return r
+        r.valence_guidance = 0.0
+        pipe.require_no_bonds("formula-conditioned sampling")
+        pipe.require_gaussian_types("formula-conditioned sampling")
+        if r.formula_draws is None:
+            r.formula_draws = DEFAULT_FORMULA_DRAWS
+        if pipe.known_types_prob >= 1.0:
+            r.formula_draws = 0  # the model does not generate elements: nothing to draw
+        return r
 
-    @property
-    def result(self) -> MoleculeResult:
-        """The EDM-protocol verdict, as :func:`moldiff.chemistry.metrics.summarize` takes it."""
-        return MoleculeResult(self.smiles, self.valid, self.mol_stable, self.n_stable_atoms, self.num_atoms, self.reason)
 
-    def __repr__(self) -> str:
-        shown = self.rdkit_smiles or self.smiles
-        return (
-            f"GeneratedMolecule({self.formula}, valid={self.valid}, mol_stable={self.mol_stable}"
-            + (f", smiles={shown!r}" if shown else "")
-            + (f", reason={self.reason!r}" if self.reason and not self.valid else "")
-            + ")"
-        )
-
-
-def _fault_reason(step: int, steps: int) -> str:
-    where = " (final decode)" if step >= steps else ""
-    return f"numerical fault at reverse step {step}{where}"
-
-
-def molecules_from_arrays(
-    arrays: SampledArrays, progress: Callable[[int], None] | None = None
-) -> list[GeneratedMolecule]:
-    """Turn raw samples into :class:`GeneratedMolecule` objects (bonds, RDKit molecule, EDM flags).
-
-    ``progress(1)`` is called after each molecule. Samples with a numerical fault are not
-    interpreted: invalid, unstable, ``mol=None``, the fault as ``reason``.
-    """
-    out = []
-    for k in range(len(arrays.positions)):
-        symbols = arrays.symbols(k)
-        positions = np.asarray(arrays.positions[k], dtype=np.float64)
-        step = int(arrays.fault_step[k])
-        chem = assess_sample(symbols, positions, fault=_fault_reason(step, arrays.steps) if step >= 0 else None)
-        r = chem.result
-        charges = arrays.charges[k]
-        out.append(
-            GeneratedMolecule(
-                symbols=symbols,
-                positions=positions,
-                charges=None if charges is None else np.asarray(charges),
-                mol=chem.mol,
-                smiles=r.smiles,
-                valid=r.valid,
-                mol_stable=r.mol_stable,
-                n_stable_atoms=r.n_stable_atoms,
-                reason=r.reason,
-                rdkit_smiles=chem.rdkit_smiles,
-                bonds=chem.bonds,
-                fault_step=step,
-                generated_bonds=arrays.bonds[k] if arrays.bonds else None,
-            )
-        )
-        if progress is not None:
-            progress(1)
+def _joined(kept, made, drawn: int, formula_text: str) -> SampledArrays:
+    """One :class:`SampledArrays`: the drawn molecules, then the rest (clamped, or sampled with the
+    formula's types given to a model trained for it), if any."""
+    first = kept[0][0] if kept else made
+    out = SampledArrays([a.positions[j] for a, j in kept], [a.types[j] for a, j in kept], [a.charges[j] for a, j in kept],
+                        np.array([a.fault_step[j] for a, j in kept], dtype=np.int64), first.elements, first.steps,
+                        first.sampler, first.seed, first.time_power, first.noise_scale)
+    out.extra = {"resample": 1, "network_evaluations": first.steps + 1} if made is None else dict(made.extra)
+    route = ["drawn"] * len(kept)
+    if made is not None:
+        out.positions += made.positions
+        out.types += made.types
+        out.charges += made.charges
+        out.fault_step = np.concatenate([out.fault_step, made.fault_step])
+        route += list(made.extra.get("formula_route", ["clamped"] * len(made.positions)))
+    out.extra.update(_formula_extra(formula_text, route, drawn))
     return out
+
+
+def _formula_extra(formula_text: str, route: list[str], drawn: int) -> dict:
+    """``extra`` entries of formula-conditioned output."""
+    return {"conditioning": "formula", "num_known_atoms": 0, "fragment_symbols": None, "formula": formula_text,
+            "valence_guidance": 0.0, "formula_route": route, "formula_draws_used": drawn}
 
 
 class MolDiffPipeline(torch.nn.Module):
@@ -223,17 +220,25 @@ class MolDiffPipeline(torch.nn.Module):
         self,
         denoiser: EGNNDenoiser,
         schedule: NoiseSchedule,
-        features: AtomFeatures,
+        features: AtomFeatures | CategoricalFeatures,
         statistics: DatasetStatistics,
         atomic_numbers: Sequence[int],
         parametrization: str = "eps",
         metadata: dict | None = None,
     ):
+        """``features``: EDM's Gaussian :class:`AtomFeatures`, or :class:`CategoricalFeatures` for a
+        model whose elements (charges, bonds) are diffused as classes (see :attr:`categorical`)."""
         super().__init__()
         if parametrization != "eps":
             raise ValueError(f"unknown parametrization {parametrization!r}")
         if denoiser.config.num_features != features.dim:
             raise ValueError(f"denoiser expects {denoiser.config.num_features} features, encoding has {features.dim}")
+        if isinstance(features, CategoricalFeatures):
+            bonds = int(getattr(denoiser.config, "bond_types", 0))
+            if features.bond_types != bonds:
+                raise ValueError(f"the categorical features have {features.bond_types} bond classes, the denoiser {bonds}")
+            if bonds and denoiser.config.bond_output != "logits":
+                raise ValueError("a categorical bond model's bond head gives clean-bond logits: bond_output must be 'logits'")
         self.denoiser = denoiser
         self.schedule = schedule
         self.features = features
@@ -257,7 +262,9 @@ class MolDiffPipeline(torch.nn.Module):
 
         ``precision="bf16"`` runs the network's matrix products under bf16 autocast (fast on CPUs with
         AMX / AVX512-BF16 and on GPUs); sampler arithmetic stays in the state's dtype. ``"auto"``:
-        bf16 on CPUs with native bf16 arithmetic, fp32 elsewhere (see :func:`auto_precision`).
+        bf16 on CPUs and CUDA GPUs with native bf16 arithmetic, fp32 elsewhere (see
+        :func:`auto_precision`). TF32 for fp32 products on a GPU is global torch state, left to the
+        caller: :func:`moldiff.runtime.allow_tf32` (the ``moldiff`` command calls it for CUDA).
         ``compile=True`` compiles each equivariant block with ``torch.compile(dynamic=True)`` (the
         blocks hold nearly all the work; the rest stays eager): seconds to tens of seconds once,
         then faster steps. Compiling blocks rather than the whole network compiles one small graph
@@ -303,6 +310,21 @@ class MolDiffPipeline(torch.nn.Module):
             raise ValueError(f"{what} is not available for models that generate bonds (bond_types={self.bond_types})")
 
     @property
+    def categorical(self) -> CategoricalDiffusion | None:
+        """For a categorical-mode model (``features`` is :class:`CategoricalFeatures`; ``diffusion.categorical``
+        in training) the discrete diffusions of its atom types, charges and bonds
+        (:class:`~moldiff.diffusion.categorical.CategoricalDiffusion`: ``types``, ``charges`` or None,
+        ``bonds`` or None, each a ``MarginalTransition``); ``None`` for EDM's Gaussian features."""
+        if not isinstance(self.features, CategoricalFeatures):
+            return None
+        return CategoricalDiffusion.from_features(self.features, self.schedule)
+
+    def require_gaussian_types(self, what: str) -> None:
+        """Raise a one-line ``ValueError`` where ``what`` assumes EDM's Gaussian atom features."""
+        if isinstance(self.features, CategoricalFeatures):
+            raise ValueError(f"{what} is not available for models with categorical atom types (diffusion.categorical)")
+
+    @property
     def known_types_prob(self) -> float:
         """Fraction of training molecules shown with clean atom types (``diffusion.known_types_prob``);
         above 0 the network also models p(positions | types), so :meth:`sample_arrays` can take
@@ -344,6 +366,10 @@ class MolDiffPipeline(torch.nn.Module):
         edges; the prediction is then ``(eps_pos, eps_h, eps_e (E, K))``. A model whose bond head
         predicts clean-bond logits (``bond_output="logits"``) returns the noise its expected clean
         one-hot implies, ``(e_t - alpha_t E[e_0]) / sigma_t``, or the logits with ``raw_bonds``.
+
+        Categorical models (:attr:`categorical`): ``h_t`` is ``features.encode`` of the noisy classes,
+        ``e_t`` the one-hot noisy bond classes, and the outputs are ``(eps_pos, clean-class logits
+        (n, F) (split with ``features.split``), clean-bond logits (E, K))``: always logits.
         """
         blocks = getattr(self, "_compiled_blocks", None)
         bf16 = getattr(self, "_precision", "fp32") == "bf16"
@@ -353,7 +379,8 @@ class MolDiffPipeline(torch.nn.Module):
         if self.bond_types:
             out, eps_e = out
             eps_e = eps_e.to(e_t.dtype)
-            if self.denoiser.config.bond_output == "logits" and not raw_bonds:
+            as_noise = not raw_bonds and not isinstance(self.features, CategoricalFeatures)  # categorical: logits
+            if self.denoiser.config.bond_output == "logits" and as_noise:
                 edge_t = t.to(torch.float64)[batch[edge_index[0]]]
                 alpha, sigma = (x.to(e_t.dtype).unsqueeze(-1) for x in self.schedule.alpha_sigma(edge_t))
                 e0 = eps_e.softmax(-1) * self.bond_features.scale
@@ -367,6 +394,7 @@ class MolDiffPipeline(torch.nn.Module):
         """One-sample estimate of the bound on ``-log p(x, h, N)`` (nats) per molecule, as EDM reports
         it on QM9 (see :mod:`moldiff.diffusion.likelihood`). ``pos`` ``(n, 3)`` Å, ``types`` ``(n,)``
         indices into :attr:`elements`, ``charges`` ``(n,)`` atomic numbers, sorted ``batch`` ``(n,)``."""
+        self.require_gaussian_types("the likelihood bound")
         self.require_no_bonds("the likelihood bound")
         self.require_type_generation("the likelihood bound on p(x, h, N)")
         self.denoiser.eval()
@@ -470,187 +498,119 @@ class MolDiffPipeline(torch.nn.Module):
         for start in range(0, n, batch_size):
             chunk = sizes[start : start + batch_size]
             tick = batch_ticker(on_step, start, len(chunk))
-            known = None if flat is None else flat[offsets[start] : offsets[start + len(chunk)]]
-            *arrays, bonds = self._sample_batch(chunk, steps, sampler_obj, gen, device, tick, known_types=known)
-            out.add_batch(start, chunk, *arrays)
-            if bonds is not None:
-                out.bonds.extend(bonds)
+            hooks = []
+            if flat is not None:
+                known = torch.as_tensor(flat[offsets[start] : offsets[start + len(chunk)]], dtype=torch.long, device=device)
+                hooks.append(GivenTypes(known))
+            result = denoise_batch(self, chunk, steps, sampler_obj, gen, hooks=hooks, tick=tick)
+            out.add_batch(start, chunk, *result)
             if progress is not None:
                 progress(len(chunk))
         return out
 
-    def sample(
-        self,
-        n: int,
-        *,
-        steps: int = DEFAULT_STEPS,
-        sampler: str = DEFAULT_SAMPLER,
-        seed: int | None = 0,
-        num_atoms: int | Sequence[int] | None = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        progress: Callable[[int], None] | None = None,
-        fragment=None,
-        formula=None,
-        resample: int | None = None,
-        time_power: float | None = None,
-        noise_scale: float | None = None,
-        valence_guidance: float | None = None,
-        formula_draws: int | None = None,
-        composition: str | None = None,
-    ) -> list[GeneratedMolecule]:
+    def generate(self, request: "SampleRequest", *, on_step: Callable[[float], None] | None = None,
+                 progress: Callable[[int], None] | None = None) -> SampledArrays:
+        """Raw samples for a :class:`SampleRequest`, by the route it asks for: plain sampling (the
+        network's own compositions, or the data's), a fragment (RePaint, :mod:`moldiff.inpainting`),
+        or a formula alone (kept draws of the model's own molecules, then the elements given to a
+        model trained for it, else RePaint). Every route runs :func:`moldiff.sampling.denoise_batch`.
+
+        ``on_step(done)`` after every network evaluation with the molecules done so far (the batch in
+        progress counted by its fraction of evaluations); ``progress(k)`` after each batch of ``k``.
+        ``extra`` of the result records the route, e.g. ``formula_route`` per molecule.
+        """
+        req = request.resolved(self)
+        if req.fragment is not None:
+            return inpaint_arrays(self, req.n, fragment=req.fragment, formula=req.formula, num_atoms=req.num_atoms,
+                                  steps=req.steps, sampler=req.sampler, resample=req.resample, seed=req.seed,
+                                  batch_size=req.batch_size, progress=progress, on_step=on_step,
+                                  time_power=req.time_power, noise_scale=req.noise_scale,
+                                  valence_guidance=req.valence_guidance)
+        if req.formula is not None:
+            return self._formula_arrays(req, on_step, progress)
+        return self.sample_arrays(req.n, steps=req.steps, sampler=req.sampler, seed=req.seed, num_atoms=req.num_atoms,
+                                  batch_size=req.batch_size, progress=progress, on_step=on_step,
+                                  time_power=req.time_power, noise_scale=req.noise_scale, composition=req.composition)
+
+    def _formula_arrays(self, req: "SampleRequest", on_step, progress) -> SampledArrays:
+        """A formula alone: draw unconditional molecules of its size and keep exact matches (the model's
+        own conditional distribution), then make the rest with the elements given (a model trained
+        with ``known_types_prob > 0``) or by RePaint clamping."""
+        counts = chem_fragments.parse_formula(req.formula)
+        text = chem_fragments.format_formula(counts)
+        plan_conditioning(self, req.n, None, req.formula, req.num_atoms, np.random.default_rng(0))  # one-line errors first
+        kept, drawn = [], 0
+        if req.formula_draws > 0:
+            kept, drawn = self._draw_formula(req, counts, on_step)
+            if progress is not None and kept:
+                progress(len(kept))
+        rest = req.n - len(kept)
+        if rest == 0:
+            return _joined(kept, None, drawn, text)
+        seed = req.seed if req.formula_draws == 0 or req.seed is None else req.seed + 1
+        offset = None if on_step is None else (lambda done, found=len(kept): on_step(found + done))
+        if self.known_types_prob > 0 and not self.self_condition:
+            # p(x | types) is the model's own: one pass with the formula's elements as the network's input
+            types = np.array([self.elements.index(e) for e, c in counts.items() for _ in range(c)], dtype=np.int64)
+            made = self.sample_arrays(rest, steps=req.steps, sampler=req.sampler, seed=seed, batch_size=req.batch_size,
+                                      progress=progress, on_step=offset, types=[types] * rest,
+                                      time_power=req.plain_time_power, noise_scale=req.plain_noise_scale)
+            made.extra.update({"resample": 1, "network_evaluations": req.steps + 1,
+                               **_formula_extra(text, ["given"] * rest, 0)})
+        else:
+            made = inpaint_arrays(self, rest, formula=req.formula, steps=req.steps, sampler=req.sampler,
+                                  resample=req.resample, seed=seed, batch_size=req.batch_size, progress=progress,
+                                  on_step=offset, time_power=req.time_power, noise_scale=req.noise_scale,
+                                  valence_guidance=0.0)
+        if req.formula_draws == 0:
+            made.extra["formula_draws_used"] = 0
+            return made
+        return _joined(kept, made, drawn, text)
+
+    def _draw_formula(self, req: "SampleRequest", counts: dict, on_step=None):
+        """Unconditional molecules of the formula's size with exactly its composition: ``(kept, drawn)``,
+        ``kept`` a list of at most ``n`` ``(SampledArrays, index)``. ``on_step(k)`` after every drawn
+        batch with the ``k`` molecules kept so far (how many draws that takes is not known in advance)."""
+        total = sum(counts.values())
+        rng = np.random.default_rng(req.seed)
+        kept, drawn, budget = [], 0, req.formula_draws * req.n
+        while len(kept) < req.n and drawn < budget:
+            m = min(req.batch_size, budget - drawn)
+            arrays = self.sample_arrays(m, num_atoms=total, steps=req.steps, sampler=req.sampler,
+                                        seed=int(rng.integers(2**31)), batch_size=req.batch_size,
+                                        time_power=req.plain_time_power, noise_scale=req.plain_noise_scale)
+            drawn += m
+            kept += [(arrays, j) for j in range(m)
+                     if arrays.fault_step[j] < 0 and chem_fragments.element_counts(arrays.symbols(j)) == counts]
+            if on_step is not None:
+                on_step(min(len(kept), req.n))
+        return kept[: req.n], drawn
+
+    def sample(self, n: int, *, on_step: Callable[[float], None] | None = None,
+               progress: Callable[[int], None] | None = None, **options) -> list[GeneratedMolecule]:
         """Sample ``n`` molecules and interpret them chemically.
 
-        Args:
-            n: number of molecules (> 0).
-            steps: reverse steps (> 0); the model was trained on continuous t, so any number works.
-            sampler: ``"ancestral"`` (DDPM), ``"ddim"`` (deterministic) or ``"ddim:<eta>"``.
-            seed: same seed, same molecules (same device and torch version); ``None`` for fresh
-                randomness.
-            num_atoms: ``None`` draws sizes from the training p(N); an int fixes every size; a
-                list gives one size per molecule. Sizes must be 2..``statistics.max_atoms``.
-            batch_size: molecules denoised together (memory vs speed). The random stream is
-                consumed batch by batch, so reproducing a run needs the same ``batch_size``.
-            progress: ``progress(k)`` after each batch of ``k`` molecules is denoised (the RDKit
-                pass afterwards is not reported; use :meth:`sample_arrays` and
-                :func:`molecules_from_arrays` to follow both).
-            fragment: a :class:`moldiff.inpainting.Fragment` every molecule must contain at its
-                geometry (its atoms come first); ``fragment_retained`` / ``fragment_rmsd`` report
-                on it per molecule. See docs/inpainting.md.
-            formula: the composition of every molecule, e.g. ``"C7H8O"`` (isomer generation).
-            resample: RePaint resampling rounds per step when ``fragment`` or ``formula`` is given
-                (``None``: ``moldiff.inpainting.DEFAULT_RESAMPLE``, 10).
-            time_power: the time grid ``t_k = (k / steps) ** time_power`` (> 0; 1: EDM's uniform
-                grid). ``None``: :data:`DEFAULT_TIME_POWER` (2, more steps at low noise) for plain
-                sampling, ``moldiff.inpainting.DEFAULT_INPAINT_TIME_POWER`` (1) with ``fragment`` or
-                ``formula`` (each measured best for its task, docs/experiments.md).
-            noise_scale: factor in [0, 1] on the fresh noise of each reverse step (1: EDM's
-                ancestral sampler; lower is lower-temperature sampling). ``None``:
-                :data:`DEFAULT_NOISE_SCALE` for plain sampling,
-                ``moldiff.inpainting.DEFAULT_INPAINT_NOISE_SCALE`` (also 0.5) with ``fragment`` or ``formula``.
-            valence_guidance: strength of open-valence guidance with a ``fragment`` (each fragment
-                atom steered to as many new neighbours as it has open valences; ``None``:
-                ``moldiff.inpainting.DEFAULT_VALENCE_GUIDANCE``; see
-                :func:`moldiff.inpainting.inpaint_arrays`).
-            formula_draws: with ``formula`` alone, unconditional draws per requested molecule kept
-                when they match the formula exactly, before the rest are made by clamping types, or
-                with the types given to a model trained for it (``diffusion.known_types_prob > 0``)
-                (``None``: ``moldiff.inpainting.DEFAULT_FORMULA_DRAWS``; 0: no drawing).
-            composition: ``None`` (the model's :attr:`default_composition`), ``"model"`` (the network
-                generates the elements, EDM) or ``"data"``
-                (each molecule gets a composition of a training molecule of its size and the network
-                places its atoms; needs a model trained with ``diffusion.known_types_prob > 0``; not
-                with ``fragment`` or ``formula``).
+        ``options`` are the fields of :class:`SampleRequest` (``steps``, ``sampler``, ``seed``,
+        ``num_atoms``, ``batch_size``, ``composition``, ``fragment``, ``formula``, ``resample``,
+        ``time_power``, ``noise_scale``, ``valence_guidance``, ``formula_draws``), documented there;
+        ``None`` means the default of the route taken. ``on_step(done)`` is called after every network
+        evaluation with the molecules denoised so far (progress bars), ``progress(k)`` after each batch.
 
         Returns:
             ``n`` :class:`GeneratedMolecule` in sampling order, invalid and faulty ones included
-            and flagged (``valid``, ``mol_stable``, ``reason``).
+            and flagged (``valid``, ``mol_stable``, ``reason``); with a fragment, each says whether it
+            kept the fragment (``fragment_retained``, ``fragment_rmsd``).
 
         Raises:
-            ValueError: ``n``, ``steps`` or ``batch_size`` not positive, sizes out of range,
-                unknown sampler.
+            ValueError: a one-line reason (bad numbers, sizes out of range, unknown sampler,
+                conditioning the model cannot do).
         """
-        if steps <= 0:
-            raise ValueError(f"steps must be positive, got {steps}")
-        if fragment is None and formula is None:
-            arrays = self.sample_arrays(
-                n, steps=steps, sampler=sampler, seed=seed, num_atoms=num_atoms, batch_size=batch_size, progress=progress,
-                time_power=DEFAULT_TIME_POWER if time_power is None else time_power,
-                noise_scale=DEFAULT_NOISE_SCALE if noise_scale is None else noise_scale,
-                composition=composition,
-            )
-            return molecules_from_arrays(arrays)
-        if composition not in (None, "model"):
-            raise ValueError(f"composition={composition!r} draws each molecule's composition; it does not combine with a fragment or formula")
-        arrays = inpaint_arrays(self, n, fragment=fragment, formula=formula, num_atoms=num_atoms, steps=steps,
-                                sampler=sampler, resample=resample, seed=seed, batch_size=batch_size, progress=progress,
-                                time_power=time_power, noise_scale=noise_scale, valence_guidance=valence_guidance,
-                                formula_draws=formula_draws)
-        molecules = molecules_from_arrays(arrays)
-        if fragment is not None:
-            for m in molecules:
-                rep = fragment_report(fragment, m.symbols, m.positions, mol=m.mol)
-                m.fragment_retained, m.fragment_rmsd = rep.retained, rep.rmsd
-        return molecules
-
-    def _sample_batch(self, sizes, steps, sampler, gen, device, tick=None, known_types=None):
-        """Denoise one batch. ``known_types`` ``(n,)``: every atom's element index, given: the network
-        sees those clean features at every step in place of noisy ones (``composition="data"``)."""
-        num_graphs = len(sizes)
-        batch = torch.repeat_interleave(torch.arange(num_graphs, device=device), torch.as_tensor(sizes, device=device))
-        edge_index = fully_connected_edges(batch)
-        dtype = next(self.denoiser.parameters()).dtype
-        pos = centred_noise(batch, num_graphs, generator=gen, dtype=dtype)
-        h = torch.randn(batch.shape[0], self.features.dim, generator=gen, dtype=dtype, device=device)
-        h_known = None
-        if known_types is not None:
-            kt = torch.as_tensor(np.asarray(known_types), dtype=torch.long, device=device)
-            h_known = self.features.encode(kt, torch.as_tensor(self.atomic_numbers, device=device)[kt], dtype=dtype)
-            h = h_known.clone()
-        fault = torch.full((num_graphs,), -1, dtype=torch.long, device=device)
-        times = sampler.timesteps(steps, device=device)
-        cond = None  # self-conditioning: the previous step's clean estimate
-        sc = (lambda c: {"cond": c}) if self.self_condition else (lambda c: {})  # noqa: E731
-        e = None
-        if self.bond_types:  # bond features of every directed edge, equal on i -> j and j -> i
-            edge_batch, rev = batch[edge_index[0]], reverse_edges(edge_index, batch.shape[0])
-            e = symmetric_edge_noise(rev, self.bond_types, generator=gen, dtype=dtype)
-        bonded = (lambda: {"e_t": network_inputs(fault, edge_batch, e)[0]}) if self.bond_types else (lambda: {})  # noqa: E731
-        for i in range(steps):
-            t = times[i].expand(num_graphs)
-            s = times[i + 1].expand(num_graphs)
-            net_pos, net_h = network_inputs(fault, batch, pos, h)  # a faulted molecule's NaNs stay out of the network
-            eps_pos, eps_h, *eps_e = self.predict_noise(net_pos, net_h, t, batch, edge_index=edge_index, **sc(cond), **bonded())
-            if self.self_condition:
-                cond = sampler.clean_estimate(pos, h, eps_pos, eps_h, t, batch)
-            step = sampler.step(eps_pos, eps_h, t, s, pos, h, batch, generator=gen)
-            if self.bond_types:
-                e, _ = sampler.edge_step(eps_e[0], e, t, s, edge_batch, rev, generator=gen)
-                bad_edge = ~torch.isfinite(e).all(-1)
-                if bad_edge.any():  # counted as a fault of the molecule, like a bad atom
-                    bad_mol = num_nodes_per_graph(edge_batch[bad_edge], num_graphs) > 0
-                    fault[bad_mol & (fault < 0)] = i
-            pos, h = step.pos, (step.h if h_known is None else h_known.clone())
-            record_faults(fault, pos, h, batch, num_graphs, i)
-            if tick is not None:
-                tick(i + 1, steps + 1)
-        # Final decode at t = 0: x = (z_0 - sigma_0 eps_hat) / alpha_0 (mean of p(x | z_0), EDM eq. 9-10).
-        t0 = times[-1].expand(num_graphs)
-        net_pos, net_h = network_inputs(fault, batch, pos, h)
-        eps_pos, eps_h, *eps_e = self.predict_noise(net_pos, net_h, t0, batch, edge_index=edge_index, **sc(cond), **bonded())
-        bonds = None
-        if self.bond_types:
-            alpha0, sigma0 = (x.to(dtype)[edge_batch].unsqueeze(-1) for x in self.schedule.alpha_sigma(t0))
-            bonds = self._split_bonds((e - sigma0 * eps_e[0]) / alpha0, edge_index, batch, num_graphs)
-        pos, h = sampler.clean_estimate(pos, h, eps_pos, eps_h, t0, batch)
-        if h_known is not None:
-            h = h_known.clone()
-        record_faults(fault, pos, h, batch, num_graphs, steps)
-        if tick is not None:
-            tick(steps + 1, steps + 1)
-        types, charges = self.features.decode(h.nan_to_num(0.0))  # decode only; faulty molecules stay flagged
-        if h_known is not None:  # given types stay what they were, faulted molecules included
-            types = kt
-            charges = None if charges is None else torch.as_tensor(self.atomic_numbers, device=device)[kt]
-        return (
-            pos.double().cpu().numpy(),
-            types.cpu().numpy(),
-            None if charges is None else charges.cpu().numpy(),
-            fault.cpu().numpy(),
-            bonds,
-        )
-
-    def _split_bonds(self, e0, edge_index, batch, num_graphs) -> list[np.ndarray]:
-        """Per molecule ``(P_k, 3)`` rows ``[i, j, order]`` (local ``i < j``, order > 0) from the clean
-        bond estimate ``e0`` ``(E, K)`` by argmax (non-finite estimates decode as no bond)."""
-        orders = self.bond_features.decode(e0.nan_to_num(0.0).float())
-        row, col = edge_index
-        keep = (row < col) & (orders > 0)
-        starts = torch.cumsum(torch.bincount(batch, minlength=num_graphs), 0)
-        starts = torch.cat([starts.new_zeros(1), starts[:-1]])
-        mol = batch[row[keep]]
-        local = torch.stack([row[keep] - starts[mol], col[keep] - starts[mol], orders[keep]], -1).cpu().numpy()
-        mol = mol.cpu().numpy()
-        return [local[mol == k] for k in range(num_graphs)]
+        try:
+            request = SampleRequest(n, **options)
+        except TypeError as exc:
+            raise TypeError(f"sample(): {exc}") from None
+        arrays = self.generate(request, on_step=on_step, progress=progress)
+        return interpret(arrays, fragment=request.fragment)
 
     # ------------------------------------------------------------------ persistence
     def config_dict(self) -> dict:
@@ -658,7 +618,7 @@ class MolDiffPipeline(torch.nn.Module):
             "format_version": FORMAT_VERSION,
             "denoiser": self.denoiser.config.to_dict(),
             "schedule": self.schedule.config,
-            "features": {
+            "features": self.features.to_dict() if isinstance(self.features, CategoricalFeatures) else {
                 "num_types": self.features.num_types,
                 "include_charges": self.features.include_charges,
                 "type_scale": self.features.type_scale,
@@ -678,7 +638,8 @@ class MolDiffPipeline(torch.nn.Module):
         return cls(
             EGNNDenoiser(DenoiserConfig.from_dict(cfg["denoiser"])),
             NoiseSchedule(sched.pop("kind"), sched.pop("grid"), **sched),
-            AtomFeatures(**cfg["features"]),
+            (CategoricalFeatures.from_dict(cfg["features"]) if cfg["features"].get("kind") == CategoricalFeatures.kind
+             else AtomFeatures(**cfg["features"])),
             DatasetStatistics.from_dict(cfg["statistics"]),
             cfg["atomic_numbers"],
             cfg.get("parametrization", "eps"),
@@ -732,22 +693,19 @@ class MolDiffPipeline(torch.nn.Module):
 
 # ---------------------------------------------------------------------------- loading and scoring
 def auto_precision(device: str | torch.device = "cpu") -> str:
-    """``"bf16"`` on a CPU with native bf16 arithmetic (AMX or AVX512-BF16), else ``"fp32"``.
-
-    GPUs get fp32 (TF32 where enabled): sampling there is fast already and fp32 is the reference.
+    """``"bf16"`` where ``device`` has native bf16 arithmetic, else ``"fp32"``: CPUs with AMX or
+    AVX512-BF16 and CUDA GPUs of compute capability 8.0 and up get bf16; AVX2-only CPUs (where bf16 is
+    emulated and several times slower) and older GPUs get fp32. The decision is
+    :func:`moldiff.runtime.choose_arithmetic`'s, the same one training's ``train.precision: auto`` uses.
     """
-    if torch.device(device).type != "cpu":
-        return "fp32"
-    cpu = getattr(torch, "cpu", None)
-    checks = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    try:
-        return "bf16" if any(c is not None and c() for c in checks) else "fp32"
-    except RuntimeError:  # a torch build without these probes
-        return "fp32"
+    return choose_arithmetic(device, "auto", False).precision
 
 
 def _check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; ``"auto"`` is a CUDA GPU when there is one, else the CPU."""
     try:
+        if isinstance(device, str) and device == "auto":
+            device = resolve_device("auto")
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from exc
@@ -797,7 +755,7 @@ def load_pretrained(path: str | os.PathLike | None = None, device: str | torch.d
             name of a shipped model (:func:`shipped_models`: ``"qm9"``, ``"qm9-given"``), a
             checkpoint directory (``config.json`` + ``model.pt``, from ``save_pretrained``), or a
             training run directory (its ``pipeline/`` is used).
-        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (a CUDA GPU if there is one, else the CPU).
 
     Returns:
         :class:`MolDiffPipeline` on ``device``; call :meth:`~MolDiffPipeline.sample`.
@@ -808,30 +766,3 @@ def load_pretrained(path: str | os.PathLike | None = None, device: str | torch.d
     """
     dev = _check_device(device)
     return MolDiffPipeline.from_pretrained(resolve_checkpoint(path), dev)
-
-
-def evaluate_molecules(
-    molecules: Iterable[GeneratedMolecule | tuple],
-    reference: Iterable[str] | None = None,
-    workers: int = 1,
-) -> MetricsReport:
-    """EDM-protocol metrics (atom/molecule stability, validity, uniqueness, novelty) of a set.
-
-    Args:
-        molecules: :class:`GeneratedMolecule` objects (their stored verdicts are used, numerical
-            faults counting as invalid and unstable) and/or ``(symbols, positions)`` pairs with
-            positions ``(N, 3)`` in Å.
-        reference: SMILES of the training set for novelty (e.g.
-            ``moldiff.data.qm9.training_smiles()``), or ``None`` to skip novelty.
-        workers: processes for the RDKit work on plain pairs.
-
-    Returns:
-        :class:`~moldiff.chemistry.metrics.MetricsReport` (``format_table`` prints it).
-    """
-    from moldiff.chemistry.metrics import evaluate_molecules as _evaluate_pairs
-
-    items = list(molecules)
-    if not any(isinstance(m, GeneratedMolecule) for m in items):
-        return _evaluate_pairs(items, reference=reference, workers=workers)
-    results = [m.result if isinstance(m, GeneratedMolecule) else evaluate_molecule(*m) for m in items]
-    return summarize(results, reference)

@@ -1,17 +1,40 @@
-"""What a reverse-diffusion run returns, and how numerical faults are recorded (shared by
-plain sampling in :mod:`moldiff.pipeline` and conditioned sampling in :mod:`moldiff.inpainting`)."""
+"""The reverse-diffusion loop, written once, and what it returns.
+
+:func:`denoise_batch` runs the reverse process for one batch of molecules: draw the initial noise,
+then for each time pair ``(t, s)`` ask the network for its prediction and let the sampler
+(:mod:`moldiff.diffusion.samplers`) take one step, then decode at ``t = 0``. Everything that
+changes *what* is sampled plugs into it as a :class:`SamplingHook` instead of copying the loop:
+given atom types (:class:`GivenTypes`), RePaint clamping of a fragment or formula and open-valence
+guidance (:mod:`moldiff.inpainting`). A hook sees the state at fixed points of every step:
+
+- ``begin``: after the initial noise is drawn, before the first network call;
+- ``guide``: after each network call, to change the prediction (guidance);
+- ``after_step``: after each sampler step, and once after the final decode (``final=True``), to
+  impose what is known;
+- ``finish``: after faults are recorded, just before the state is decoded into elements.
+
+With ``resample = r > 1`` every step is taken ``r`` times, the state pushed back from ``s`` to ``t``
+by the forward process in between (RePaint's resampling). Numerical faults are recorded per
+molecule, never repaired (:func:`record_faults`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from moldiff.chemistry.elements import QM9_ELEMENTS
-from moldiff.geometry import num_nodes_per_graph
+from moldiff.diffusion.process import centred_noise, symmetric_edge_noise
+from moldiff.geometry import fully_connected_edges, num_nodes_per_graph, remove_mean, reverse_edges
 
-__all__ = ["SampledArrays", "record_faults", "network_inputs", "batch_ticker", "DEFAULT_TIME_POWER", "DEFAULT_NOISE_SCALE"]
+if TYPE_CHECKING:
+    from moldiff.diffusion.samplers import Sampler
+
+__all__ = ["SampledArrays", "record_faults", "network_inputs", "batch_ticker", "DEFAULT_TIME_POWER", "DEFAULT_NOISE_SCALE",
+           "SamplingHook", "GivenTypes", "BatchContext", "LoopState", "BatchResult", "denoise_batch"]
 
 #: Default time grid of sampling, ``t_k = (k / K) ** DEFAULT_TIME_POWER`` (1 would be EDM's uniform
 #: grid). Measured on the shipped model with 50 and 100 ancestral steps (docs/experiments.md,
@@ -42,7 +65,8 @@ class SampledArrays:
     element indices; ``charges`` list of ``(N_k,)`` decoded charge channels (or ``None``);
     ``fault_step[k]`` is the reverse step at which molecule k first became non-finite, or -1;
     ``bonds``: for models that generate bonds, one ``(P_k, 3)`` int array per molecule of rows
-    ``[i, j, order]`` (``i < j`` atom indices, order 1-3), else empty.
+    ``[i, j, order]`` (``i < j`` atom indices, order 1-3), else empty; ``formal_charges``: for
+    categorical models with charge classes, one ``(N_k,)`` array per molecule, else empty.
     """
 
     positions: list[np.ndarray]
@@ -57,17 +81,25 @@ class SampledArrays:
     noise_scale: float = 1.0
     extra: dict = field(default_factory=dict)
     bonds: list[np.ndarray] = field(default_factory=list)
+    #: categorical models with charge classes: one ``(N_k,)`` int array of formal charges per molecule
+    formal_charges: list[np.ndarray] = field(default_factory=list)
 
     def symbols(self, k: int) -> list[str]:
         return [self.elements[i] for i in self.types[k]]
 
-    def add_batch(self, start: int, sizes, pos: np.ndarray, types: np.ndarray, charges, fault: np.ndarray) -> None:
-        """Split one denoised flat batch (molecules ``start .. start + len(sizes) - 1``) into per-molecule arrays."""
+    def add_batch(self, start: int, sizes, pos: np.ndarray, types: np.ndarray, charges, fault: np.ndarray,
+                  bonds: list[np.ndarray] | None = None, formal_charges: np.ndarray | None = None) -> None:
+        """Split one denoised flat batch (molecules ``start .. start + len(sizes) - 1``) into per-molecule
+        arrays (the fields of a :class:`BatchResult`, in order)."""
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         for lo, hi in zip(offsets[:-1], offsets[1:]):
             self.positions.append(pos[lo:hi])
             self.types.append(types[lo:hi])
             self.charges.append(None if charges is None else charges[lo:hi])
+            if formal_charges is not None:
+                self.formal_charges.append(formal_charges[lo:hi])
+        if bonds is not None:
+            self.bonds.extend(bonds)
         self.fault_step[start : start + len(sizes)] = fault
 
 
@@ -103,3 +135,337 @@ def network_inputs(fault: torch.Tensor, batch: torch.Tensor, *states: torch.Tens
         rows = (fault >= 0)[batch]
         out.append(x.masked_fill(rows.view(-1, *([1] * (x.dim() - 1))), 0.0))
     return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------- the loop
+
+
+@dataclass(eq=False)
+class BatchContext:
+    """What stays fixed while one batch is denoised (read by hooks).
+
+    ``sizes`` ``(B,)`` atoms per molecule; ``batch`` ``(A,)`` molecule of each atom; ``local``
+    ``(A,)`` index of each atom inside its molecule; ``edge_index`` the fully connected graph;
+    ``initial_noise`` the standard normal draws ``(positions (A, 3), features (A, F))`` the state
+    started from (positions before projection to zero CoM).
+    """
+
+    pipe: object
+    sampler: "Sampler"
+    generator: torch.Generator
+    sizes: np.ndarray
+    batch: torch.Tensor
+    local: torch.Tensor
+    edge_index: torch.Tensor
+    num_graphs: int
+    dtype: torch.dtype
+    initial_noise: tuple[torch.Tensor, torch.Tensor]
+
+    @property
+    def device(self) -> torch.device:
+        return self.batch.device
+
+    @property
+    def num_atoms(self) -> int:
+        return int(self.batch.shape[0])
+
+    def per_atom(self, x: torch.Tensor) -> torch.Tensor:
+        """A per-molecule ``(B,)`` quantity as an ``(A, 1)`` column in the state's dtype."""
+        return x.to(self.dtype)[self.batch].unsqueeze(-1)
+
+
+@dataclass(eq=False)
+class LoopState:
+    """The reverse process's state: ``pos`` ``(A, 3)``, ``h`` ``(A, F)``, bond features ``e``
+    ``(E, K)`` (bond models, else ``None``), ``fault`` ``(B,)`` first faulty step per molecule (-1:
+    none), ``cond`` the self-conditioning estimate (or ``None``). Hooks may replace the tensors."""
+
+    pos: torch.Tensor
+    h: torch.Tensor
+    e: torch.Tensor | None
+    fault: torch.Tensor
+    cond: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: categorical models: the classes behind ``h`` and ``e`` (types, charge classes, bond classes)
+    classes: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class SamplingHook:
+    """A plug-in for :func:`denoise_batch`; every method is optional (see the module docstring)."""
+
+    def begin(self, ctx: BatchContext, state: LoopState, t: torch.Tensor) -> None:
+        """After the initial noise at time ``t`` ``(B,)`` (= 1), before the first network call."""
+
+    def guide(self, ctx: BatchContext, state: LoopState, eps_pos: torch.Tensor, eps_h: torch.Tensor,
+              t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's noise prediction at ``t``, possibly changed; returns ``(eps_pos, eps_h)``."""
+        return eps_pos, eps_h
+
+    def after_step(self, ctx: BatchContext, state: LoopState, s: torch.Tensor, final: bool = False) -> None:
+        """After the step to ``s`` (``final``: after the decode at ``t = 0``), before faults are recorded."""
+
+    def finish(self, ctx: BatchContext, state: LoopState) -> None:
+        """After the final faults are recorded (``state.pos`` is float64), before elements are decoded."""
+
+
+class GivenTypes(SamplingHook):
+    """Every atom's element given: the network sees its clean features at every step (models trained
+    with ``diffusion.known_types_prob > 0`` learned p(positions | types) this way) and the output
+    keeps them, faulted molecules included. ``types`` ``(A,)`` element indices of the batch's atoms."""
+
+    def __init__(self, types: torch.Tensor):
+        self.types = types
+
+    def clean(self, ctx: BatchContext) -> torch.Tensor:
+        pipe = ctx.pipe
+        numbers = torch.as_tensor(pipe.atomic_numbers, device=ctx.device)[self.types]
+        return pipe.features.encode(self.types, numbers, dtype=ctx.dtype)
+
+    def begin(self, ctx, state, t):
+        self._h = self.clean(ctx)
+        state.h = self._h.clone()
+
+    def after_step(self, ctx, state, s, final=False):
+        state.h = self._h.clone()
+
+    def finish(self, ctx, state):
+        state.h = self._h.clone()
+
+
+class BatchResult(NamedTuple):
+    """One denoised batch as numpy: ``pos`` ``(A, 3)`` float64 Å, ``types`` ``(A,)``, ``charges``
+    ``(A,)`` (EDM's atomic-number channel) or ``None``, ``fault`` ``(B,)``, ``bonds``: per molecule
+    ``(P_k, 3)`` rows ``[i, j, order]`` for bond models, else ``None``; ``formal_charges`` ``(A,)``
+    for categorical models with charge classes, else ``None``."""
+
+    pos: np.ndarray
+    types: np.ndarray
+    charges: np.ndarray | None
+    fault: np.ndarray
+    bonds: list[np.ndarray] | None
+    formal_charges: np.ndarray | None = None
+
+
+class CategoricalStep:
+    """The reverse step of a categorical model's classes (elements, charge classes, bond orders):
+    marginal-transition discrete diffusion (:mod:`moldiff.diffusion.categorical`), from the
+    network's clean-class logits. The classes live in ``state.classes``; ``state.h`` / ``state.e``
+    are their one-hot encodings, the network's inputs. Molecules whose logits are not finite are
+    recorded as faults (their classes stay put; the loop keeps them flagged, never repaired)."""
+
+    def __init__(self, pipe, ctx: BatchContext, edge_index: torch.Tensor | None, rev: torch.Tensor | None):
+        self.cat, self.features = pipe.categorical, pipe.features
+        self.ctx, self.edge_index, self.rev = ctx, edge_index, rev
+
+    def begin(self, state: LoopState) -> None:
+        gen, dev, n = self.ctx.generator, self.ctx.device, self.ctx.num_atoms
+        state.classes["types"] = self.cat.types.sample_prior(n, gen, dev)
+        if self.cat.charges is not None:
+            state.classes["charges"] = self.cat.charges.sample_prior(n, gen, dev)
+        if self.cat.bonds is not None:
+            state.classes["bonds"] = self.cat.bonds.sample_prior_edges(self.edge_index, self.rev, gen)
+        self.encode(state)
+
+    def encode(self, state: LoopState) -> None:
+        dtype = self.ctx.dtype
+        state.h = self.features.encode(state.classes["types"], state.classes.get("charges"), dtype=dtype)
+        if "bonds" in state.classes:
+            state.e = self.features.encode_bonds(state.classes["bonds"], dtype=dtype)
+
+    def _finite(self, state: LoopState, logits_h: torch.Tensor, logits_e: torch.Tensor | None, step_index: int):
+        """Logits with the rows of faulted (or now non-finite) molecules set to 0, after recording faults."""
+        ctx = self.ctx
+        bad = ~torch.isfinite(logits_h).all(-1)
+        bad_mol = num_nodes_per_graph(ctx.batch[bad], ctx.num_graphs) > 0
+        if logits_e is not None:
+            bad_e = ~torch.isfinite(logits_e).all(-1)
+            bad_mol |= num_nodes_per_graph(ctx.batch[self.edge_index[0][bad_e]], ctx.num_graphs) > 0
+        state.fault[bad_mol & (state.fault < 0)] = step_index
+        faulty = state.fault >= 0
+        logits_h = logits_h.masked_fill(faulty[ctx.batch].unsqueeze(-1), 0.0)
+        if logits_e is not None:
+            logits_e = logits_e.masked_fill(faulty[ctx.batch[self.edge_index[0]]].unsqueeze(-1), 0.0)
+        return logits_h, logits_e
+
+    def step(self, state: LoopState, logits_h, logits_e, t, s, step_index: int) -> None:
+        """Draw the classes at ``s`` from p(x_s | x_t) (per-molecule times ``t``, ``s`` ``(B,)``)."""
+        logits_h, logits_e = self._finite(state, logits_h, logits_e, step_index)
+        gen, batch = self.ctx.generator, self.ctx.batch
+        type_logits, charge_logits = self.features.split(logits_h)
+        c = state.classes
+        c["types"] = self.cat.types.sample_reverse(c["types"], type_logits, s[batch], t[batch], gen)
+        if "charges" in c:
+            c["charges"] = self.cat.charges.sample_reverse(c["charges"], charge_logits, s[batch], t[batch], gen)
+        if "bonds" in c:
+            te, se = t[batch[self.edge_index[0]]], s[batch[self.edge_index[0]]]
+            c["bonds"] = self.cat.bonds.sample_reverse_edges(c["bonds"], logits_e, se, te, self.edge_index, self.rev, gen)
+        self.encode(state)
+
+    def decode(self, state: LoopState, logits_h, logits_e, step_index: int) -> None:
+        """The clean classes at the end: argmax of the last logits."""
+        logits_h, logits_e = self._finite(state, logits_h, logits_e, step_index)
+        type_logits, charge_logits = self.features.split(logits_h)
+        c = state.classes
+        c["types"] = self.cat.types.decode(type_logits)
+        if "charges" in c:
+            c["charges"] = self.cat.charges.decode(charge_logits)
+        if "bonds" in c:
+            c["bonds"] = self.cat.bonds.decode_edges(logits_e, self.edge_index, self.rev)
+        self.encode(state)
+
+
+def _renoise(ctx: BatchContext, state: LoopState, s: torch.Tensor, t: torch.Tensor) -> None:
+    """Push the state from ``s`` back to ``t > s`` with a draw of q(z_t | z_s) (EDM eq. 3)."""
+    schedule = ctx.pipe.schedule
+    alpha_t, sigma_t = schedule.alpha_sigma(t)
+    alpha_s, sigma_s = schedule.alpha_sigma(s)
+    a_ts = alpha_t / alpha_s
+    std = torch.sqrt((sigma_t**2 - a_ts**2 * sigma_s**2).clamp(min=0.0))
+    noise_pos = centred_noise(ctx.batch, ctx.num_graphs, generator=ctx.generator, dtype=ctx.dtype)
+    noise_h = torch.randn(state.h.shape, generator=ctx.generator, dtype=ctx.dtype, device=ctx.device)
+    a, sd = ctx.per_atom(a_ts), ctx.per_atom(std)
+    state.pos, state.h = a * state.pos + sd * noise_pos, a * state.h + sd * noise_h
+
+
+def split_bonds(orders: torch.Tensor, edge_index: torch.Tensor, batch: torch.Tensor, num_graphs: int) -> list[np.ndarray]:
+    """Per molecule ``(P_k, 3)`` rows ``[i, j, order]`` (local ``i < j``, order > 0) from the bond
+    order ``(E,)`` of every directed edge."""
+    row, col = edge_index
+    keep = (row < col) & (orders > 0)
+    starts = torch.cumsum(torch.bincount(batch, minlength=num_graphs), 0)
+    starts = torch.cat([starts.new_zeros(1), starts[:-1]])
+    mol = batch[row[keep]]
+    local = torch.stack([row[keep] - starts[mol], col[keep] - starts[mol], orders[keep]], -1).cpu().numpy()
+    mol = mol.cpu().numpy()
+    return [local[mol == k] for k in range(num_graphs)]
+
+
+@torch.no_grad()
+def denoise_batch(
+    pipe,
+    sizes: Sequence[int],
+    steps: int,
+    sampler: "Sampler",
+    generator: torch.Generator,
+    *,
+    hooks: Sequence[SamplingHook] = (),
+    resample: int = 1,
+    initial_noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+    tick: Callable[[int, int], None] | None = None,
+) -> BatchResult:
+    """Run the reverse process for one batch of molecules of ``sizes`` atoms.
+
+    Args:
+        pipe: a :class:`~moldiff.pipeline.MolDiffPipeline` (its network, schedule and features).
+        steps: reverse steps; the network is called ``steps * resample + 1`` times.
+        sampler: the reverse step (:func:`moldiff.diffusion.make_sampler`).
+        generator: every random draw comes from it, in a fixed order: same seed, same molecules.
+        hooks: :class:`SamplingHook` objects, called in order.
+        resample: RePaint resampling rounds per step (1: none).
+        initial_noise: standard normal ``(positions (A, 3), features (A, F))`` to start from
+            instead of drawing it (``A = sum(sizes)``).
+        tick: ``tick(i, total)`` after the i-th of ``total`` network evaluations.
+    """
+    device = pipe.device
+    dtype = next(pipe.denoiser.parameters()).dtype
+    num_graphs = len(sizes)
+    sizes_t = torch.as_tensor(np.asarray(sizes), device=device)
+    batch = torch.repeat_interleave(torch.arange(num_graphs, device=device), sizes_t)
+    num_atoms = batch.shape[0]
+    local = torch.arange(num_atoms, device=device) - (torch.cumsum(sizes_t, 0) - sizes_t)[batch]
+    edge_index = fully_connected_edges(batch)
+    if initial_noise is None:
+        eps_pos = torch.randn(num_atoms, 3, generator=generator, dtype=dtype, device=device)
+        eps_h = torch.randn(num_atoms, pipe.features.dim, generator=generator, dtype=dtype, device=device)
+    else:
+        eps_pos, eps_h = (x.to(device=device, dtype=dtype) for x in initial_noise)
+    ctx = BatchContext(pipe, sampler, generator, np.asarray(sizes), batch, local, edge_index, num_graphs, dtype,
+                       (eps_pos, eps_h))
+    state = LoopState(remove_mean(eps_pos, batch, num_graphs), eps_h.clone(), None,
+                      torch.full((num_graphs,), -1, dtype=torch.long, device=device))
+    bonded = pipe.bond_types > 0
+    edge_batch = rev = None
+    if bonded:  # bond features of every directed edge, equal on i -> j and j -> i
+        edge_batch, rev = batch[edge_index[0]], reverse_edges(edge_index, num_atoms)
+    categorical = None
+    if pipe.categorical is not None:  # classes instead of Gaussian features (the h noise above is unused)
+        if resample != 1:
+            raise ValueError("RePaint resampling is not available for categorical models")
+        categorical = CategoricalStep(pipe, ctx, edge_index, rev)
+        categorical.begin(state)
+    elif bonded:
+        state.e = symmetric_edge_noise(rev, pipe.bond_types, generator=generator, dtype=dtype)
+    times = sampler.timesteps(steps, device=device)
+    for hook in hooks:
+        hook.begin(ctx, state, times[0].expand(num_graphs))
+
+    def predict(t):
+        net_pos, net_h = network_inputs(state.fault, batch, state.pos, state.h)  # a faulted molecule's NaNs stay out
+        extra = {}
+        if pipe.self_condition:
+            extra["cond"] = state.cond
+        if bonded:
+            extra["e_t"] = network_inputs(state.fault, edge_batch, state.e)[0]
+        eps_pos, eps_h, *eps_e = pipe.predict_noise(net_pos, net_h, t, batch, edge_index=edge_index, **extra)
+        for hook in hooks:
+            eps_pos, eps_h = hook.guide(ctx, state, eps_pos, eps_h, t)
+        return eps_pos, eps_h, (eps_e[0] if eps_e else None)
+
+    evaluations = steps * resample + 1
+    for i in range(steps):
+        t, s = times[i].expand(num_graphs), times[i + 1].expand(num_graphs)
+        for r in range(resample):
+            eps_pos, eps_h, eps_e = predict(t)
+            if pipe.self_condition:
+                state.cond = sampler.clean_estimate(state.pos, state.h, eps_pos, eps_h, t, batch)
+            if categorical is not None:  # positions by the sampler; eps_h holds class logits
+                step = sampler.step(eps_pos, torch.zeros_like(state.h), t, s, state.pos, state.h, batch, generator=generator)
+                categorical.step(state, eps_h, eps_e, t, s, i)
+                step = step._replace(h=state.h)
+            else:
+                step = sampler.step(eps_pos, eps_h, t, s, state.pos, state.h, batch, generator=generator)
+            if bonded and categorical is None:
+                state.e, _ = sampler.edge_step(eps_e, state.e, t, s, edge_batch, rev, generator=generator)
+                bad_edge = ~torch.isfinite(state.e).all(-1)
+                if bad_edge.any():  # counted as a fault of the molecule, like a bad atom
+                    bad_mol = num_nodes_per_graph(edge_batch[bad_edge], num_graphs) > 0
+                    state.fault[bad_mol & (state.fault < 0)] = i
+            state.pos, state.h = step.pos, step.h
+            for hook in hooks:
+                hook.after_step(ctx, state, s)
+            record_faults(state.fault, state.pos, state.h, batch, num_graphs, i)
+            if r < resample - 1:
+                _renoise(ctx, state, s, t)
+            if tick is not None:
+                tick(i * resample + r + 1, evaluations)
+    # Final decode at t = 0: x = (z_0 - sigma_0 eps_hat) / alpha_0 (mean of p(x | z_0), EDM eq. 9-10).
+    t0 = times[-1].expand(num_graphs)
+    eps_pos, eps_h, eps_e = predict(t0)
+    bonds = None
+    if categorical is not None:
+        categorical.decode(state, eps_h, eps_e, steps)
+        state.pos, _ = sampler.clean_estimate(state.pos, state.h, eps_pos, torch.zeros_like(state.h), t0, batch)
+        if bonded:
+            bonds = split_bonds(state.classes["bonds"], edge_index, batch, num_graphs)
+    else:
+        if bonded:
+            alpha0, sigma0 = (x.to(dtype)[edge_batch].unsqueeze(-1) for x in pipe.schedule.alpha_sigma(t0))
+            e0 = ((state.e - sigma0 * eps_e) / alpha0).nan_to_num(0.0).float()  # non-finite estimates: no bond
+            bonds = split_bonds(pipe.bond_features.decode(e0), edge_index, batch, num_graphs)
+        state.pos, state.h = sampler.clean_estimate(state.pos, state.h, eps_pos, eps_h, t0, batch)
+    for hook in hooks:
+        hook.after_step(ctx, state, t0, final=True)
+    record_faults(state.fault, state.pos, state.h, batch, num_graphs, steps)
+    if tick is not None:
+        tick(evaluations, evaluations)
+    state.pos = state.pos.double()
+    for hook in hooks:
+        hook.finish(ctx, state)
+    if categorical is not None:
+        formal = None
+        if "charges" in state.classes:
+            formal = pipe.features.charge_values_of(state.classes["charges"]).cpu().numpy()
+        return BatchResult(state.pos.cpu().numpy(), state.classes["types"].cpu().numpy(), None,
+                           state.fault.cpu().numpy(), bonds, formal)
+    types, charges = pipe.features.decode(state.h.nan_to_num(0.0))  # decode only; faulty molecules stay flagged
+    return BatchResult(state.pos.cpu().numpy(), types.cpu().numpy(), None if charges is None else charges.cpu().numpy(),
+                       state.fault.cpu().numpy(), bonds)

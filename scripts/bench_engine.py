@@ -1,6 +1,6 @@
 """Benchmark moldiff's denoiser against a padded, EDM-style computation of the same network.
 
-    python scripts/bench_engine.py --threads 2 --out docs/benchmarks_engine.json
+    python scripts/bench_engine.py --threads 2 --out out/bench_engine.json
 
 Measures, on real QM9 training molecules:
   * training iteration (forward + EDM L2 loss + backward + AdamW step), batch 64, median of --iters;
@@ -18,6 +18,11 @@ for the EDM reference size (256 features x 9 layers) and a CPU size (128 x 6), f
   * ``flat bf16 compiled``: and with ``torch.compile(dynamic=True)`` (compile time reported apart).
 EDM's own code, timed by the issue author on this machine type (2 threads, fp32):
 256x9 14.1 s/iter and 0.80 s/step, 128x6 1.86 s/iter and 0.153 s/step; these are printed beside.
+
+``--time-limit S`` stops a mode's timed iterations once they have taken S seconds (at least 3
+iterations; the count is recorded), for CPUs where a mode is very slow (bf16 autocast without native
+bf16 arithmetic); ``--train-only`` skips the reverse step. The record names the CPU's bf16-relevant
+flags (``avx2``, ``avx512*``, ``amx*``) and whether moldiff counts it as having native bf16.
 """
 
 from __future__ import annotations
@@ -36,8 +41,18 @@ from moldiff.data.qm9 import edm_split, load_qm9
 from moldiff.diffusion import AncestralSampler, AtomFeatures, NoiseSchedule, add_noise, epsilon_loss
 from moldiff.geometry import fully_connected_edges
 from moldiff.models import DenoiserConfig, EGNNDenoiser
+from moldiff.runtime import cpu_has_native_bf16
 
 EDM_PUBLISHED = {(256, 9): (14.1, 0.80), (128, 6): (1.86, 0.153)}
+
+
+def cpu_flags() -> list[str]:
+    """The CPU flags that decide bf16 speed (``avx2``, ``avx512*``, ``amx*``), from /proc/cpuinfo."""
+    try:
+        line = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
+    except OSError:
+        return []
+    return sorted(f for f in line.partition(":")[2].split() if f == "avx2" or f.startswith(("avx512", "amx")))
 
 
 # ----------------------------------------------------------------------------- padded reference
@@ -102,7 +117,9 @@ def padded_forward(model: EGNNDenoiser, pos, h, t, batch, num_graphs):
 
 
 # ----------------------------------------------------------------------------- timing
-def median_time(fn, iters, warmup=1):
+def median_time(fn, iters, warmup=1, time_limit=None, min_iters=3):
+    """Median seconds per call of ``iters`` calls after ``warmup``; with ``time_limit``, stop once the
+    timed calls have taken that long (but not before ``min_iters``). Returns ``(median, calls timed)``."""
     for _ in range(warmup):
         fn()
     ts = []
@@ -110,7 +127,9 @@ def median_time(fn, iters, warmup=1):
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        if time_limit is not None and len(ts) >= min_iters and sum(ts) >= time_limit:
+            break
+    return statistics.median(ts), len(ts)
 
 
 def bench_config(hidden, layers, train_set, args):
@@ -173,7 +192,13 @@ def bench_config(hidden, layers, train_set, args):
         t0 = time.perf_counter()
         train_iter()  # first call: compilation (for compiled modes) and allocator warm-up
         first = time.perf_counter() - t0
-        train_s = median_time(train_iter, iters, warmup=2 if mode.endswith("compiled") else 0)
+        train_s, train_n = median_time(train_iter, iters, warmup=2 if mode.endswith("compiled") else 0,
+                                       time_limit=args.time_limit)
+        if args.train_only:
+            results[mode] = {"train_s_per_iter": train_s, "train_iters_timed": train_n, "first_train_iter_s": first}
+            print(f"{hidden}x{layers} {mode:>10}: train {train_s:.3f} s/iter (median of {train_n}; first {first:.1f} s)",
+                  flush=True)
+            continue
 
         sizes = train_set.num_atoms[rng.choice(len(train_set), 16, replace=False)]
         sb = torch.repeat_interleave(torch.arange(16), torch.as_tensor(sizes))
@@ -192,8 +217,9 @@ def bench_config(hidden, layers, train_set, args):
             st = sampler.step(ep, eh, ts, ss, state["pos"], state["h"], sb, generator=gen)
             state["pos"], state["h"] = st.pos, st.h
 
-        step_s = median_time(reverse_step, iters, warmup=2)
-        results[mode] = {"train_s_per_iter": train_s, "sample_s_per_step": step_s, "first_train_iter_s": first}
+        step_s, step_n = median_time(reverse_step, iters, warmup=2, time_limit=args.time_limit)
+        results[mode] = {"train_s_per_iter": train_s, "train_iters_timed": train_n, "sample_s_per_step": step_s,
+                         "sample_steps_timed": step_n, "first_train_iter_s": first}
         print(f"{hidden}x{layers} {mode:>10}: train {train_s:.3f} s/iter, reverse step {step_s:.4f} s", flush=True)
     edm = EDM_PUBLISHED.get((hidden, layers))
     if edm:
@@ -209,6 +235,9 @@ def main():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--sizes", default="256x9,128x6")
     p.add_argument("--modes", default="padded,flat fp32,flat bf16,flat fp32 compiled,flat bf16 compiled")
+    p.add_argument("--time-limit", type=float, help="seconds of timed iterations per mode and measurement "
+                   "(at least 3 iterations; default: no limit)")
+    p.add_argument("--train-only", action="store_true", help="time the training iteration only (no reverse step)")
     p.add_argument("--out", help="write results as JSON here")
     p.add_argument("--malloc-default", action="store_true", help="keep glibc's default malloc thresholds (no moldiff tuning)")
     args = p.parse_args()
@@ -225,6 +254,8 @@ def main():
         "threads": args.threads,
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": cpu_flags(),
+        "native_bf16": cpu_has_native_bf16(),
         "malloc": "glibc default" if args.malloc_default else "moldiff-tuned (mmap/trim thresholds 1 GiB)",
     }
     print(machine, flush=True)
@@ -235,6 +266,13 @@ def main():
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(out, fh, indent=2)
+    if args.train_only:
+        print("\nsize   mode                   train s/iter  iterations timed")
+        for r in out["results"]:
+            for mode in args.modes:
+                print(f"{r['hidden']}x{r['layers']:<3} {mode:<22} {r[mode]['train_s_per_iter']:10.3f}   "
+                      f"{r[mode]['train_iters_timed']}")
+        return
     print("\nsize   mode         train s/iter  (x vs padded, x vs EDM)   step s   (x vs padded, x vs EDM)")
     for r in out["results"]:
         ref = r.get("padded")

@@ -2,7 +2,7 @@
 neighbour counts of the fragment atoms (issue 6's benzene case).
 
     python scripts/bench_fragment.py --smiles 'c1ccccc1' --num-atoms 18 -n 60 \\
-        --settings 0.5:0 0.5:1 1:0 1:1 [--checkpoint moldiff/pretrained/qm9] [--steps 50]
+        --settings 0.5:0 0.5:1 1:0 1:1 [--checkpoint qm9] [--steps 50]
 
 Each setting is ``noise_scale:valence_guidance``; every setting samples the same ``n`` molecules'
 worth of seeds (the run's seed, 20 molecules per seed by default) with the package's other
@@ -16,13 +16,12 @@ import argparse
 import time
 from collections import Counter
 
-import numpy as np
 import torch
 
 from moldiff.chemistry.bonds import edm_bond_matrix
 from moldiff.chemistry.metrics import evaluate_molecules
 from moldiff.inpainting import Fragment, fragment_reports, inpaint_arrays
-from moldiff.pipeline import MolDiffPipeline
+from moldiff.pipeline import load_pretrained
 
 
 def main() -> None:
@@ -32,13 +31,13 @@ def main() -> None:
     p.add_argument("-n", type=int, default=60, help="molecules per setting")
     p.add_argument("--per-seed", type=int, default=20, help="molecules per seed (the CLI's -n of one run)")
     p.add_argument("--settings", nargs="+", default=["0.5:0", "0.5:1", "1:0", "1:1"])
-    p.add_argument("--checkpoint", default="moldiff/pretrained/qm9")
+    p.add_argument("--checkpoint", default="qm9", help="shipped model name, pipeline folder or run folder (default qm9)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--precision", default="bf16")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    pipe = MolDiffPipeline.from_pretrained(args.checkpoint)
+    pipe = load_pretrained(args.checkpoint)
     pipe.configure_inference(precision=args.precision, compile=False)
     frag = Fragment.from_smiles(args.smiles)
     slots = frag.open_valences()

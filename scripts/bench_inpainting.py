@@ -1,7 +1,7 @@
 """Measure fragment- and formula-conditioned sampling against unconditional sampling at the same sizes.
 
-    python scripts/bench_inpainting.py --checkpoint runs/qm9_small/pipeline --fragments 20 --formulas 20 \\
-        --n 10 --steps 100 --out docs/inpainting_results.md
+    python scripts/bench_inpainting.py --checkpoint qm9 --fragments 20 --formulas 20 --n 10 --steps 100 \\
+        --out out/inpainting.md --record docs/results/inpainting/reports.jsonl --run <name>
 
 Fragments (deterministic): walk the QM9 test split (EDM split, in split order); keep a molecule when
 RDKit's DetermineBonds gives it a sanitized graph, it has a ring, and at least one heavy atom lies
@@ -17,16 +17,18 @@ Reported (EDM protocol, moldiff.chemistry.metrics): validity, molecule and atom 
 fragments, retention (the fragment is a substructure of the RDKit molecule, anywhere), retention
 in place (the fixed atoms themselves form it) and the largest fragment RMSD after alignment; for
 formulas, the fraction of molecules with exactly that formula and the unique valid SMILES count.
-The markdown goes to stdout and, with ``--out``, to a file.
+The markdown goes to stdout and, with ``--out``, to a file; ``--record FILE --run NAME`` appends it
+to the study's JSON-lines file as one record: ``run``, ``step``, ``command`` and ``blocks`` (each
+paragraph as ``{"text": ...}``, each table as ``{"columns": [...], "table": [{column: cell}, ...]}``,
+cells as printed).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +43,7 @@ from moldiff.chemistry.fragments import (
     fragment_smiles,
     murcko_scaffold_atoms,
 )
+from moldiff.chemistry.io import write_bytes
 from moldiff.chemistry.metrics import evaluate_molecules
 from moldiff.data.qm9 import edm_split, load_qm9
 from moldiff.inpainting import DEFAULT_INPAINT_NOISE_SCALE, DEFAULT_INPAINT_TIME_POWER, DEFAULT_FORMULA_DRAWS, DEFAULT_RESAMPLE, DEFAULT_VALENCE_GUIDANCE, Fragment, formula_honoured, fragment_report, fragment_reports, inpaint_arrays
@@ -255,17 +258,34 @@ def formula_section(args, form_rows, form_s) -> list[str]:
     return lines
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for everyone
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def table_cells(line: str) -> list[str]:
+    """The cells of one markdown table row (a ``|`` inside backticks is text, as in a SMILES)."""
+    cells, cell, code = [], "", False
+    for ch in line.strip()[1:-1]:
+        code = not code if ch == "`" else code
+        if ch == "|" and not code:
+            cells.append(cell.strip())
+            cell = ""
+        else:
+            cell += ch
+    return cells + [cell.strip()]
+
+
+def blocks(text: str) -> list[dict]:
+    """The report as data: paragraphs ``{"text": line}`` and tables ``{"columns", "table"}``."""
+    out, lines, i = [], text.splitlines(), 0
+    while i < len(lines):
+        if lines[i].startswith("|"):
+            columns, rows, i = table_cells(lines[i]), [], i + 2  # skip the |---| line
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append(dict(zip(columns, table_cells(lines[i]))))
+                i += 1
+            out.append({"table": rows, "columns": columns})
+            continue
+        if lines[i].strip():
+            out.append({"text": lines[i]})
+        i += 1
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,7 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache-dir", default=None, help="QM9 processed cache (default ~/.cache/moldiff)")
     p.add_argument("--out", type=Path, help="also write the markdown here")
+    p.add_argument("--record", type=Path, help="append the report to this JSON-lines file (the study's results file)")
+    p.add_argument("--run", help="the record's name with --record (e.g. s82308_noise0.5_guidance1)")
     args = p.parse_args(argv)
+    if args.record and not args.run:
+        p.error("--record needs --run NAME")
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = load_pretrained(args.checkpoint, device=args.device).configure_inference(args.precision)
@@ -312,7 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(args, frag_rows, frag_s, form_rows, form_s, command)
     sys.stdout.write(text)
     if args.out is not None:
-        write_atomic(args.out, text)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(args.out, text.encode())
+    if args.record is not None:
+        record = {"run": args.run, "step": pipe.metadata.get("step"), "command": command, "blocks": blocks(text)}
+        with open(args.record, "a") as fh:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     return 0
 
 

@@ -25,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from moldiff.geometry import remove_mean  # noqa: E402
 from moldiff.pipeline import load_pretrained  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def main() -> None:
     sizes = torch.as_tensor(pipe.statistics.sample_sizes(64, np.random.default_rng(0), min_atoms=2))
     batch = torch.repeat_interleave(torch.arange(64), sizes)
     probe = (torch.randn(len(batch), 3, generator=g), torch.randn(len(batch), pipe.features.dim, generator=g))
-    probe = (probe[0] - torch.zeros(64, 3).index_add_(0, batch, probe[0])[batch] / sizes[batch, None], probe[1], batch)
+    probe = (remove_mean(probe[0], batch, 64), probe[1], batch)
     probe_times = [torch.full((64,), 0.05), torch.full((64,), 0.5)]
     for precision, compiled, bs in options:
         pipe.configure_inference(precision=precision, compile=compiled)

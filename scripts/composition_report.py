@@ -1,4 +1,4 @@
-"""Composition of sampled molecules against QM9's (session 6): the failure the metrics hide.
+"""Composition of sampled molecules against QM9's: the failure the metrics hide.
 
     python scripts/composition_report.py out/eval10k/samples.csv
 
@@ -8,13 +8,13 @@ QM9's elements: no geometry can make such a molecule stable, see
 :func:`moldiff.chemistry.elements.valence_sum_parity`), molecule stability among the even ones, and
 per molecule size the mean number of hydrogens next to QM9's (all 130,831 molecules); then, from
 the ``reason`` column, how many atoms of each unstable molecule are unstable and which (element,
-bond-order sum minus valence) errors occur most (session 7).
+bond-order sum minus valence) errors occur most.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import re
-import sys
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -25,7 +25,11 @@ from moldiff.data.qm9 import load_qm9
 
 
 def main() -> None:
-    rows = list(csv.DictReader(open(sys.argv[1], newline="")))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("samples_csv", help="the samples.csv that `moldiff sample` wrote")
+    args = p.parse_args()
+    with open(args.samples_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
     by_size = defaultdict(list)  # size -> (hydrogens, odd, stable)
     for r in rows:
         counts = parse_formula(r["formula"]) if r["formula"] else {}
@@ -37,7 +41,7 @@ def main() -> None:
         data[len(symbols)].append(list(symbols).count("H"))
     allrows = np.array([x for v in by_size.values() for x in v], dtype=float)
     even = allrows[allrows[:, 1] == 0]
-    print(f"# {sys.argv[1]}: {len(rows)} samples")
+    print(f"# {args.samples_csv}: {len(rows)} samples")
     print(f"odd valence sum: {100 * allrows[:, 1].mean():.1f}% of samples (QM9: 0%)")
     print(f"molecule stability: {100 * allrows[:, 2].mean():.2f}% of all, {100 * even[:, 2].mean():.2f}% of the "
           f"{len(even)} with an even valence sum")

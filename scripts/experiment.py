@@ -14,9 +14,9 @@
 Scores: EDM-protocol atom / molecule stability, validity, valid-and-unique, plus diagnostics that
 move before stability does (moldiff.chemistry.diagnostics): molecules in one piece, molecules with
 two atoms closer than 0.9 Å, mean fragments, per-bond-type length error against 500 training
-molecules, element-frequency total variation. One row per run is appended to
-docs/experiments.md (variant, budget, steps trained, metrics, commit) and the full numbers to
-docs/experiments.jsonl.
+molecules, element-frequency total variation. One row per run is appended to the table at the end
+of docs/experiments.md (variant, budget, steps trained, metrics, commit) and the full numbers to
+docs/results/harness/runs.jsonl.
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ from moldiff.chemistry.diagnostics import geometry_diagnostics  # noqa: E402
 from moldiff.chemistry.bonds import edm_bond_matrix  # noqa: E402
 from moldiff.chemistry.metrics import bond_rows_stability, evaluate_molecules  # noqa: E402
 from moldiff.data.qm9 import edm_split, load_qm9  # noqa: E402
-from moldiff.pipeline import MolDiffPipeline  # noqa: E402
+from moldiff.pipeline import load_pretrained  # noqa: E402
 from moldiff.runtime import tune_allocator  # noqa: E402
 from moldiff.sampling import DEFAULT_NOISE_SCALE, DEFAULT_TIME_POWER  # noqa: E402
 
 TABLE = ROOT / "docs" / "experiments.md"
-JSONL = ROOT / "docs" / "experiments.jsonl"
+JSONL = ROOT / "docs" / "results" / "harness" / "runs.jsonl"
 HEADER = (
     "| date | variant | budget | steps | train h | sampler | atom stab | mol stab | valid | V*U | one piece | close <0.9 Å | C-H err / std (Å) | commit |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
@@ -91,8 +91,7 @@ def train(args, run_dir: Path) -> None:
 def score(args, run_dir: Path) -> dict:
     torch.set_num_threads(args.threads)
     tune_allocator()  # as the `moldiff` command does
-    # a training run directory (its exported EMA pipeline) or a pipeline folder itself
-    pipe = MolDiffPipeline.from_pretrained(run_dir / "pipeline" if (run_dir / "pipeline").is_dir() else run_dir)
+    pipe = load_pretrained(run_dir)  # a run directory (its exported EMA pipeline) or a pipeline folder
     pipe.configure_inference(precision=args.precision, compile=args.compile)
     t0 = time.monotonic()
     arrays = pipe.sample_arrays(args.samples, steps=args.steps, sampler=args.sampler, seed=args.seed, time_power=args.time_power,

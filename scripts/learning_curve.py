@@ -1,10 +1,12 @@
 """Learning curve of a training run: EDM-protocol quality of pipeline snapshots vs training hours.
 
     python scripts/learning_curve.py runs/qm9_small/snapshots/* runs/qm9_small/pipeline \
-        --samples 500 --steps 100 --out docs/learning_curve
+        --samples 500 --steps 100 --out docs/results/learning_curve/learning_curve
 
 Each argument is a checkpoint folder (config.json + model.pt; `moldiff train` writes one to
-RUN/pipeline at every checkpoint, and copies kept along the way are snapshots). For each it samples
+RUN/pipeline at every checkpoint, and copies kept along the way are snapshots) or a run folder.
+The snapshots are local: run pipelines are never committed (.gitignore), and the committed curve
+keeps each point's step and training hours. For each it samples
 ``--samples`` molecules and scores them (atom / molecule stability, validity, valid-and-unique,
 molecules in one piece). Writes OUT.csv (appending rows for folders not yet in it) and OUT.png
 (molecule stability and validity against training hours).
@@ -25,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from moldiff.chemistry.diagnostics import geometry_diagnostics  # noqa: E402
 from moldiff.chemistry.metrics import evaluate_molecules  # noqa: E402
-from moldiff.pipeline import MolDiffPipeline  # noqa: E402
+from moldiff.pipeline import load_pretrained  # noqa: E402
 
 FIELDS = ["checkpoint", "step", "train_hours", "samples", "steps", "sampler", "atom_stable", "mol_stable",
           "validity", "valid_and_unique", "one_piece", "close_contact", "sample_seconds", "odd_valence",
@@ -33,7 +35,7 @@ FIELDS = ["checkpoint", "step", "train_hours", "samples", "steps", "sampler", "a
 
 
 def score(folder: Path, args) -> dict:
-    pipe = MolDiffPipeline.from_pretrained(folder)
+    pipe = load_pretrained(folder)
     t0 = time.monotonic()
     arrays = pipe.sample_arrays(args.samples, steps=args.steps, sampler=args.sampler, seed=args.seed,
                                 time_power=args.time_power, noise_scale=args.noise_scale)
@@ -84,14 +86,14 @@ def main() -> None:
                    help="factor on each step's fresh noise (default 1, EDM's sampler, as every committed point used)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="docs/learning_curve")
+    p.add_argument("--out", default="docs/results/learning_curve/learning_curve", help="OUT.csv and OUT.png")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out_csv, out_png = Path(args.out + ".csv"), Path(args.out + ".png")
     rows = list(csv.DictReader(open(out_csv))) if out_csv.exists() else []
     done = {(r["checkpoint"], r["step"]) for r in rows}
     for folder in map(Path, args.checkpoints):
-        meta_step = str(MolDiffPipeline.from_pretrained(folder).metadata.get("step"))
+        meta_step = str(load_pretrained(folder).metadata.get("step"))
         if (str(folder), meta_step) in done:
             continue
         row = score(folder, args)

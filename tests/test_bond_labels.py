@@ -192,3 +192,30 @@ def test_batch_without_bond_table_is_unchanged():
         MoleculeSet(ptr, types, positions, [1, 6, 7, 8, 9], np.array([0]), bonds=BondTable(
             ptr=np.zeros(2, dtype=np.int64), pairs=np.zeros((0, 2), np.int16),
             orders=np.zeros(0, np.int8), source=np.zeros(1, np.int8)))
+
+
+def test_formal_charges_are_kept_with_the_bond_orders():
+    """Nitromethane (RDKit-embedded): DetermineBonds makes the nitro group N+ and O-; the labels keep
+    them per atom in input order, the table stores them per store atom, and batches carry them."""
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    from moldiff.chemistry.bonds import kekule_bond_labels
+
+    mol = Chem.AddHs(Chem.MolFromSmiles("C[N+](=O)[O-]"))
+    assert AllChem.EmbedMolecule(mol, randomSeed=7) == 0
+    symbols = [a.GetSymbol() for a in mol.GetAtoms()]
+    pos = mol.GetConformer().GetPositions()
+    orders, charges, source = kekule_bond_labels(symbols, pos)
+    assert source == 0 and charges.dtype == np.int64 and charges.sum() == 0
+    assert {(s, int(q)) for s, q in zip(symbols, charges) if q} == {("N", 1), ("O", -1)}
+    assert np.array_equal(orders, kekule_bond_matrix(symbols, pos)[0])
+    _, fallback_charges, fallback = kekule_bond_labels(*pentavalent_carbon())
+    assert fallback == 1 and not fallback_charges.any()
+    molecules = [water(), (symbols, pos)]
+    ptr, types, positions = flat_store(molecules)
+    table = bond_table(ptr, types, positions, QM9_ELEMENTS)
+    assert table.charges.dtype == np.int8 and table.charges.tolist() == [0, 0, 0, *charges.tolist()]
+    batch = MoleculeSet(ptr, types, positions, [1, 6, 7, 8, 9], np.array([1, 0]), bonds=table).batch(np.array([0, 1]))
+    assert batch.formal_charges.tolist() == [*charges.tolist(), 0, 0, 0]
+    assert torch.equal(batch.to("cpu").formal_charges, batch.formal_charges)

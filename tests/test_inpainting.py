@@ -31,7 +31,7 @@ from moldiff.chemistry.io import MoleculeFileError, write_sdf, write_xyz
 from moldiff.geometry import random_orthogonal
 from moldiff.inpainting import Fragment, fragment_report, fragment_reports, formula_honoured, inpaint_arrays
 from moldiff.models import DenoiserConfig
-from moldiff.pipeline import FORMAT_VERSION, MolDiffPipeline
+from moldiff.pipeline import FORMAT_VERSION, MolDiffPipeline, SampleRequest
 
 MAX_ATOMS = 20
 
@@ -228,7 +228,6 @@ def one_line_error(exc_info) -> str:
         (dict(formula="C2H6", num_atoms=[8, 8]), "got 2 sizes for 3 molecules"),
         (dict(formula="C2H6", resample=0), "resample must be an integer >= 1"),
         (dict(formula="C2H6", valence_guidance=-1.0), "valence_guidance must be a finite number >= 0"),
-        (dict(formula="C2H6", formula_draws=-1), "formula_draws must be an integer >= 0"),
         (dict(fragment=Fragment(["C", "O"], [[0, 0, 0], [1.43, 0, 0]]), num_atoms=8, valence_guidance=1.0),
          "valence guidance needs the fragment's bonds"),
         (dict(formula="C2H6", initial_noise=(np.zeros((3, 3)), np.zeros((3, 6)))), r"initial_noise must have shapes \(24, 3\)"),
@@ -237,6 +236,24 @@ def one_line_error(exc_info) -> str:
 def test_bad_conditioning(pipe, kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match) as exc_info:
         inpaint_arrays(pipe, 3, steps=2, **kwargs)
+    one_line_error(exc_info)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(formula="C2H6", formula_draws=-1), "formula_draws must be an integer >= 0"),
+        (dict(formula="C2H6", formula_draws=1.5), "formula_draws must be an integer >= 0"),
+        (dict(formula="C7H7O"), "cannot make a neutral closed-shell molecule: odd total valence"),
+        (dict(formula="C2H6", composition="data"), "does not combine with a fragment or formula"),
+        (dict(steps=0), "steps must be a positive integer"),
+        (dict(time_power=0.0), "time_power must be a positive number"),
+        (dict(noise_scale=1.5), r"noise_scale must be in \[0, 1\]"),
+    ],
+)
+def test_bad_requests_fail_in_one_line_before_sampling(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match) as exc_info:
+        pipe.generate(SampleRequest(3, **{"steps": 2, **kwargs}))
     one_line_error(exc_info)
 
 
@@ -523,11 +540,11 @@ def test_formula_draws_fall_back_to_clamping_within_the_budget(pipe):
     the budget of draws (formula_draws per requested molecule); formula_draws=0 skips drawing."""
     from moldiff.inpainting import DEFAULT_FORMULA_DRAWS
 
-    arrays = inpaint_arrays(pipe, 3, formula="CH4", steps=3, seed=1)
+    arrays = pipe.generate(SampleRequest(3, formula="CH4", steps=3, seed=1))
     assert arrays.extra["formula_route"] == ["clamped"] * 3
     assert arrays.extra["formula_draws_used"] == 3 * DEFAULT_FORMULA_DRAWS
     assert all(formula_honoured(arrays.symbols(j), "CH4") for j in range(3))
-    only = inpaint_arrays(pipe, 2, formula="CH4", steps=3, seed=1, formula_draws=0)
+    only = pipe.generate(SampleRequest(2, formula="CH4", steps=3, seed=1, formula_draws=0))
     assert only.extra["formula_route"] == ["clamped"] * 2 and only.extra["formula_draws_used"] == 0
     assert len(only.positions) == 2
 
@@ -537,8 +554,8 @@ def test_formula_progress_never_runs_backwards_and_ends_at_n():
     continues from there rather than restarting at 0."""
     pipe = MolDiffPipeline.from_pretrained(Path(moldiff.__file__).parent / "pretrained" / "qm9")
     seen, batches = [], []
-    inpaint_arrays(pipe, 3, formula="C7H10O2", steps=4, seed=0, formula_draws=2, batch_size=2,
-                   on_step=seen.append, progress=batches.append)
+    pipe.generate(SampleRequest(3, formula="C7H10O2", steps=4, seed=0, formula_draws=2, batch_size=2),
+                  on_step=seen.append, progress=batches.append)
     assert seen and all(b >= a for a, b in zip(seen, seen[1:])) and seen[-1] == 3
     assert sum(batches) == 3
 
@@ -547,8 +564,8 @@ def test_formula_draws_keep_the_models_own_molecules():
     """With the shipped model a common QM9 formula is found among unconditional samples: the kept
     molecules are plain samples (no clamping) with exactly the formula, in a fixed order per seed."""
     pipe = MolDiffPipeline.from_pretrained(Path(moldiff.__file__).parent / "pretrained" / "qm9")
-    a = inpaint_arrays(pipe, 2, formula="C7H10O2", steps=20, seed=0, formula_draws=50)
-    b = inpaint_arrays(pipe, 2, formula="C7H10O2", steps=20, seed=0, formula_draws=50)
+    a = pipe.generate(SampleRequest(2, formula="C7H10O2", steps=20, seed=0, formula_draws=50))
+    b = pipe.generate(SampleRequest(2, formula="C7H10O2", steps=20, seed=0, formula_draws=50))
     assert a.extra["formula_route"] == ["drawn"] * 2 and a.extra["formula"] == "C7H10O2"
     assert 2 <= a.extra["formula_draws_used"] <= 100
     for j in range(2):

@@ -234,18 +234,18 @@ def test_formula_molecules_not_drawn_are_sampled_with_the_types_given():
     """With a model trained with given types, the molecules that drawing does not find are sampled
     in one pass with the formula's elements as input (not clamped with RePaint): every molecule has
     exactly the formula; with formula_draws=0 all of them take that route."""
-    from moldiff.inpainting import inpaint_arrays
+    from moldiff.pipeline import SampleRequest
 
     pipe = tiny_pipeline()
     mols = pipe.sample(4, steps=3, seed=0, formula="CH4")
     assert all(sorted(m.symbols) == ["C", "H", "H", "H", "H"] for m in mols)
-    arrays = inpaint_arrays(pipe, 4, formula="CH4", steps=3, seed=0)
+    arrays = pipe.generate(SampleRequest(4, formula="CH4", steps=3, seed=0))
     assert set(arrays.extra["formula_route"]) <= {"drawn", "given"} and len(arrays.extra["formula_route"]) == 4
-    given = inpaint_arrays(pipe, 4, formula="CH4", steps=3, seed=0, formula_draws=0)
+    given = pipe.generate(SampleRequest(4, formula="CH4", steps=3, seed=0, formula_draws=0))
     assert given.extra["formula_route"] == ["given"] * 4 and given.extra["resample"] == 1
     assert given.time_power == 2.0  # plain sampling's defaults, not RePaint's
     plain = tiny_pipeline(known_types_prob=None)
-    clamped = inpaint_arrays(plain, 2, formula="CH4", steps=2, seed=0, formula_draws=0)  # RePaint, as before
+    clamped = plain.generate(SampleRequest(2, formula="CH4", steps=2, seed=0, formula_draws=0))  # RePaint, as before
     assert clamped.extra["formula_route"] == ["clamped"] * 2 and clamped.extra["resample"] > 1 and clamped.time_power == 1.0
 
 
@@ -277,6 +277,7 @@ def test_a_model_trained_with_every_type_given_samples_data_compositions_by_defa
     compositions from the data, plain EDM sampling and fragments are refused in one line, and a
     formula skips drawing (every molecule gets its types given)."""
     from moldiff.inpainting import Fragment, inpaint_arrays
+    from moldiff.pipeline import SampleRequest
 
     pipe = tiny_pipeline(known_types_prob=1.0)
     assert pipe.default_composition == "data" and tiny_pipeline().default_composition == "model"
@@ -288,7 +289,7 @@ def test_a_model_trained_with_every_type_given_samples_data_compositions_by_defa
         inpaint_arrays(pipe, 2, fragment=Fragment(["C", "O"], np.array([[0.0, 0, 0], [1.2, 0, 0]])), num_atoms=5, steps=2)
     with pytest.raises(ValueError, match="generates atom types"):
         inpaint_arrays(pipe, 2, formula="CH4", steps=2, initial_noise=np.zeros((10, 9)))
-    formula = inpaint_arrays(pipe, 3, formula="CH4", steps=2, seed=0)
+    formula = pipe.generate(SampleRequest(3, formula="CH4", steps=2, seed=0))
     assert formula.extra["formula_route"] == ["given"] * 3 and formula.extra["formula_draws_used"] == 0
     ckpt = pipe.save_pretrained(tmp_path / "given")
     assert main(["sample", "--checkpoint", str(ckpt), "-n", "3", "--steps", "2", "-o", str(tmp_path / "out"),

@@ -23,6 +23,7 @@ from moldiff.data.statistics import DatasetStatistics
 from moldiff.diffusion import AncestralSampler, AtomFeatures, NoiseSchedule
 from moldiff.models import DenoiserConfig, EGNNDenoiser
 from moldiff.pipeline import DEFAULT_TIME_POWER, GeneratedMolecule, MolDiffPipeline, SampledArrays, molecules_from_arrays
+from moldiff.sampling import denoise_batch
 
 from pathlib import Path
 
@@ -488,7 +489,9 @@ def test_auto_precision_follows_the_cpu(checkpoint):
 
     native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     assert auto_precision("cpu") == ("bf16" if native else "fp32")
-    assert auto_precision("cuda") == "fp32"
+    from moldiff.runtime import cuda_has_bf16
+
+    assert auto_precision("cuda") == ("bf16" if cuda_has_bf16() else "fp32")  # fp32 without a GPU
     pipe = MolDiffPipeline.from_pretrained(checkpoint).configure_inference(precision="auto")
     assert pipe.inference_precision == auto_precision("cpu")
 
@@ -520,7 +523,8 @@ class _FaultAt(AncestralSampler):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_faulted_molecule_does_not_spread_to_the_rest_of_its_batch(precision):
-    """One molecule turned non-finite mid-run is flagged at that step and keeps NaN coordinates; every
+    """The reverse loop (:func:`moldiff.sampling.denoise_batch`):
+    One molecule turned non-finite mid-run is flagged at that step and keeps NaN coordinates; every
     other molecule of the batch comes out bit-identical to the run without the fault (its NaNs are
     kept out of the network, where bf16 matrix products can spread them across rows)."""
     pipe = MolDiffPipeline.from_pretrained(SHIPPED).configure_inference(precision)
@@ -530,9 +534,8 @@ def test_a_faulted_molecule_does_not_spread_to_the_rest_of_its_batch(precision):
     for sampler in (AncestralSampler(pipe.schedule, time_power=2.0, noise_scale=0.5),
                     _FaultAt(pipe.schedule, 2, 3, batch, time_power=2.0, noise_scale=0.5)):
         gen = torch.Generator().manual_seed(7)
-        with torch.no_grad():
-            runs.append(pipe._sample_batch(sizes, 6, sampler, gen, torch.device("cpu")))
-    (pos_a, types_a, _, fault_a, _), (pos_b, types_b, _, fault_b, _) = runs
+        runs.append(denoise_batch(pipe, sizes, 6, sampler, gen))
+    (pos_a, types_a, _, fault_a, *_), (pos_b, types_b, _, fault_b, *_) = runs
     assert fault_a.tolist() == [-1] * 4 and fault_b.tolist() == [-1, -1, 2, -1]
     member = (batch == 2).numpy()
     assert np.isnan(pos_b[member]).all()

@@ -11,7 +11,8 @@ Two routes, for two purposes:
 * :func:`rdkit_bond_orders` is the chemist's route (RDKit ``rdDetermineBonds``: connectivity, bond
   orders and formal charges, xyz2mol-style). Use it to inspect molecules, not to score them.
 * :func:`kekule_bond_matrix` turns the chemist's route into integer training labels (one Kekulé
-  structure), falling back to the EDM table where RDKit finds no bond orders.
+  structure), falling back to the EDM table where RDKit finds no bond orders;
+  :func:`kekule_bond_labels` also returns the formal charges RDKit assigned.
 
 Deliberate difference from EDM: EDM's QM9 path raises ``KeyError`` for a pair missing from the
 single-bond table (e.g. H-Al); here such a pair simply has bond order 0.
@@ -39,6 +40,7 @@ __all__ = [
     "rdkit_bond_orders",
     "KEKULE_SOURCES",
     "kekule_bond_matrix",
+    "kekule_bond_labels",
 ]
 
 
@@ -274,15 +276,16 @@ def _kekule_orders(mol: Chem.Mol, positions: np.ndarray) -> np.ndarray | None:
     return orders
 
 
-def kekule_bond_matrix(symbols: Sequence[object], positions: np.ndarray) -> tuple[np.ndarray, int]:
-    """Bond-order labels of one molecule: a Kekulé structure from RDKit, or EDM's table if RDKit fails.
+def kekule_bond_labels(symbols: Sequence[object], positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Bond orders and formal charges of one molecule: a Kekulé structure from RDKit, or EDM's table
+    (and no charges) if RDKit fails.
 
     RDKit's route is :func:`rdkit_bond_orders` with total charge 0, then
     ``Chem.Kekulize(mol, clearAromaticFlags=True)`` so aromatic rings become alternating single and
-    double bonds; each bond's ``GetBondTypeAsDouble()`` is rounded to an integer. Formal charges
-    RDKit may assign (e.g. a nitro group's N+ and O-) are dropped: only the bond orders are kept.
-    When RDKit finds no valid bond orders, the labels are :func:`edm_bond_matrix` with its default
-    (``"index"``) pair order.
+    double bonds; each bond's ``GetBondTypeAsDouble()`` is rounded to an integer, and each atom's
+    ``GetFormalCharge()`` is its charge label (e.g. a nitro group's N+ and O-; they sum to 0). When
+    RDKit finds no valid bond orders, the orders are :func:`edm_bond_matrix` with its default
+    (``"index"``) pair order and every charge is 0.
 
     Never raises for finite ``(n, 3)`` positions of known elements (non-finite positions also fall
     back: the EDM table bonds no pair at a NaN distance).
@@ -292,14 +295,27 @@ def kekule_bond_matrix(symbols: Sequence[object], positions: np.ndarray) -> tupl
         positions: (n, 3) coordinates in Å.
 
     Returns:
-        ``(orders, source)``: an (n, n) symmetric int64 matrix of bond orders 0-3 with a zero diagonal
-        and atom order as given, and the source code (index into :data:`KEKULE_SOURCES`):
-        0 RDKit, 1 EDM-table fallback.
+        ``(orders, charges, source)``: an (n, n) symmetric int64 matrix of bond orders 0-3 with a zero
+        diagonal and atom order as given, ``(n,)`` int64 formal charges, and the source code (index
+        into :data:`KEKULE_SOURCES`): 0 RDKit, 1 EDM-table fallback.
     """
     pos = np.asarray(positions, dtype=np.float64)
     determined = rdkit_bond_orders(symbols, pos, charge=0)
     if determined.mol is not None:
         orders = _kekule_orders(determined.mol, pos)
-        if orders is not None:
-            return orders, 0
-    return edm_bond_matrix(symbols, pos), 1
+        if orders is not None:  # atom i of the molecule is input atom i (checked there)
+            charges = np.array([a.GetFormalCharge() for a in determined.mol.GetAtoms()], dtype=np.int64)
+            return orders, charges, 0
+    return edm_bond_matrix(symbols, pos), np.zeros(len(pos), dtype=np.int64), 1
+
+
+def kekule_bond_matrix(symbols: Sequence[object], positions: np.ndarray) -> tuple[np.ndarray, int]:
+    """Bond-order labels of one molecule: :func:`kekule_bond_labels` without the formal charges.
+
+    Returns:
+        ``(orders, source)``: an (n, n) symmetric int64 matrix of bond orders 0-3 with a zero diagonal
+        and atom order as given, and the source code (index into :data:`KEKULE_SOURCES`):
+        0 RDKit, 1 EDM-table fallback.
+    """
+    orders, _, source = kekule_bond_labels(symbols, positions)
+    return orders, source

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import IO, Union
 
 import numpy as np
 from rdkit import Chem, rdBase
+
+from moldiff.files import atomic_write
 
 from .elements import UnknownElementError, to_symbols
 from .rdkit import build_mol
@@ -194,20 +195,7 @@ def read_molecules(path: str | os.PathLike) -> list[MoleculeRecord]:
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = False) -> None:
-    """Run ``write(handle)`` on a temporary file next to ``path``, then move it into place."""
-    path = Path(path)
-    # Same directory as the target, so os.replace is an atomic rename on one filesystem; opened
-    # with mode "x" (not mkstemp) so the file gets the usual umask permissions.
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(temporary, "xb") if binary else open(temporary, "x", newline="") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    atomic_write(path, write, binary=binary)
 
 
 def _as_record(item: MoleculeLike) -> MoleculeRecord:

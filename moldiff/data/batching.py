@@ -27,7 +27,8 @@ class MoleculeBatch:
     """A batch: ``pos`` ``(n, 3)`` Å centred per molecule, ``types`` ``(n,)`` element indices,
     ``charges`` ``(n,)`` atomic numbers, ``batch`` ``(n,)`` sorted molecule indices, ``num_graphs``,
     and optionally ``bonds`` ``(P, 3)`` int64 rows ``[i, j, order]``: one per bond, ``i < j`` indices
-    into the batch's atoms (the rows of ``pos``), order 1-3; ``None`` when the set has no bond labels."""
+    into the batch's atoms (the rows of ``pos``), order 1-3; ``None`` when the set has no bond labels;
+    and optionally ``formal_charges`` ``(n,)`` int64 (RDKit's, from the same labels; ``None`` without)."""
 
     pos: torch.Tensor
     types: torch.Tensor
@@ -35,6 +36,7 @@ class MoleculeBatch:
     batch: torch.Tensor
     num_graphs: int
     bonds: torch.Tensor | None = None
+    formal_charges: torch.Tensor | None = None
 
     def to(self, device) -> "MoleculeBatch":
         return MoleculeBatch(
@@ -44,6 +46,7 @@ class MoleculeBatch:
             self.batch.to(device),
             self.num_graphs,
             None if self.bonds is None else self.bonds.to(device),
+            None if self.formal_charges is None else self.formal_charges.to(device),
         )
 
 
@@ -55,7 +58,8 @@ class MoleculeSet:
         atomic_numbers: ``(num_types,)`` atomic number of each type index (the "charge" feature);
         indices: which molecules (positions into ``ptr``) belong to this set;
         bonds: optional bond-order labels of the whole store (indexed like ``ptr``, not like
-        ``indices``); when given, every batch carries them as ``MoleculeBatch.bonds``.
+        ``indices``); when given, every batch carries them as ``MoleculeBatch.bonds`` (and the
+        table's formal charges, if it has them, as ``MoleculeBatch.formal_charges``).
     """
 
     def __init__(self, ptr, atom_types, positions, atomic_numbers, indices, *, bonds: BondTable | None = None):
@@ -64,13 +68,17 @@ class MoleculeSet:
         self.positions = np.asarray(positions, dtype=np.float32)
         self.atomic_numbers = np.asarray(atomic_numbers, dtype=np.int64)
         self.indices = np.asarray(indices, dtype=np.int64)
-        self._bond_ptr = self._bond_pairs = self._bond_orders = None
+        self._bond_ptr = self._bond_pairs = self._bond_orders = self._formal_charges = None
         if bonds is not None:
             if len(bonds.ptr) != len(self.ptr):
                 raise ValueError(f"bond table has {len(bonds.ptr) - 1} molecules, the store {len(self.ptr) - 1}")
             # Shared, not copied (the compact int16/int8 store); batch() widens only the rows it gathers.
             self._bond_ptr = np.asarray(bonds.ptr, dtype=np.int64)
             self._bond_pairs, self._bond_orders = bonds.pairs, bonds.orders
+            if bonds.charges is not None:
+                if len(bonds.charges) != len(self.atom_types):
+                    raise ValueError(f"{len(bonds.charges)} formal charges for a store of {len(self.atom_types)} atoms")
+                self._formal_charges = bonds.charges
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -92,7 +100,10 @@ class MoleculeSet:
         pos = remove_mean(torch.from_numpy(self.positions[atoms]), batch, len(mols))
         charges = torch.from_numpy(self.atomic_numbers[self.atom_types[atoms]])
         bonds = None if self._bond_ptr is None else torch.from_numpy(self._gather_bonds(mols, counts))
-        return MoleculeBatch(pos, types, charges, batch, len(mols), bonds)
+        formal = None
+        if self._formal_charges is not None:
+            formal = torch.from_numpy(self._formal_charges[atoms].astype(np.int64))
+        return MoleculeBatch(pos, types, charges, batch, len(mols), bonds, formal)
 
     def _gather_bonds(self, mols: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """``(P, 3)`` int64 ``[i, j, order]`` of molecules ``mols`` (store positions) with ``counts``

@@ -18,13 +18,13 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from moldiff.chemistry.elements import QM9_ELEMENTS
+from moldiff.files import atomic_write
 from moldiff.chemistry.metrics import reference_smiles_set
 from moldiff.data.statistics import reference_smiles_cached
 
@@ -191,18 +191,9 @@ def _cache_path(cache_dir: Path) -> Path:
 
 
 def atomic_savez(path: Path, **arrays) -> None:
-    """``np.savez`` to ``path`` through a temporary file in the same folder and a rename: a reader
-    never sees half a file, and a failed write leaves the old file in place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """``np.savez`` to ``path`` atomically (:func:`moldiff.files.atomic_write`): a reader never sees
+    half a file, and a failed write leaves the old file in place."""
+    atomic_write(path, lambda handle: np.savez(handle, **arrays), binary=True)
 
 
 def _save(data: QM9, path: Path) -> None:
@@ -279,11 +270,11 @@ def write_shipped_training_smiles(smiles, path: str | os.PathLike) -> None:
 
     doc = {"cache_version": CACHE_VERSION, "rdkit": rdBase.rdkitVersion, "split": "EDM train",
            "count": len(smiles), "smiles": sorted(smiles)}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as fh:
-        fh.write(json.dumps(doc, separators=(",", ":")).encode("utf-8"))
-    os.replace(tmp, path)
+    def write(raw):
+        with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as fh:
+            fh.write(json.dumps(doc, separators=(",", ":")).encode("utf-8"))
+
+    atomic_write(path, write, binary=True)
 
 
 def training_smiles(cache_dir: str | os.PathLike | None = None, *, workers: int = 1, data: QM9 | None = None,

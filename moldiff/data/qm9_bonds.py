@@ -1,9 +1,11 @@
-"""Per-molecule bond-order labels for QM9 (training targets for models that generate bonds).
+"""Per-molecule bond-order and formal-charge labels for QM9 (training targets for models that
+generate bonds, or categorical formal charges).
 
-Each molecule's labels are :func:`~moldiff.chemistry.bonds.kekule_bond_matrix`: RDKit's
-``DetermineBonds`` (total charge 0) as one Kekulé structure, or EDM's distance table where RDKit
-finds no bond orders. They are stored sparsely, bonds only, in one flat table indexed like the
-QM9 store, and cached as ``qm9_bonds_v{BONDS_CACHE_VERSION}.npz`` next to the QM9 cache (about
+Each molecule's labels are :func:`~moldiff.chemistry.bonds.kekule_bond_labels`: RDKit's
+``DetermineBonds`` (total charge 0) as one Kekulé structure with the formal charges it assigns, or
+EDM's distance table (charges 0) where RDKit finds no bond orders. Bonds are stored sparsely, bonds
+only, in one flat table indexed like the QM9 store, charges one per atom of the store, and cached
+as ``qm9_bonds_v{BONDS_CACHE_VERSION}.npz`` next to the QM9 cache (about
 half a minute to a minute on one core the first time).
 """
 
@@ -19,14 +21,15 @@ from typing import Protocol
 
 import numpy as np
 
-from moldiff.chemistry.bonds import kekule_bond_matrix
+from moldiff.chemistry.bonds import kekule_bond_labels
 from moldiff.chemistry.elements import QM9_ELEMENTS
 from moldiff.data.qm9 import CACHE_VERSION, atomic_savez, default_cache_dir
 
 __all__ = ["BONDS_CACHE_VERSION", "BondTable", "bond_table", "load_qm9_bonds"]
 
 #: Version of the bond-label cache format and labelling rule; bump it to invalidate old caches.
-BONDS_CACHE_VERSION = 1
+#: 2: per-atom formal charges added.
+BONDS_CACHE_VERSION = 2
 
 _PROGRESS_EVERY = 10_000
 
@@ -40,12 +43,16 @@ class BondTable:
         pairs: ``(B, 2)`` int16 atom indices local to their molecule, ``i < j``, rows sorted.
         orders: ``(B,)`` int8 bond orders 1, 2 or 3.
         source: ``(M,)`` int8 label source: 0 RDKit ``DetermineBonds``, 1 EDM-table fallback.
+        charges: ``(A,)`` int8 formal charge of every atom of the store (atoms of all M molecules,
+            in store order: molecule ``k``'s atoms are its ``num_atoms[k]`` consecutive entries),
+            or ``None`` (a table built without charges).
     """
 
     ptr: np.ndarray
     pairs: np.ndarray
     orders: np.ndarray
     source: np.ndarray
+    charges: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.source)
@@ -78,6 +85,8 @@ class BondTable:
             per_bond = np.repeat(num_atoms, np.diff(self.ptr))
             if np.any(self.pairs[:, 1] >= per_bond):
                 raise ValueError("a bond points past the last atom of its molecule")
+            if self.charges is not None and self.charges.shape != (int(num_atoms.sum()),):
+                raise ValueError(f"{len(self.charges)} formal charges for {int(num_atoms.sum())} atoms")
 
 
 def bond_table(
@@ -97,7 +106,7 @@ def bond_table(
         progress: print a progress line to stderr every 10,000 molecules.
 
     Returns:
-        The :class:`BondTable` of the M molecules, in store order.
+        The :class:`BondTable` of the M molecules, in store order, with formal charges.
     """
     ptr = np.asarray(ptr, dtype=np.int64)
     types = np.asarray(atom_types, dtype=np.int64)
@@ -108,10 +117,11 @@ def bond_table(
     source = np.zeros(m, dtype=np.int8)
     pairs: list[np.ndarray] = []
     orders: list[np.ndarray] = []
+    charges = np.zeros(len(types), dtype=np.int8)
     start = time.perf_counter()
     for k in range(m):
         lo, hi = ptr[k], ptr[k + 1]
-        matrix, source[k] = kekule_bond_matrix(table[types[lo:hi]].tolist(), pos[lo:hi])
+        matrix, charges[lo:hi], source[k] = kekule_bond_labels(table[types[lo:hi]].tolist(), pos[lo:hi])
         i, j = np.nonzero(np.triu(matrix, k=1))  # row-major: sorted by (i, j)
         counts[k] = len(i)
         pairs.append(np.stack([i, j], axis=1))
@@ -129,6 +139,7 @@ def bond_table(
         pairs=np.concatenate(pairs).astype(np.int16) if pairs else np.zeros((0, 2), dtype=np.int16),
         orders=np.concatenate(orders).astype(np.int8) if orders else np.zeros(0, dtype=np.int8),
         source=source,
+        charges=charges,
     )
     result.validate(np.diff(ptr))
     return result
@@ -156,6 +167,7 @@ def _save_bonds(table: BondTable, num_atoms: np.ndarray, path: Path) -> None:
         pairs=table.pairs,
         orders=table.orders,
         source=table.source,
+        charges=table.charges,
     )
 
 
@@ -171,6 +183,7 @@ def _load_bonds(path: Path, num_atoms: np.ndarray) -> BondTable | None:
                 pairs=z["pairs"].astype(np.int16, copy=False),
                 orders=z["orders"].astype(np.int8, copy=False),
                 source=z["source"].astype(np.int8, copy=False),
+                charges=z["charges"].astype(np.int8, copy=False),
             )
         table.validate(num_atoms)
         return table

@@ -17,25 +17,11 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from moldiff.geometry import scatter_sum
+from moldiff.geometry import optimal_rotations, scatter_sum  # noqa: F401 - optimal_rotations is re-exported
 
 __all__ = ["PAIRINGS", "optimal_rotations", "pair_noise"]
 
 PAIRINGS = ("none", "rotation", "permutation")
-
-
-def optimal_rotations(mobile: torch.Tensor, target: torch.Tensor, batch: torch.Tensor, num_graphs: int) -> torch.Tensor:
-    """Per molecule, the proper rotation ``R`` ``(B, 3, 3)`` minimising ``sum_i |R mobile_i - target_i|^2``.
-
-    Both point sets must already be centred per molecule (Kabsch without translation).
-    """
-    cov = scatter_sum(mobile.unsqueeze(-1) * target.unsqueeze(-2), batch, num_graphs)  # (B, 3, 3) = sum m t^T
-    u, _, vt = torch.linalg.svd(cov.double())
-    d = torch.sign(torch.linalg.det(vt.transpose(-1, -2) @ u.transpose(-1, -2)))
-    d = torch.where(d == 0, torch.ones_like(d), d)
-    fix = torch.diag_embed(torch.stack([torch.ones_like(d), torch.ones_like(d), d], -1))
-    rot = vt.transpose(-1, -2) @ fix @ u.transpose(-1, -2)
-    return rot.to(mobile.dtype)
 
 
 def _rotate(eps: torch.Tensor, rot: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:

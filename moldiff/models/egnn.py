@@ -11,8 +11,7 @@ so this removes most of the first layer's cost while giving the same numbers as 
 
 Under ``torch.compile`` the two ``Linear(H -> 1)`` edge heads (attention gate, coordinate weight)
 are written as row reductions, :func:`edge_head`, which Inductor fuses into the surrounding
-elementwise kernel instead of calling a one-column matrix product on every edge; same function,
-1.4x faster compiled blocks (``scripts/bench_compile.py``, ``docs/bench_compile_s5.txt``).
+elementwise kernel instead of calling a one-column matrix product on every edge; same function.
 """
 
 from __future__ import annotations
@@ -69,7 +68,7 @@ class EdgeInputLinear(nn.Module):
         both = h @ torch.cat([w[:, :hid], w[:, hid : 2 * hid]], 0).T
         # The bias in the product's dtype (as nn.Linear under autocast): in bf16 the (E, out) edge
         # tensor below stays bf16 rather than being promoted to fp32 and cast back for the matrix
-        # product: 1.23x faster bf16 training at 128x6 (scripts/ab_edge_bias.py, docs/benchmarks.md).
+        # product.
         a = both[:, :out] + self.linear.bias.to(both.dtype)
         b = both[:, out:]
         row, col = edge_index

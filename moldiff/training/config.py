@@ -34,6 +34,20 @@ class DataConfig:
 
 @dataclass
 class DiffusionConfig:
+    """The forward process and the training loss.
+
+    Categorical mode (``categorical: true``; MiDi-style, Vignac et al. 2023): atom elements, formal
+    charges (``categorical_charges``, classes -1 / 0 / +1 from RDKit's DetermineBonds) and, with
+    ``model.bond_types=4``, the bond class of every atom pair are diffused by discrete
+    marginal-transition noise (:mod:`moldiff.diffusion.categorical`), coordinates by EDM's Gaussian
+    noise. The network sees one-hot classes and predicts the coordinates' noise and the logits of the
+    clean classes; the loss is the coordinate noise MSE per dimension + ``type_weight`` x CE(types) +
+    ``charge_weight`` x CE(charges) + ``bond_weight`` x CE(bonds), each a mean over a molecule's
+    atoms / atom pairs, then over molecules. Needs ``model.num_features`` = elements + charge classes
+    (QM9: 5 + 3 = 8) and, with bonds, ``model.bond_output=logits``. ``time_sampling`` applies to
+    both modes.
+    """
+
     schedule: str = "polynomial"  #: "polynomial" (EDM, power 2, precision 1e-5) or "cosine"
     power: float = 2.0
     precision: float = 1e-5
@@ -45,13 +59,28 @@ class DiffusionConfig:
     #: Experimental: 0.2 raised the validation loss without fixing parity (docs/experiments.md, session 6)
     parity_weight: float = 0.0
     #: weight of the bond-feature noise loss for models with ``model.bond_types`` (per dimension, on
-    #: the scale of the atoms' loss; see ``training.loop.diffusion_loss``)
+    #: the scale of the atoms' loss; see ``training.loop.diffusion_loss``); in categorical mode, and
+    #: with ``model.bond_output=logits``, the weight of the bond classes' cross-entropy
     bond_weight: float = 1.0
     #: fraction of training molecules whose atom types are given to the network clean (their
     #: ``h_t`` replaced by ``h_0``, no type loss): the model also learns p(x | types), which lets
     #: it sample a composition drawn from the data (``composition="data"``) or a given formula
     #: directly. 0: EDM's training. See docs/experiments.md, session 9
     known_types_prob: float = 0.0
+    #: categorical mode: discrete diffusion of elements (+ charges, + bonds); see the class docstring
+    categorical: bool = False
+    #: categorical mode: also diffuse formal charges as classes -1 / 0 / +1 (needs the QM9 charge labels)
+    categorical_charges: bool = True
+    #: categorical mode: alpha_bar(t) of the classes: "coordinate" (the coordinate schedule's
+    #: alpha_t^2, rescaled to run exactly from 1 to 0) or "cosine" (MiDi's, offset ``cosine_s``)
+    categorical_schedule: str = "coordinate"
+    #: categorical mode: weight of the element cross-entropy (mean over a molecule's atoms)
+    type_weight: float = 1.0
+    #: categorical mode: weight of the formal-charge cross-entropy (mean over a molecule's atoms)
+    charge_weight: float = 1.0
+    #: training times: "uniform" (EDM) or "beta:A,B": t = 1 - Beta(A, B) (t = 0 is data), e.g.
+    #: "beta:2,1" (SemlaFlow's Beta(2, 1) over flow time with 1 = data; mean t = 1/3)
+    time_sampling: str = "uniform"
 
     def __post_init__(self):
         if not (math.isfinite(self.parity_weight) and self.parity_weight >= 0):
@@ -60,6 +89,20 @@ class DiffusionConfig:
             raise ConfigError(f"diffusion.bond_weight must be a non-negative number, got {self.bond_weight}")
         if not (math.isfinite(self.known_types_prob) and 0.0 <= self.known_types_prob <= 1.0):
             raise ConfigError(f"diffusion.known_types_prob must be in [0, 1], got {self.known_types_prob}")
+        for name in ("type_weight", "charge_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"diffusion.{name} must be a non-negative number, got {value}")
+        from moldiff.diffusion.categorical import CATEGORICAL_SCHEDULES
+        from moldiff.diffusion.times import parse_time_sampling
+
+        if self.categorical_schedule not in CATEGORICAL_SCHEDULES:
+            raise ConfigError(f"diffusion.categorical_schedule must be one of {', '.join(CATEGORICAL_SCHEDULES)}, "
+                              f"got {self.categorical_schedule!r}")
+        try:
+            parse_time_sampling(self.time_sampling)
+        except ValueError as exc:
+            raise ConfigError(f"diffusion.time_sampling: {exc}") from None
 
 
 @dataclass
@@ -97,10 +140,16 @@ class TrainConfig:
     max_steps: int | None = None
     max_minutes: float | None = None
     seed: int = 0
-    device: str = "cpu"
+    #: "auto" (a CUDA GPU when torch sees one, else the CPU), "cpu", "cuda" or "cuda:N"
+    device: str = "auto"
     num_threads: int = 1
-    precision: str = "fp32"  #: "fp32" or "bf16" (autocast of the network's matrix products; CPUs with AMX/AVX512-BF16, GPUs)
-    compile: bool = False  #: torch.compile the denoiser for training (one-off compile cost of minutes on a CPU)
+    #: "auto", "fp32" or "bf16" (autocast of the network's matrix products). auto: bf16 where the
+    #: hardware has it (CPUs with AMX/AVX512-BF16, CUDA GPUs of compute capability >= 8.0), else fp32;
+    #: decided on every start, so a resumed run suits the machine it resumes on (moldiff.runtime)
+    precision: str = "auto"
+    #: torch.compile the denoiser for training: true, false or auto (also null): auto compiles only
+    #: on CPUs with native bf16 in bf16, where it measured faster (one-off cost of minutes on a CPU)
+    compile: bool | str | None = "auto"
     log_every: int = 50
     val_every: int = 1000
     sample_every: int = 0  #: steps between sampled-metrics checks (0: never)
@@ -109,6 +158,20 @@ class TrainConfig:
     sample_sampler: str = "ancestral"
     checkpoint_minutes: float = 10.0
     tensorboard: bool = False  #: also write the log rows as TensorBoard scalars to RUN/tensorboard (needs tensorboard)
+
+    def __post_init__(self):
+        import re
+
+        from moldiff.runtime import DEVICE_PATTERN, PRECISIONS
+
+        if not re.fullmatch(DEVICE_PATTERN, self.device):
+            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.compile is None:
+            self.compile = "auto"
+        if not (isinstance(self.compile, bool) or self.compile == "auto"):
+            raise ConfigError(f"train.compile must be true, false or auto, got {self.compile!r}")
 
 
 @dataclass

@@ -16,10 +16,7 @@ an uninterrupted run with the same seed (tested).
 from __future__ import annotations
 
 import csv
-import math
-import os
 import signal
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +30,16 @@ from moldiff.chemistry.elements import QM9_ELEMENTS, SYMBOL_TO_Z, valence_sum_pa
 from moldiff.data.batching import MoleculeBatch, MoleculeSet
 from moldiff.data.qm9 import edm_split, load_qm9
 from moldiff.data.statistics import DatasetStatistics, compute_statistics
+from moldiff.files import atomic_write
 from moldiff.diffusion import PAIRINGS, AtomFeatures, NoiseSchedule, add_noise, epsilon_loss, symmetric_edge_noise
+from moldiff.diffusion.categorical import CHARGE_VALUES, CategoricalDiffusion, CategoricalFeatures
 from moldiff.diffusion.losses import bond_epsilon_loss, loss_weight, valence_parity_loss
-from moldiff.geometry import fully_connected_edges, reverse_edges, scatter_sum
+from moldiff.diffusion.process import centred_noise
+from moldiff.diffusion.times import sample_times
+from moldiff.geometry import fully_connected_edges, num_nodes_per_graph, reverse_edges, scatter_sum
 from moldiff.models import EGNNDenoiser
 from moldiff.pipeline import MolDiffPipeline
+from moldiff.runtime import choose_arithmetic, resolve_device, slow_bf16_warning
 from moldiff.training.clipping import AdaptiveClipper
 from moldiff.training.config import RunConfig
 from moldiff.training.ema import EMA
@@ -73,20 +75,32 @@ def load_training_data(cfg: RunConfig) -> TrainingData:
     valid_idx = split["valid"][: cfg.data.max_valid_molecules]
     z = [SYMBOL_TO_Z[e] for e in QM9_ELEMENTS]
     bonds = None
-    if cfg.model.bond_types:
-        from moldiff.data.qm9_bonds import load_qm9_bonds  # only bond models need the labels (built once, cached)
+    if cfg.model.bond_types or (cfg.diffusion.categorical and cfg.diffusion.categorical_charges):
+        # only bond models and categorical charges need the labels (built once, cached)
+        from moldiff.data.qm9_bonds import load_qm9_bonds
 
         bonds = load_qm9_bonds(qm9, cfg.data.cache_dir, progress=True)
     train = MoleculeSet(qm9.ptr, qm9.atom_types, qm9.positions, z, train_idx, bonds=bonds)
     valid = MoleculeSet(qm9.ptr, qm9.atom_types, qm9.positions, z, valid_idx, bonds=bonds)
     atom_types = np.concatenate([qm9.atom_types[qm9.ptr[i] : qm9.ptr[i + 1]] for i in train_idx])
-    stats = compute_statistics(QM9_ELEMENTS, train.num_atoms, atom_types)
+    formal = orders = None  # with the labels, the statistics also count charges and bond classes
+    if bonds is not None:
+        formal = np.concatenate([bonds.charges[qm9.ptr[i] : qm9.ptr[i + 1]] for i in train_idx])
+        orders = np.concatenate([bonds.orders[bonds.ptr[i] : bonds.ptr[i + 1]] for i in train_idx])
+    stats = compute_statistics(QM9_ELEMENTS, train.num_atoms, atom_types, formal, orders)
     return TrainingData(train, valid, stats, QM9_ELEMENTS, z)
 
 
 def build_pipeline(cfg: RunConfig, data: TrainingData) -> MolDiffPipeline:
-    features = AtomFeatures(num_types=len(data.elements), include_charges=cfg.data.include_charges)
     model_cfg = cfg.model
+    if cfg.diffusion.categorical:
+        features = categorical_features(cfg, data.statistics)
+        if model_cfg.num_features != features.dim:
+            raise ValueError(f"model.num_features={model_cfg.num_features} but categorical mode's one-hot encoding has "
+                             f"{features.dim} channels ({features.num_types} elements + {len(features.charge_values)} "
+                             f"charge classes): set model.num_features={features.dim}")
+    else:
+        features = AtomFeatures(num_types=len(data.elements), include_charges=cfg.data.include_charges)
     if model_cfg.num_features != features.dim:
         raise ValueError(f"model.num_features={model_cfg.num_features} but the data encoding has {features.dim} channels")
     d = cfg.diffusion
@@ -103,6 +117,40 @@ def build_pipeline(cfg: RunConfig, data: TrainingData) -> MolDiffPipeline:
                            metadata=metadata)
 
 
+def categorical_features(cfg: RunConfig, statistics: DatasetStatistics) -> CategoricalFeatures:
+    """The :class:`CategoricalFeatures` of a ``diffusion.categorical`` run: one-hot elements (+ charge
+    classes -1 / 0 / +1 with ``diffusion.categorical_charges``; + ``model.bond_types`` bond classes),
+    with the training split's marginals from ``statistics``. Raises ``ValueError`` for options that
+    do not combine with categorical mode."""
+    d, m = cfg.diffusion, cfg.model
+    clash = [what for what, on in (("model.self_condition", m.self_condition),
+                                   ("diffusion.parity_weight", d.parity_weight > 0),
+                                   ("diffusion.noise_pairing", d.noise_pairing != "none"),
+                                   ("diffusion.known_types_prob", d.known_types_prob > 0)) if on]
+    if clash:
+        raise ValueError(f"diffusion.categorical does not combine with {', '.join(clash)} yet")
+    if m.bond_types and m.bond_output != "logits":
+        raise ValueError("diffusion.categorical with model.bond_types: the bond head gives clean-bond logits, "
+                         "set model.bond_output=logits")
+    charges = CHARGE_VALUES if d.categorical_charges else ()
+    return CategoricalFeatures(
+        num_types=len(statistics.elements),
+        type_marginals=tuple(statistics.type_marginals()),
+        charge_values=charges,
+        charge_marginals=tuple(statistics.charge_marginals(charges)) if charges else (),
+        bond_types=m.bond_types,
+        bond_marginals=tuple(statistics.bond_marginals(m.bond_types)) if m.bond_types else (),
+        schedule=d.categorical_schedule,
+        cosine_s=d.cosine_s,
+    )
+
+
+def training_times(cfg: RunConfig, num: int, generator: torch.Generator, device) -> torch.Tensor:
+    """``(num,)`` float64 training times as ``diffusion.time_sampling`` says (one uniform number per
+    molecule from ``generator`` whatever the choice; "uniform" is EDM's ``torch.rand``)."""
+    return sample_times(num, cfg.diffusion.time_sampling, generator, device)
+
+
 #: logits of the parity loss's type probabilities per unit of one-hot: a clean one-hot gives a gap
 #: of 10 (wrong types ~5e-5 each), so a correct composition scores ~0, not the coin flip a soft gap gives
 PARITY_LOGIT_SCALE = 10.0
@@ -110,8 +158,13 @@ PARITY_LOGIT_SCALE = 10.0
 
 def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor, generator, shard=None,
                    weighting: str = "uniform", pairing: str = "none", parity_weight: float = 0.0,
-                   bond_weight: float = 1.0, known_types_prob: float = 0.0) -> torch.Tensor:
+                   bond_weight: float = 1.0, known_types_prob: float = 0.0, type_weight: float = 1.0,
+                   charge_weight: float = 1.0) -> torch.Tensor:
     """EDM's L2 loss on one batch at times ``t`` ``(B,)`` (optionally SNR-weighted, see ``loss_weight``).
+
+    Categorical models (``pipe.features`` is :class:`CategoricalFeatures`): the coordinate noise MSE
+    per dimension + ``type_weight`` x CE(types) + ``charge_weight`` x CE(charges) + ``bond_weight``
+    x CE(bonds), per molecule, averaged over molecules (:func:`categorical_loss_terms`).
 
     ``parity_weight > 0`` adds ``parity_weight * mean_k alpha_k^2 * valence_parity_loss_k``: the
     clean estimate's atom types, as probabilities ``softmax(PARITY_LOGIT_SCALE * h0 / type_scale)``,
@@ -131,6 +184,14 @@ def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor,
     the network also learns to place atoms whose elements are given (composition-conditioned
     sampling). ``p = 0`` draws nothing, so the random stream is EDM's.
     """
+    if isinstance(pipe.features, CategoricalFeatures):
+        terms = categorical_loss_terms(pipe, batch, t, generator, shard, weighting)
+        per_mol = terms["pos"] + type_weight * terms["types"]
+        if "charges" in terms:
+            per_mol = per_mol + charge_weight * terms["charges"]
+        if "bonds" in terms:
+            per_mol = per_mol + bond_weight * terms["bonds"]
+        return per_mol.mean()
     h = pipe.features.encode(batch.types, batch.charges, dtype=batch.pos.dtype)
     alpha, sigma = pipe.schedule.alpha_sigma(t)
     noised = add_noise(batch.pos, h, alpha, sigma, batch.batch, generator=generator, pairing=pairing)
@@ -175,6 +236,84 @@ def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor,
     return loss
 
 
+def categorical_loss_terms(pipe, batch: MoleculeBatch, t: torch.Tensor, generator, shard=None,
+                           weighting: str = "uniform") -> dict[str, torch.Tensor]:
+    """Per-molecule terms ``(B,)`` of a categorical model's loss at times ``t`` ``(B,)``.
+
+    Coordinates get EDM's Gaussian noise; elements, charge classes and (bond models) the bond class
+    of every atom pair are drawn from ``q(x_t | x_0)`` (bonds once per pair, equal on both
+    directions). The network sees one-hot classes and returns the coordinates' noise and clean-class
+    logits. Terms: ``"pos"``, the noise MSE summed over a molecule's coordinates / ``3 (N - 1)``
+    (times ``loss_weight``'s SNR weight unless ``weighting="uniform"``); ``"types"`` and
+    ``"charges"``, cross-entropy of the clean class averaged over the molecule's atoms; ``"bonds"``,
+    over its directed atom pairs (each pair twice, with equal labels and logits). Random draws, in
+    order: position noise, types, charges, bonds, for the whole batch; ``shard=(lo, hi)`` then keeps
+    molecules ``lo:hi`` (data-parallel ranks).
+    """
+    feats: CategoricalFeatures = pipe.features
+    cat = CategoricalDiffusion.from_features(feats, pipe.schedule)
+    bvec, num_graphs, dtype = batch.batch, batch.num_graphs, batch.pos.dtype
+    alpha, sigma = pipe.schedule.alpha_sigma(t)
+    eps_pos = centred_noise(bvec, num_graphs, generator=generator, dtype=dtype)
+    pos_t = alpha.to(dtype)[bvec].unsqueeze(-1) * batch.pos + sigma.to(dtype)[bvec].unsqueeze(-1) * eps_pos
+    t_atom = t[bvec]
+    types0 = batch.types.long()
+    types_t = cat.types.sample_forward(types0, t_atom, generator)
+    charges0 = charges_t = None
+    if cat.charges is not None:
+        if batch.formal_charges is None:
+            raise ValueError("this model diffuses formal charges: its batches need them (a bond table with charges)")
+        charges0 = feats.charge_classes(batch.formal_charges)
+        charges_t = cat.charges.sample_forward(charges0, t_atom, generator)
+    edge_index = bonds0 = bonds_t = None
+    if cat.bonds is not None:
+        if batch.bonds is None:
+            raise ValueError("this model generates bonds: its batches need bond orders (MoleculeSet(..., bonds=...))")
+        n = bvec.shape[0]
+        edge_index = fully_connected_edges(bvec)
+        rev = reverse_edges(edge_index, n)
+        bonds0 = edge_bond_orders(batch.bonds, edge_index, n)
+        bonds_t = cat.bonds.sample_forward_edges(bonds0, t[bvec[edge_index[0]]], edge_index, rev, generator)
+    tt = t
+    if shard is not None:
+        lo, hi = shard
+        keep = (bvec >= lo) & (bvec < hi)
+        first = int(torch.searchsorted(bvec, torch.tensor(lo, device=bvec.device)))  # batch is sorted
+        eps_pos, pos_t, types0, types_t = eps_pos[keep], pos_t[keep], types0[keep], types_t[keep]
+        if charges0 is not None:
+            charges0, charges_t = charges0[keep], charges_t[keep]
+        if edge_index is not None:
+            on = keep[edge_index[0]]
+            edge_index, bonds0, bonds_t = edge_index[:, on] - first, bonds0[on], bonds_t[on]
+        bvec, num_graphs, tt = bvec[keep] - lo, hi - lo, t[lo:hi]
+    h_t = feats.encode(types_t, charges_t, dtype=dtype)
+    if edge_index is None:
+        pred_pos, logits = pipe.predict_noise(pos_t, h_t, tt.to(dtype), bvec)[:2]
+    else:
+        pred_pos, logits, bond_logits = pipe.predict_noise(pos_t, h_t, tt.to(dtype), bvec, edge_index=edge_index,
+                                                           e_t=feats.encode_bonds(bonds_t, dtype), raw_bonds=True)
+    atoms = num_nodes_per_graph(bvec, num_graphs).to(torch.float32)
+    sq = ((pred_pos.float() - eps_pos.float()) ** 2).sum(-1)
+    pos_term = scatter_sum(sq, bvec, num_graphs) / (3.0 * (atoms - 1.0)).clamp(min=1.0)
+    weight = loss_weight(pipe.schedule.snr(tt), weighting)
+    if weight is not None:
+        pos_term = pos_term * weight.to(pos_term.dtype)
+    type_logits, charge_logits = feats.split(logits)
+    ce = torch.nn.functional.cross_entropy
+
+    def per_atom_mean(x):
+        return scatter_sum(x, bvec, num_graphs) / atoms.clamp(min=1.0)
+
+    terms = {"pos": pos_term, "types": per_atom_mean(ce(type_logits.float(), types0, reduction="none"))}
+    if charge_logits is not None:
+        terms["charges"] = per_atom_mean(ce(charge_logits.float(), charges0, reduction="none"))
+    if edge_index is not None:
+        edge_batch = bvec[edge_index[0]]
+        pairs = torch.bincount(edge_batch, minlength=num_graphs).to(torch.float32).clamp(min=1.0)
+        terms["bonds"] = scatter_sum(ce(bond_logits.float(), bonds0, reduction="none"), edge_batch, num_graphs) / pairs
+    return terms
+
+
 def edge_bond_orders(bonds: torch.Tensor, edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
     """``(E,)`` bond order of every directed edge of ``fully_connected_edges`` (sorted by source,
     then target), from a batch's bond rows ``[i, j, order]`` ``(P, 3)``; 0 where there is no bond."""
@@ -216,15 +355,21 @@ def _bond_model_loss(pipe, batch, pos_t, h_t, eps_pos, eps_h, t, weight, generat
     return atoms + bond_weight * per_mol.mean()
 
 
+def check_same_diffusion_mode(saved_cfg: dict, cfg: RunConfig) -> None:
+    """Raise ``ValueError`` when a checkpoint of a categorical run would continue as a Gaussian one, or
+    the other way round, or with other charge classes (``saved_cfg``: the checkpoint's configuration)."""
+    saved = saved_cfg.get("diffusion", {})
+    was = bool(saved.get("categorical", False))
+    if was != cfg.diffusion.categorical:
+        mode = {True: "categorical", False: "Gaussian (EDM)"}
+        raise ValueError(f"this checkpoint diffuses atom types as {mode[was]} features; it cannot continue with "
+                         f"diffusion.categorical={str(cfg.diffusion.categorical).lower()}")
+    if was and bool(saved.get("categorical_charges", True)) != cfg.diffusion.categorical_charges:
+        raise ValueError("this checkpoint's categorical charge classes differ from diffusion.categorical_charges")
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda handle: torch.save(obj, handle), binary=True)
 
 
 def _pad(tensor: torch.Tensor, shape) -> torch.Tensor:
@@ -250,13 +395,25 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, *, data: TrainingData | None = None,
                  rank: int = 0, world_size: int = 1, log: Callable[[str], None] = print,
-                 evaluate: Callable | None = None):
+                 evaluate: Callable | None = None, device: str | torch.device | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.rank, self.world_size = rank, world_size
         self.log = log if rank == 0 else (lambda _msg: None)
         self.evaluate = evaluate  # (pipeline, cfg) -> dict of sampled metrics; injected by the CLI
-        self.device = torch.device(cfg.train.device)
+        # The caller's device (cmd_train gives each data-parallel rank its own GPU), else train.device,
+        # "auto" being a CUDA GPU when torch sees one. Resolved at every start and never written back
+        # into the configuration, so a run saved with "auto" resumes on whatever machine it moves to.
+        self.device = torch.device(device if device is not None else resolve_device(cfg.train.device))
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        # bf16 autocast and torch.compile only where this machine is faster with them (moldiff.runtime).
+        self.arithmetic = choose_arithmetic(self.device, cfg.train.precision, cfg.train.compile)
+        self.log(f"training on {self.device} in {self.arithmetic.precision}, "
+                 f"{'compiled' if self.arithmetic.compile else 'eager'}: {self.arithmetic.reason}")
+        slow = slow_bf16_warning(self.device, cfg.train.precision, cfg.train.compile)
+        if slow:
+            self.log(slow)
         if cfg.train.batch_size % world_size:
             # Every rank takes an equal shard of each global batch; a remainder would be dropped silently.
             raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {world_size} processes")
@@ -271,12 +428,19 @@ class Trainer:
             torch.manual_seed(cfg.train.seed)
             self.pipe = build_pipeline(cfg, self.data).to(self.device)
         self.model = self.pipe.denoiser
+        # predict_noise opens its own autocast region, enabled by the pipeline's precision: left at
+        # fp32 it would switch train_step's bf16 autocast off inside the network (uncompiled runs
+        # trained in fp32 whatever train.precision said). Exported pipelines start at fp32 again.
+        self.pipe.configure_inference(precision=self.arithmetic.precision)
         # What the training forward pass calls: the model, maybe compiled, maybe wrapped in DDP.
         self.forward_model = self.model
-        if cfg.train.compile:
+        if self.arithmetic.compile:
             self.forward_model = torch.compile(self.forward_model, dynamic=True)
         if world_size > 1:
-            self.forward_model = torch.nn.parallel.DistributedDataParallel(self.forward_model)
+            # On a GPU, DDP needs the rank's own device for its buckets and outputs (NCCL).
+            on_gpu = self.device.type == "cuda"
+            ids = {"device_ids": [self.device.index], "output_device": self.device.index} if on_gpu else {}
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(self.forward_model, **ids)
         loss_weight(torch.ones(1, dtype=torch.float64), cfg.diffusion.loss_weighting)  # bad names fail here
         if cfg.model.bond_types:
             clash = [what for what, on in (("data-parallel training", world_size > 1),
@@ -293,8 +457,6 @@ class Trainer:
                 raise ValueError(f"diffusion.known_types_prob does not combine with {', '.join(clash)} yet")
         if cfg.diffusion.noise_pairing not in PAIRINGS:
             raise ValueError(f"diffusion.noise_pairing must be one of {', '.join(PAIRINGS)}, got {cfg.diffusion.noise_pairing!r}")
-        if cfg.train.precision not in ("fp32", "bf16"):
-            raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {cfg.train.precision!r}")
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay, amsgrad=o.amsgrad)
         self.ema = EMA(self.model, o.ema_decay) if o.ema_decay > 0 else None
@@ -331,6 +493,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        check_same_diffusion_mode(state.get("config", {}), self.cfg)
         saved_model = state.get("config", {}).get("model", {})
         saved_sc = bool(saved_model.get("self_condition", False))
         saved_bonds = int(saved_model.get("bond_types", 0))
@@ -370,7 +533,9 @@ class Trainer:
             group["lr"], group["weight_decay"] = self.cfg.optim.lr, self.cfg.optim.weight_decay
         if self.clipper is not None and state["clipper"] is not None:
             self.clipper.load_state_dict(state["clipper"])
-        self.generator.set_state(state["generator"])
+        # Generator.set_state takes a CPU byte tensor, for CUDA generators too; a state dict loaded
+        # with map_location="cuda" holds it on the GPU.
+        self.generator.set_state(state["generator"].cpu())
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch, self.hours = state["batch_in_epoch"], state["hours"]
         self.loss_window = [float(x) for x in state.get("loss_window", [])]
@@ -397,7 +562,9 @@ class Trainer:
         path = self.run_dir / "checkpoint.pt"
         if not path.is_file():
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        # On the CPU first: the RNG state must stay there, and loading copies weights and optimiser
+        # moments onto the training device.
+        state = torch.load(path, map_location="cpu", weights_only=False)
         self.load_state_dict(state)
         self._truncate_log()
         self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, {self.hours:.2f} h)")
@@ -458,6 +625,8 @@ class Trainer:
         pipe = MolDiffPipeline(model, self.pipe.schedule, self.pipe.features, self.pipe.statistics, self.pipe.atomic_numbers)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(12345)
+        if isinstance(pipe.features, CategoricalFeatures):
+            return self._categorical_validation_loss(pipe, gen, max_batches)
         given = 1.0 if self.cfg.diffusion.known_types_prob >= 1.0 else 0.0
         total, count = 0.0, 0
         for b, batch in self.data.valid.batches(self.cfg.train.batch_size, seed=0, epoch=0, drop_last=False):
@@ -468,6 +637,25 @@ class Trainer:
             total += float(diffusion_loss(pipe, batch, t, gen, bond_weight=0.0, known_types_prob=given)) * batch.num_graphs
             count += batch.num_graphs
         return total / max(1, count)
+
+    def _categorical_validation_loss(self, pipe: MolDiffPipeline, gen: torch.Generator, max_batches: int) -> float:
+        """A categorical model's validation loss: the coordinate noise MSE + CE(types) + CE(charges)
+        + CE(bonds) with unit weights, uniform times and the EDM weighting, whatever the run trains
+        with, so that categorical runs compare on one number; the terms are logged on one line."""
+        sums: dict[str, float] = {}
+        count = 0
+        for b, batch in self.data.valid.batches(self.cfg.train.batch_size, seed=0, epoch=0, drop_last=False):
+            if b >= max_batches:
+                break
+            batch = batch.to(self.device)
+            t = torch.rand(batch.num_graphs, generator=gen, dtype=torch.float64, device=self.device)
+            for name, per_mol in categorical_loss_terms(pipe, batch, t, gen).items():
+                sums[name] = sums.get(name, 0.0) + float(per_mol.sum())
+            count += batch.num_graphs
+        means = {name: total / max(1, count) for name, total in sums.items()}
+        self.log(f"validation at step {self.step}: " + "  ".join(f"{k}={v:.6f}" for k, v in means.items())
+                 + " (val_loss is their sum)")
+        return sum(means.values())
 
     # ------------------------------------------------------------------ the loop
     def _install_signal_handlers(self):
@@ -480,18 +668,20 @@ class Trainer:
         """One optimiser step; returns ``(loss, grad_norm, clipped, skipped)``."""
         self.model.train()
         b = batch.num_graphs
-        t = torch.rand(b, generator=self.generator, dtype=torch.float64, device=self.device)
+        t = training_times(self.cfg, b, self.generator, self.device)
         shard = None
         if self.world_size > 1:
             per = b // self.world_size
             shard = (self.rank * per, (self.rank + 1) * per)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.arithmetic.precision == "bf16"):
             loss = diffusion_loss(self._loss_pipe(), batch.to(self.device), t, self.generator, shard,
                                   weighting=self.cfg.diffusion.loss_weighting,
                                   pairing=self.cfg.diffusion.noise_pairing,
                                   parity_weight=self.cfg.diffusion.parity_weight,
                                   bond_weight=self.cfg.diffusion.bond_weight,
-                                  known_types_prob=self.cfg.diffusion.known_types_prob)
+                                  known_types_prob=self.cfg.diffusion.known_types_prob,
+                                  type_weight=self.cfg.diffusion.type_weight,
+                                  charge_weight=self.cfg.diffusion.charge_weight)
         if not self._all_ranks(bool(torch.isfinite(loss))):
             self.optimizer.zero_grad(set_to_none=True)
             return float(loss), float("nan"), False, True

@@ -1,5 +1,7 @@
 """Record what every sampling route produces for fixed seeds, so that a rewrite of the sampling code
 can be checked to give the same molecules (tests/test_sampling_pins.py compares against the file).
+The pins were recorded at commit 3e91c0e, before the reverse loop was rewritten as one loop with
+hooks; the routes are called through today's API.
 
     python tests/pins/make_pins.py            # writes tests/pins/sampling_pins.npz
 
@@ -22,7 +24,7 @@ import moldiff  # noqa: E402
 from moldiff.data.statistics import DatasetStatistics  # noqa: E402
 from moldiff.diffusion import AtomFeatures, NoiseSchedule  # noqa: E402
 from moldiff.models import DenoiserConfig, EGNNDenoiser  # noqa: E402
-from moldiff.pipeline import MolDiffPipeline  # noqa: E402
+from moldiff.pipeline import MolDiffPipeline, SampleRequest  # noqa: E402
 
 OUT = HERE / "sampling_pins.npz"
 
@@ -47,11 +49,11 @@ def cases():
         "edm_grid": lambda p: p["qm9"].sample_arrays(3, steps=5, seed=5, time_power=1.0, noise_scale=1.0),
         "data_composition": lambda p: p["given"].sample_arrays(3, steps=5, seed=6, composition="data"),
         "given_types": lambda p: p["given"].sample_arrays(2, steps=5, seed=7, types=[np.array([1, 1, 3, 0, 0, 0, 0])] * 2),
-        "formula_given": lambda p: moldiff.inpainting.inpaint_arrays(p["given"], 2, formula="C3H6O", steps=5, seed=8),
-        "formula_draw_clamp": lambda p: moldiff.inpainting.inpaint_arrays(p["qm9"], 2, formula="C2H6O", steps=4, seed=9,
-                                                                          formula_draws=1, resample=2),
-        "formula_clamp": lambda p: moldiff.inpainting.inpaint_arrays(p["qm9"], 2, formula="C2H4O", steps=4, seed=10,
-                                                                     formula_draws=0, resample=2),
+        "formula_given": lambda p: p["given"].generate(SampleRequest(2, formula="C3H6O", steps=5, seed=8)),
+        "formula_draw_clamp": lambda p: p["qm9"].generate(SampleRequest(2, formula="C2H6O", steps=4, seed=9,
+                                                                        formula_draws=1, resample=2)),
+        "formula_clamp": lambda p: p["qm9"].generate(SampleRequest(2, formula="C2H4O", steps=4, seed=10, formula_draws=0,
+                                                                   resample=2)),
         "fragment_guided": lambda p: moldiff.inpainting.inpaint_arrays(p["qm9"], 2, fragment=benzene, num_atoms=14,
                                                                        steps=4, seed=11, resample=2),
         "fragment_ddim_noise": lambda p: moldiff.inpainting.inpaint_arrays(
