@@ -58,6 +58,60 @@ def cmd_data(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- plausibility
+def _check_plausibility_args(args) -> None:
+    """``--posebusters`` / ``--relax`` / ``--workers``: fail before any work (nothing written)."""
+    if args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    if args.posebusters:
+        from moldiff.chemistry.plausibility import MissingExtraError, require_posebusters
+
+        try:
+            require_posebusters()
+        except MissingExtraError as exc:
+            raise UsageError(f"--posebusters: {exc}") from None
+
+
+def _plausibility(items: list, args) -> tuple[dict, dict]:
+    """PoseBusters checks and/or relaxation of ``(index, molecule)`` items (the valid molecules):
+    ``({index: Plausibility}, summary)``; ``({}, {})`` when neither was asked for."""
+    if not (args.posebusters or args.relax):
+        return {}, {}
+    from moldiff.chemistry.plausibility import assess_plausibility, summarize_plausibility
+
+    what = " + ".join(x for x in ("PoseBusters" if args.posebusters else "", args.relax and "relaxation") if x)
+    with _progress_bar(len(items), what, "mol") as bar:
+        results = assess_plausibility(items, checks=args.posebusters, forcefield=args.relax, workers=args.workers,
+                                      progress=bar.update)
+    return {r.index: r for r in results}, summarize_plausibility(results, checks=args.posebusters, forcefield=args.relax)
+
+
+def _relaxed_records(results: dict, tags: dict) -> list:
+    """SD records of the relaxed molecules (index order), tagged with what relaxation did."""
+    records = []
+    for index in sorted(results):
+        r = results[index].relaxation
+        if r is None or r.mol is None:
+            continue
+        mol = r.mol
+        mol.SetProp("_Name", f"moldiff relaxed {index}")
+        for key, value in {"index": index, **tags.get(index, {}), "forcefield": r.forcefield,
+                           "energy_raw": f"{r.energy_raw:.4f}", "energy_relaxed": f"{r.energy_relaxed:.4f}",
+                           "strain_kcal_mol": f"{r.strain:.4f}", "rmsd_heavy": f"{r.rmsd:.4f}",
+                           "converged": int(bool(r.converged))}.items():
+            mol.SetProp(key, str(value))
+        records.append(mol)
+    return records
+
+
+def _add_plausibility_options(parser) -> None:
+    g = parser.add_argument_group("physical plausibility (docs/plausibility.md)")
+    g.add_argument("--posebusters", action="store_true",
+                   help="run PoseBusters' molecule checks on every valid molecule (optional extra: pip install moldiff[checks])")
+    g.add_argument("--relax", choices=("mmff", "uff"), help="relax valid molecules with an RDKit force field; report "
+                   "heavy-atom RMSD moved and strain energy, write the relaxed coordinates to their own SDF")
+
+
 # ---------------------------------------------------------------------------- evaluate
 def _dataset_molecules(spec: str, cache_dir):
     from moldiff.data.qm9 import edm_split, load_qm9
@@ -79,14 +133,27 @@ def cmd_evaluate(args) -> int:
 
     if (args.path is None) == (args.dataset is None):
         raise UsageError("give a file to evaluate or --dataset (e.g. --dataset qm9:test), not both")
+    _check_plausibility_args(args)
+    relaxed_sdf = None
+    if args.relax:
+        if args.relaxed_sdf:
+            relaxed_sdf = Path(args.relaxed_sdf)
+        elif args.path:
+            relaxed_sdf = Path(args.path).with_name(f"{Path(args.path).stem}_relaxed.sdf")
+    elif args.relaxed_sdf:
+        raise UsageError("--relaxed-sdf goes with --relax mmff or --relax uff")
     qm9 = None
     if args.dataset:
         molecules, qm9 = _dataset_molecules(args.dataset, _cache_dir(args))
         unreadable = []
         source = args.dataset
+        names = [f"{args.dataset} {k}" for k in range(len(molecules))]
+        indices = list(range(len(molecules)))
     else:
         records = read_molecules(args.path)
         molecules = [(r.symbols, r.positions) for r in records if r.error is None]
+        names = [r.name for r in records if r.error is None]
+        indices = [k for k, r in enumerate(records) if r.error is None]  # record numbers in the file
         unreadable = [r for r in records if r.error is not None]
         source = str(args.path)
     reference = None
@@ -120,9 +187,31 @@ def cmd_evaluate(args) -> int:
               f"{100 * diag['planar_six_ring']:.2f}% with a flat aromatic-like six-ring (QM9: 3%)")
     for r in unreadable[:10]:
         print(f"unreadable record {r.name}: {r.error}")
-    if args.json:
-        from moldiff.chemistry.io import write_json
+    per_molecule = report.per_molecule if report is not None else []
+    valid = [(indices[k], molecules[k]) for k, res in enumerate(per_molecule) if res.valid]
+    plausible, plausibility = _plausibility(valid, args)
+    if plausibility:
+        from moldiff.chemistry.plausibility import format_plausibility
 
+        print(format_plausibility(plausibility))
+        summary |= plausibility
+    from moldiff.chemistry.io import write_csv, write_json, write_sdf
+
+    if relaxed_sdf is not None:
+        smiles = {indices[k]: res.smiles for k, res in enumerate(per_molecule)}
+        relaxed = _relaxed_records(plausible, {i: {"SMILES": smiles[i]} for i in plausible})
+        write_sdf(relaxed_sdf, relaxed)
+        print(f"wrote {relaxed_sdf} ({len(relaxed)} relaxed molecules; indices are record numbers from 0)")
+    if args.csv:
+        rows = []
+        for k, res in enumerate(per_molecule):
+            row = {"index": indices[k], "name": names[k], "SMILES": res.smiles, "valid": int(res.valid),
+                   "mol_stable": int(res.mol_stable), "reason": res.reason}
+            if indices[k] in plausible:
+                row.update(plausible[indices[k]].row(checks=args.posebusters))
+            rows.append(row)
+        write_csv(args.csv, rows)
+    if args.json:
         write_json(args.json, {k: v for k, v in summary.items() if k != "per_molecule"} | {"source": source})
     return 0
 
@@ -497,7 +586,10 @@ def _novelty_reference(args):
 def cmd_sample(args) -> int:
     # Parse, call, save: every check that needs no model runs before torch and RDKit are imported.
     _check_sample_args(args)
+    _check_plausibility_args(args)
     folder, files = _output_files(args.output)
+    if args.relax:
+        files["relaxed"] = files["sdf"].with_name(f"{files['sdf'].stem}_relaxed.sdf")
     _check_writable(folder, files)
     _check_sampler_name(args.sampler)
     args.device = _check_device(args.device)
@@ -516,7 +608,13 @@ def cmd_sample(args) -> int:
                             batch_size=args.batch_size, composition=args.composition, fragment=fragment,
                             formula=args.formula, resample=args.resample, time_power=args.time_power,
                             noise_scale=args.noise_scale, valence_guidance=args.valence_guidance,
-                            formula_draws=args.formula_draws).resolved(pipe)  # bad combinations fail here
+                            formula_draws=args.formula_draws)
+    try:
+        request = request.resolved(pipe)  # bad values and combinations fail here, before any sampling
+    except ValueError as exc:  # say it with the option's name: "time_power ..." -> "--time-power ..."
+        field, _, rest = str(exc).partition(" ")
+        name = f"--{field.replace('_', '-')}" if hasattr(request, field) and "_" in field else field
+        raise UsageError(f"{name} {rest}") from None
     reference = _novelty_reference(args)
 
     if args.compile and sys.stderr.isatty():
@@ -534,18 +632,26 @@ def cmd_sample(args) -> int:
         molecules = interpret(arrays, fragment=fragment, progress=bar.update)
     report = evaluate_molecules(molecules, reference=reference)
     t2 = time.monotonic()
-    summary = _write_samples(folder, files, molecules, report, arrays, request, args, pipe, checkpoint,
-                             {"seconds": round(t2 - t0, 3), "seconds_sampling": round(t1 - t0, 3)})
+    valid = [(k, m.mol if m.mol is not None else (m.symbols, m.positions)) for k, m in enumerate(molecules) if m.valid]
+    plausibility = _plausibility(valid, args)
+    timing = {"seconds": round(t2 - t0, 3), "seconds_sampling": round(t1 - t0, 3)}
+    if args.posebusters or args.relax:
+        timing["seconds_plausibility"] = round(time.monotonic() - t2, 3)
+    summary = _write_samples(folder, files, molecules, report, arrays, request, args, pipe, checkpoint, timing,
+                             plausibility)
     _print_sample_summary(summary, report, arrays, files, args, t2 - t0, t1 - t0)
     return 0
 
 
-def _write_samples(folder, files, molecules, report, arrays, request, args, pipe, checkpoint, timing) -> dict:
-    """Write the SDF, CSV, PNG and JSON of a sampling run (each atomically); returns the JSON summary."""
+def _write_samples(folder, files, molecules, report, arrays, request, args, pipe, checkpoint, timing,
+                   plausibility=({}, {})) -> dict:
+    """Write the SDF, CSV, PNG and JSON (and with ``--relax`` the relaxed SDF) of a sampling run, all
+    together and atomically; returns the JSON summary."""
     from moldiff.chemistry.io import write_csv, write_json, write_sdf
     from moldiff.chemistry.report import SA_SCORE_NOTE, descriptor_row, display_smiles, grid_image, sa_score_available, sd_record, write_png
 
     fragment = request.fragment
+    plausible, plausibility = plausibility
     tags = {"sampler": request.sampler, "steps": request.steps, "time_power": arrays.time_power,
             "noise_scale": arrays.noise_scale, "seed": request.seed}
     records = [sd_record(m.mol, m.symbols, m.positions, _sample_tags(m, k, tags), f"moldiff sample {k}")
@@ -557,6 +663,8 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
         row.update(num_atoms=m.num_atoms, formula=m.formula, rdkit_SMILES=m.rdkit_smiles, bonds=m.bonds, reason=m.reason)
         if fragment is not None:
             row.update(fragment_retained=int(bool(m.fragment_retained)), fragment_rmsd=m.fragment_rmsd)
+        if k in plausible:
+            row.update(plausible[k].row(checks=args.posebusters))
         rows.append(row)
     preview = [(k, m.mol) for k, m in enumerate(molecules) if m.valid and m.mol is not None][:_PREVIEW_MOLECULES]
     image = grid_image([mol for _, mol in preview], [f"#{k} {display_smiles(mol) or ''}" for k, mol in preview],
@@ -593,12 +701,18 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
                                            formula_draws_used=int(arrays.extra["formula_draws_used"]))
     if fragment is not None:
         summary["fragment_retention"] = sum(bool(m.fragment_retained) for m in molecules) / len(molecules)
-    _write_outputs(folder, files, {
+    summary |= plausibility
+    writers = {
         "sdf": lambda path: write_sdf(path, records),
         "csv": lambda path: write_csv(path, rows),
         "png": lambda path: write_png(path, image),
         "json": lambda path: write_json(path, {k: v for k, v in summary.items() if k != "preview"}),
-    })
+    }
+    if "relaxed" in files:
+        relaxed = _relaxed_records(plausible, {k: {"SMILES": molecules[k].smiles} for k in plausible})
+        summary["relaxed_records"] = len(relaxed)
+        writers["relaxed"] = lambda path: write_sdf(path, relaxed)
+    _write_outputs(folder, files, writers)
     return summary
 
 
@@ -620,8 +734,13 @@ def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds
     print(f"numerical faults: {summary['n_faults']}; coordinates-only records (no bonds): {summary['n_coordinates_only']}")
     if summary["sa_score"] == SA_SCORE_NOTE:
         print(f"note: {SA_SCORE_NOTE}")
+    if "posebusters" in summary or "relax" in summary:
+        from moldiff.chemistry.plausibility import format_plausibility
+
+        print(format_plausibility(summary))
     print(f"wrote {files['sdf']} ({len(arrays.positions)} records), {files['csv']}, {files['png']} "
-          f"({summary['preview']} molecules), {files['json']}")
+          f"({summary['preview']} molecules), {files['json']}"
+          + (f", {files['relaxed']} ({summary['relaxed_records']} relaxed)" if "relaxed" in files else ""))
 
 
 # ---------------------------------------------------------------------------- parser
@@ -640,8 +759,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", help="score real molecules instead, e.g. qm9:test")
     e.add_argument("--json", help="also write the metrics as JSON here")
     e.add_argument("--no-novelty", dest="novelty", action="store_false", help="skip novelty (no training-set reference)")
-    e.add_argument("--workers", type=int, default=1, help="processes for RDKit work (default 1)")
+    e.add_argument("--csv", help="also write one row per molecule here (EDM verdict, PoseBusters and relaxation columns)")
+    e.add_argument("--workers", type=int, default=1, help="processes for RDKit work, PoseBusters and relaxation (default 1)")
     e.add_argument("--cache-dir")
+    _add_plausibility_options(e)
+    e.add_argument("--relaxed-sdf", metavar="PATH", help="with --relax: where the relaxed molecules go "
+                   "(default: FILE_relaxed.sdf beside FILE; none for --dataset unless given)")
     e.set_defaults(func=cmd_evaluate)
 
     t = sub.add_parser("train", help="train a model (torchrun-compatible for multi-process DDP)")
@@ -728,6 +851,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--valence-guidance", type=float, default=None, metavar="G",
                    help="steer the free atoms so each fragment atom gets as many new neighbours as it has open "
                    "valences (default: see docs/inpainting.md; 0 = off)")
+    _add_plausibility_options(s)
+    s.add_argument("--workers", type=int, default=1, metavar="W",
+                   help="processes for --posebusters / --relax (default 1)")
     s.set_defaults(func=cmd_sample)
     return p
 
