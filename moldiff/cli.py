@@ -436,7 +436,9 @@ def _sample_tags(m, k: int, run: dict) -> dict:
         "bonds": m.bonds,
         **run,
         "reason": reason,
-    } | ({} if m.fragment_retained is None else {"fragment_retained": m.fragment_retained, "fragment_rmsd": m.fragment_rmsd})
+    } | ({} if m.fragment_retained is None else {"fragment_retained": m.fragment_retained, "fragment_rmsd": m.fragment_rmsd}) \
+      | ({} if m.own_valid is None else {"own_bonds_valid": m.own_valid, "own_bonds_mol_stable": m.own_mol_stable,
+                                          "own_bonds_SMILES": m.own_smiles})
 
 
 def cmd_nll(args) -> int:
@@ -663,6 +665,9 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
         row.update(num_atoms=m.num_atoms, formula=m.formula, rdkit_SMILES=m.rdkit_smiles, bonds=m.bonds, reason=m.reason)
         if fragment is not None:
             row.update(fragment_retained=int(bool(m.fragment_retained)), fragment_rmsd=m.fragment_rmsd)
+        if m.own_valid is not None:
+            row.update(own_bonds_valid=int(m.own_valid), own_bonds_mol_stable=int(m.own_mol_stable),
+                       own_bonds_SMILES=m.own_smiles)
         if k in plausible:
             row.update(plausible[k].row(checks=args.posebusters))
         rows.append(row)
@@ -701,6 +706,13 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
                                            formula_draws_used=int(arrays.extra["formula_draws_used"]))
     if fragment is not None:
         summary["fragment_retention"] = sum(bool(m.fragment_retained) for m in molecules) / len(molecules)
+    if any(m.own_valid is not None for m in molecules):  # a model that generates bonds: judged on them too
+        summary["own_bonds"] = {
+            "validity": sum(bool(m.own_valid) for m in molecules) / len(molecules),
+            "mol_stable": sum(bool(m.own_mol_stable) for m in molecules) / len(molecules),
+            "protocol": "the model's own bonds and formal charges: RDKit sanitization, EDM's valence rule; "
+                        "every sample counted",
+        }
     summary |= plausibility
     writers = {
         "sdf": lambda path: write_sdf(path, records),
@@ -731,6 +743,10 @@ def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds
         c = summary["conditioning"]
         print(f"formula {arrays.extra['formula']}: {c['formula_drawn']} drawn from unconditional samples, "
               f"{c['formula_given']} sampled with the elements given to the network, {c['formula_clamped']} clamped (RePaint)")
+    if "own_bonds" in summary:
+        own = summary["own_bonds"]
+        print(f"with the model's own bonds: molecule stable {100 * own['mol_stable']:.2f}%, "
+              f"valid {100 * own['validity']:.2f}% (the table above: EDM's distance-table bonds)")
     print(f"numerical faults: {summary['n_faults']}; coordinates-only records (no bonds): {summary['n_coordinates_only']}")
     if summary["sa_score"] == SA_SCORE_NOTE:
         print(f"note: {SA_SCORE_NOTE}")

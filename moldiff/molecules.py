@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import numpy as np
 
 from moldiff.chemistry import fragments as chem_fragments
-from moldiff.chemistry.metrics import MetricsReport, MoleculeResult, evaluate_molecule, summarize
+from moldiff.chemistry.metrics import MetricsReport, MoleculeResult, evaluate_molecule, own_bonds_result, summarize
 from moldiff.chemistry.report import assess_sample
 from moldiff.inpainting import fragment_report
 from moldiff.sampling import SampledArrays
@@ -58,6 +58,11 @@ class GeneratedMolecule:
             network generated with the atoms (the EDM metrics above still use the distance table).
         formal_charges: ``(N,)`` formal charges a categorical model generated with the atoms
             (``None`` for other models).
+        own_valid, own_mol_stable, own_smiles: for models that generate bonds, the verdicts on the
+            model's own bonds and charges (:func:`moldiff.chemistry.metrics.own_bonds_result`):
+            RDKit sanitizes the molecule, EDM's valence rule holds, the largest fragment's SMILES
+            (``None`` for other models; faulty samples are neither). When ``own_valid``, ``mol`` is
+            that molecule and ``bonds`` is ``"model"``; the EDM flags above still use the table.
     """
 
     symbols: list[str]
@@ -76,6 +81,9 @@ class GeneratedMolecule:
     fragment_rmsd: float | None = None
     generated_bonds: np.ndarray | None = None
     formal_charges: np.ndarray | None = None
+    own_valid: bool | None = None
+    own_mol_stable: bool | None = None
+    own_smiles: str | None = None
 
     @property
     def num_atoms(self) -> int:
@@ -127,22 +135,31 @@ def molecules_from_arrays(
         chem = assess_sample(symbols, positions, fault=_fault_reason(step, arrays.steps) if step >= 0 else None)
         r = chem.result
         charges = arrays.charges[k]
+        formal = arrays.formal_charges[k] if arrays.formal_charges else None
+        mol, bonds, own = chem.mol, chem.bonds, None
+        if arrays.bonds and step < 0:  # judged on its own bonds too; a valid such molecule is the one written
+            own = own_bonds_result(symbols, positions, arrays.bonds[k], formal)
+            if own.valid:
+                mol, bonds = own.mol, "model"
         out.append(
             GeneratedMolecule(
                 symbols=symbols,
                 positions=positions,
                 charges=None if charges is None else np.asarray(charges),
-                mol=chem.mol,
+                mol=mol,
                 smiles=r.smiles,
                 valid=r.valid,
                 mol_stable=r.mol_stable,
                 n_stable_atoms=r.n_stable_atoms,
                 reason=r.reason,
                 rdkit_smiles=chem.rdkit_smiles,
-                bonds=chem.bonds,
+                bonds=bonds,
                 fault_step=step,
                 generated_bonds=arrays.bonds[k] if arrays.bonds else None,
-                formal_charges=arrays.formal_charges[k] if arrays.formal_charges else None,
+                formal_charges=formal,
+                own_valid=None if not arrays.bonds else bool(own is not None and own.valid),
+                own_mol_stable=None if not arrays.bonds else bool(own is not None and own.mol_stable),
+                own_smiles=None if own is None else own.smiles,
             )
         )
         if progress is not None:

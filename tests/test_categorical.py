@@ -590,3 +590,36 @@ def test_periodic_sampling_during_training_scores_categorical_models(tmp_path, c
     with open(tmp_path / "log.csv", newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r["mol_stable"]]
     assert rows and 0.0 <= float(rows[-1]["atom_stable"]) <= 1.0
+
+
+def test_molecules_are_judged_on_their_own_bonds_and_written_with_them(tmp_path):
+    """A bond model's samples carry verdicts on the bonds it generated; a valid one is written to
+    the SDF with those bonds (``bonds="model"``), and ``moldiff sample`` reports both protocols."""
+    import json
+
+    from moldiff.chemistry.metrics import own_bonds_result
+    from moldiff.cli import main
+
+    ethene = (["C", "C", "H", "H", "H", "H"], np.random.default_rng(0).normal(size=(6, 3)))
+    rows = np.array([[0, 1, 2], [0, 2, 1], [0, 3, 1], [1, 4, 1], [1, 5, 1]])
+    good = own_bonds_result(*ethene, rows)
+    assert good.valid and good.mol_stable and good.smiles == "[H]C([H])=C([H])[H]"
+    radical = own_bonds_result(*ethene, rows[:4])
+    assert radical.valid and not radical.mol_stable
+    ammonium = own_bonds_result(["N", "H", "H", "H", "H"], ethene[1][:5], np.array([[0, i, 1] for i in range(1, 5)]),
+                                [1, 0, 0, 0, 0])
+    assert ammonium.valid and ammonium.smiles == "[H][N+]([H])([H])[H]"
+    pentavalent = own_bonds_result(["C", "H", "H", "H", "H", "H"], ethene[1], np.array([[0, i, 1] for i in range(1, 6)]))
+    assert not pentavalent.valid and not pentavalent.mol_stable and pentavalent.smiles is None
+
+    pipe = categorical_pipeline(seed=6)
+    mols = pipe.sample(4, steps=3, seed=0, num_atoms=4)
+    for m in mols:
+        assert m.own_valid is not None and m.own_mol_stable is not None
+        assert (m.bonds == "model") == m.own_valid
+    ckpt = pipe.save_pretrained(tmp_path / "cat")
+    assert main(["sample", "--checkpoint", str(ckpt), "-n", "4", "--steps", "3", "--num-atoms", "4",
+                 "-o", str(tmp_path / "out"), "--threads", "1", "--no-novelty"]) == 0
+    summary = json.loads((tmp_path / "out" / "samples.json").read_text())
+    assert set(summary["own_bonds"]) >= {"validity", "mol_stable"}
+    assert "own_bonds_valid" in (tmp_path / "out" / "samples.csv").read_text().splitlines()[0]

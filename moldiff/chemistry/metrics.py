@@ -29,9 +29,11 @@ from rdkit import Chem, rdBase
 
 from .bonds import edm_bond_matrix
 from .elements import ALLOWED_VALENCE, SYMBOL_TO_Z, UnknownElementError, allowed_valences, to_symbols
-from .rdkit import edm_mol, mol_to_smiles_edm, sanitize_error
+from .rdkit import build_mol, edm_mol, mol_to_smiles_edm, sanitize_error
 
 __all__ = [
+    "OwnBondsResult",
+    "own_bonds_result",
     "StabilityResult",
     "MoleculeResult",
     "MetricsReport",
@@ -411,3 +413,38 @@ def format_table(report: MetricsReport) -> str:
     lines = [f"{'metric':<{width}}  {'value':>{value_width}}", rule]
     lines += [f"{name:<{width}}  {value:>{value_width}}" for name, value in rows]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class OwnBondsResult:
+    """A molecule judged on bonds its model generated (not EDM's distance table): ``mol`` (RDKit,
+    explicit atoms, the generated bond orders and formal charges, conformer from the coordinates;
+    sanitized when ``valid``), ``valid`` (RDKit sanitizes it), ``smiles`` (largest fragment, as
+    EDM's validity, ``None`` when invalid) and ``mol_stable`` (EDM's valence rule on these bonds;
+    like EDM's rule it reads neutral valences, so a charged atom counts as unstable)."""
+
+    mol: Chem.Mol
+    valid: bool
+    smiles: str | None
+    mol_stable: bool
+
+
+def own_bonds_result(symbols: Sequence[object], positions: np.ndarray, bonds: np.ndarray,
+                     formal_charges: Sequence[int] | None = None) -> OwnBondsResult:
+    """Judge a molecule on its generated ``bonds`` ``(P, 3)`` rows ``[i, j, order]`` (see
+    :class:`OwnBondsResult`). Never raises for known elements and in-range rows."""
+    elements = to_symbols(symbols)
+    n = len(elements)
+    rows = np.asarray(bonds, dtype=np.int64).reshape(-1, 3)
+    stable = bond_rows_stability(elements, rows).mol_stable
+    matrix = np.zeros((n, n), dtype=np.int64)
+    matrix[rows[:, 0], rows[:, 1]] = rows[:, 2]
+    matrix[rows[:, 1], rows[:, 0]] = rows[:, 2]
+    pos = np.asarray(positions, dtype=np.float64)
+    mol = build_mol(elements, pos if np.isfinite(pos).all() else None, matrix,
+                    None if formal_charges is None else [int(c) for c in formal_charges])
+    try:
+        Chem.SanitizeMol(mol)
+    except Exception:  # noqa: BLE001 - RDKit raises several exception types for chemistry it rejects
+        return OwnBondsResult(mol, False, None, bool(stable))
+    return OwnBondsResult(mol, True, _largest_fragment_smiles(mol), bool(stable))
