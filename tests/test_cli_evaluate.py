@@ -104,3 +104,30 @@ def test_data_summary():
     r = run("data", "qm9")
     assert r.returncode == 0, r.stderr
     assert "train 100000, valid 17748, test 13083" in r.stdout
+
+
+def test_evaluate_reports_the_files_own_bonds_next_to_the_edm_protocol(tmp_path, capsys):
+    """An SDF's bond block and formal charges are judged too: a real molecule is stable and valid
+    under its own bonds; the same molecule with one C-H bond deleted from the block is not stable."""
+    import json
+
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    from moldiff.chemistry.io import read_molecules, write_sdf
+    from moldiff.cli import main
+
+    ethanol = Chem.AddHs(Chem.MolFromSmiles("CCO"))
+    AllChem.EmbedMolecule(ethanol, randomSeed=1)
+    broken = Chem.RWMol(ethanol)
+    h = next(a.GetIdx() for a in broken.GetAtoms() if a.GetSymbol() == "H")
+    heavy = broken.GetAtomWithIdx(h).GetNeighbors()[0].GetIdx()
+    broken.RemoveBond(h, heavy)
+    path = tmp_path / "two.sdf"
+    write_sdf(path, [ethanol, broken.GetMol()])
+    records = read_molecules(path)
+    assert [len(r.bonds) for r in records] == [8, 7] and records[0].formal_charges.tolist() == [0] * 9
+    assert main(["evaluate", str(path), "--no-novelty", "--json", str(tmp_path / "m.json")]) == 0
+    own = json.loads((tmp_path / "m.json").read_text())["own_bonds"]
+    assert own["n"] == 2 and own["with_bonds"] == 2 and own["mol_stable"] == 0.5
+    assert "with the file's own bonds" in capsys.readouterr().out

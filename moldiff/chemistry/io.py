@@ -50,6 +50,10 @@ class MoleculeRecord:
         name: record title (SDF first line, XYZ comment line).
         properties: SD tags (values as RDKit types them), empty for XYZ.
         error: why the record could not be read, else ``None``.
+        bonds: the file's own bonds as ``(P, 3)`` int rows ``[i, j, order]`` (``i < j``, order 1-3;
+            SDF records whose bonds are all single, double or triple), else ``None`` (XYZ, no bond
+            block, or aromatic / other bond types).
+        formal_charges: ``(n,)`` int formal charges of an SDF record, else ``None``.
     """
 
     symbols: tuple[str, ...]
@@ -57,6 +61,8 @@ class MoleculeRecord:
     name: str = ""
     properties: dict = field(default_factory=dict)
     error: str | None = None
+    bonds: np.ndarray | None = None
+    formal_charges: np.ndarray | None = None
 
 
 MoleculeLike = Union[MoleculeRecord, Chem.Mol, tuple]
@@ -76,7 +82,13 @@ def _record_from_mol(mol: Chem.Mol) -> MoleculeRecord:
     else:  # only possible for an atom-less record
         positions = np.zeros((len(symbols), 3))
     name = mol.GetProp("_Name") if mol.HasProp("_Name") else ""
-    return MoleculeRecord(symbols, positions, name, mol.GetPropsAsDict(includePrivate=False))
+    rows = [(b.GetBeginAtomIdx(), b.GetEndAtomIdx(), b.GetBondTypeAsDouble()) for b in mol.GetBonds()]
+    bonds = None
+    if rows and all(order in (1.0, 2.0, 3.0) for _, _, order in rows):
+        bonds = np.array([(min(i, j), max(i, j), int(order)) for i, j, order in rows], dtype=np.int64)
+    charges = np.array([atom.GetFormalCharge() for atom in mol.GetAtoms()], dtype=np.int64)
+    return MoleculeRecord(symbols, positions, name, mol.GetPropsAsDict(includePrivate=False), bonds=bonds,
+                          formal_charges=charges)
 
 
 def _read_sdf(path: Path) -> list[MoleculeRecord]:
