@@ -28,6 +28,8 @@ _EXPORTS = {
     "CheckpointError": "moldiff.pipeline",
     "evaluate_molecules": "moldiff.molecules",
     "format_table": "moldiff.chemistry.metrics",
+    "sample_passing": "moldiff.filters",
+    "Keep": "moldiff.filters",
     "tune_allocator": "moldiff.runtime",
 }
 

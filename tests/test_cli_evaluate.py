@@ -95,6 +95,22 @@ def test_evaluate_reports_geometry_and_composition_diagnostics(tmp_path):
     assert "33.33% with an odd valence sum" in r.stdout
 
 
+def test_evaluate_subsample_scores_a_seeded_random_subset(tmp_path, qm9, split):
+    rows = {}
+    for seed in (1, 1, 2):
+        table = tmp_path / f"s{seed}.csv"
+        r = run("evaluate", "--dataset", "qm9:test", "--subsample", "6", "--seed", str(seed), "--no-novelty",
+                "--csv", str(table), "--json", str(tmp_path / "m.json"))
+        assert r.returncode == 0, r.stderr
+        assert json.loads((tmp_path / "m.json").read_text())["n"] == 6
+        picked = [int(line.split(",")[0]) for line in table.read_text().splitlines()[1:]]
+        assert picked == sorted(picked) and len(set(picked)) == 6 and max(picked) < len(split["test"])
+        rows.setdefault(seed, []).append(picked)
+    assert rows[1][0] == rows[1][1] and rows[1][0] != rows[2][0]  # same seed, same subset
+    r = run("evaluate", "--dataset", "qm9:test", "--subsample", "0")
+    assert r.returncode == 2 and "--subsample must be a positive" in r.stderr
+
+
 def test_evaluate_unknown_split_is_an_error():
     r = run("evaluate", "--dataset", "qm9:everything")
     assert r.returncode == 2 and "unknown split" in r.stderr
