@@ -40,8 +40,17 @@ def cmd_data(args) -> int:
 
     from moldiff.data.qm9 import QM9_PROPERTIES, edm_split, load_qm9
 
+    if args.name.lower().endswith(".sdf") and args.file is None:  # `moldiff data FILE.sdf`
+        args.name, args.file = "sdf", args.name
+    if args.name == "sdf":
+        return _cmd_data_sdf(args)
     if args.name != "qm9":
-        raise UsageError(f"unknown dataset {args.name!r}; available: qm9")
+        raise UsageError(f"unknown dataset {args.name!r}; available: qm9, sdf FILE.sdf")
+    given = [flag for flag, value in (("FILE", args.file), ("--name", args.dataset_name), ("--max-atoms", args.max_atoms),
+                                      ("--elements", args.elements), ("--split", args.split), ("--seed", args.seed),
+                                      ("--group-by", args.group_by)) if value is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: only for `moldiff data sdf FILE.sdf`")
     t0 = time.monotonic()
     qm9 = load_qm9(_cache_dir(args), progress=True)
     split = edm_split(len(qm9))
@@ -55,6 +64,26 @@ def cmd_data(args) -> int:
     counts = np.bincount(qm9.atom_types, minlength=len(qm9.elements))
     print("elements: " + ", ".join(f"{e} {c} ({100 * c / counts.sum():.2f}%)" for e, c in zip(qm9.elements, counts)))
     print("properties: " + ", ".join(f"{k} [{u}]" for k, (_, u) in QM9_PROPERTIES.items()))
+    return 0
+
+
+def _cmd_data_sdf(args) -> int:
+    """``moldiff data sdf FILE.sdf``: read the file into a cached training set and print its report."""
+    from moldiff.data.sdf import DEFAULT_MAX_ATOMS, SDFOptions, build_sdf_dataset, sdf_cache_path
+
+    if args.file is None:
+        raise UsageError("moldiff data sdf: give the .sdf file to read")
+    options = SDFOptions(
+        max_atoms=args.max_atoms if args.max_atoms is not None else DEFAULT_MAX_ATOMS,
+        elements=args.elements, split=args.split, seed=args.seed or 0, group_by=args.group_by or "smiles")
+    t0 = time.monotonic()
+    data = build_sdf_dataset(args.file, name=args.dataset_name, cache_dir=_cache_dir(args), options=options,
+                             progress=True)
+    for line in data.report.lines():
+        print(line)
+    state = "loaded from" if data.from_cache else "written to"
+    print(f"dataset {data.name!r} {state} {sdf_cache_path(data.name, _cache_dir(args))} "
+          f"({time.monotonic() - t0:.1f} s); train on it with `moldiff train --data {data.name}`")
     return 0
 
 
@@ -150,6 +179,8 @@ def cmd_evaluate(args) -> int:
     if (args.path is None) == (args.dataset is None):
         raise UsageError("give a file to evaluate or --dataset (e.g. --dataset qm9:test), not both")
     _check_plausibility_args(args)
+    if args.subsample is not None and args.subsample <= 0:
+        raise UsageError(f"--subsample must be a positive number of molecules, got {args.subsample}")
     relaxed_sdf = None
     if args.relax:
         if args.relaxed_sdf:
@@ -172,6 +203,15 @@ def cmd_evaluate(args) -> int:
         indices = [k for k, r in enumerate(records) if r.error is None]  # record numbers in the file
         unreadable = [r for r in records if r.error is not None]
         source = str(args.path)
+    if args.subsample is not None and args.subsample < len(molecules):  # a seeded subset, in file/split order
+        import numpy as np
+
+        pick = np.sort(np.random.default_rng(args.seed).choice(len(molecules), args.subsample, replace=False)).tolist()
+        molecules, names, indices = [molecules[k] for k in pick], [names[k] for k in pick], [indices[k] for k in pick]
+        if args.path:
+            chosen = set(indices)
+            records = [r for k, r in enumerate(records) if k in chosen or r.error is not None]
+        source += f" (random {args.subsample}, seed {args.seed})"
     reference = None
     if args.novelty:
         reference = training_smiles(_cache_dir(args), data=qm9, workers=args.workers)
@@ -274,7 +314,13 @@ def cmd_train(args) -> int:
         if (run_dir / "checkpoint.pt").exists() and not args.overwrite:
             raise UsageError(f"{run_dir} already holds a run; use --resume to continue it or --overwrite")
         cfg = load_config(args.config, args.set)
+    if args.data is not None:
+        wanted = _dataset_spec(args.data)
+        if args.resume and wanted != cfg.data.dataset:
+            raise UsageError(f"--data {args.data}: this run trains on {cfg.data.dataset}; a resumed run keeps its data")
+        cfg.data.dataset = wanted
     torch.set_num_threads(args.threads or cfg.train.num_threads)
+    data = _own_training_data(cfg, run_dir if args.resume else None) if cfg.data.dataset != "qm9" else None  # QM9: the Trainer loads it
     # train.device "auto" (the default) is a CUDA GPU when torch sees one; the configuration keeps
     # what it says, so a run resumed on another machine is resolved afresh.
     device = _check_device(cfg.train.device, option="train.device")
@@ -295,7 +341,7 @@ def cmd_train(args) -> int:
 
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
     evaluate = _sampled_metrics if cfg.train.sample_every else None
-    trainer = Trainer(cfg, run_dir, rank=rank, world_size=world_size, evaluate=evaluate,
+    trainer = Trainer(cfg, run_dir, data=data, rank=rank, world_size=world_size, evaluate=evaluate,
                       log=lambda m: print(m, flush=True), device=device)
     if args.resume:
         trainer.resume()
@@ -307,6 +353,54 @@ def cmd_train(args) -> int:
     if rank == 0:
         print(f"checkpoint: {run_dir / 'checkpoint.pt'}; sampling pipeline: {run_dir / 'pipeline'}")
     return 0
+
+
+def _dataset_spec(spec: str) -> str:
+    """``data.dataset`` as saved in a run: qm9, an .sdf file as an absolute path (so that the run
+    resumes from any folder), or a dataset name."""
+    from moldiff.data.sdf import is_sdf_spec
+
+    return str(Path(spec).expanduser().resolve()) if is_sdf_spec(spec) else spec
+
+
+def _own_training_data(cfg, resumed_run: Path | None):
+    """The training data of a run on an SDF dataset (``data.dataset``: a .sdf file or a name from
+    ``moldiff data sdf``). ``model.num_features`` follows the dataset's vocabulary in a new run (the
+    YAML configs size it for QM9's five elements); a resumed run (``resumed_run``: its folder) must
+    find the vocabulary it was trained with."""
+    import json
+    from dataclasses import replace
+
+    from moldiff.diffusion import AtomFeatures
+    from moldiff.training.loop import categorical_features, load_training_data
+
+    resume = resumed_run is not None
+    if not resume:
+        cfg.data.dataset = _dataset_spec(cfg.data.dataset)
+    loading = cfg
+    if cfg.data.cache_dir is None and os.environ.get("MOLDIFF_CACHE"):  # as `moldiff data` does; not saved in the run
+        loading = replace(cfg, data=replace(cfg.data, cache_dir=os.environ["MOLDIFF_CACHE"]))
+    data = load_training_data(loading)
+    if cfg.diffusion.categorical:
+        width = categorical_features(cfg, data.statistics).dim
+    else:
+        width = AtomFeatures(num_types=len(data.elements), include_charges=cfg.data.include_charges).dim
+    saved = resumed_run / "pipeline" / "config.json" if resume else None
+    if saved is not None and saved.is_file():
+        before = tuple(json.loads(saved.read_text())["statistics"]["elements"])
+        if before != tuple(data.elements):
+            raise UsageError(f"{cfg.data.dataset} now has elements {','.join(data.elements)}, but this run was trained "
+                             f"on {','.join(before)}: the data changed since the run started")
+    if cfg.model.num_features != width:
+        if resume:
+            raise UsageError(f"{cfg.data.dataset} now has {len(data.elements)} elements ({','.join(data.elements)}), "
+                             f"{width} feature channels, but this run's model has model.num_features="
+                             f"{cfg.model.num_features}: the data changed since the run started")
+        print(f"model.num_features={width} for the dataset's {len(data.elements)} elements", flush=True)
+        cfg.model.num_features = width
+    print(f"data: {cfg.data.dataset}, elements {','.join(data.elements)}, {len(data.train)} training and "
+          f"{len(data.valid)} validation conformers", flush=True)
+    return data
 
 
 def _sampled_metrics(pipe, cfg) -> dict:
@@ -558,6 +652,31 @@ def _check_sample_args(args) -> None:
         raise UsageError("--valence-guidance steers the atoms around a fragment: give --fragment or --fragment-smiles")
 
 
+def _keep_spec(args):
+    """``--keep`` / ``--max-strain`` / ``--budget`` as a :class:`moldiff.filters.Keep` (``None``:
+    no filtering); fails before anything loads."""
+    if args.keep is None and args.max_strain is None:
+        if args.budget is not None:
+            raise UsageError("--budget goes with --keep or --max-strain")
+        return None
+    from moldiff.filters import Keep
+
+    try:
+        keep = Keep.parse(args.keep or "", args.max_strain, args.relax)
+    except ValueError as exc:
+        raise UsageError(f"--keep/--max-strain: {exc}") from None
+    if args.budget is not None and args.budget < args.n:
+        raise UsageError(f"--budget must be at least -n ({args.n}), got {args.budget}")
+    if "posebusters" in keep.criteria:
+        from moldiff.chemistry.plausibility import MissingExtraError, require_posebusters
+
+        try:
+            require_posebusters()
+        except MissingExtraError as exc:
+            raise UsageError(f"--keep posebusters: {exc}") from None
+    return keep
+
+
 def _sampling_pipeline(args):
     """The model ``moldiff sample`` runs (``--formula`` alone: the given-types model unless
     ``--checkpoint`` names one), configured for inference; returns ``(pipe, checkpoint folder)``."""
@@ -611,6 +730,7 @@ def cmd_sample(args) -> int:
     # Parse, call, save: every check that needs no model runs before torch and RDKit are imported.
     _check_sample_args(args)
     _check_plausibility_args(args)
+    keep = _keep_spec(args)
     folder, files = _output_files(args.output)
     if args.relax:
         files["relaxed"] = files["sdf"].with_name(f"{files['sdf'].stem}_relaxed.sdf")
@@ -639,12 +759,18 @@ def cmd_sample(args) -> int:
         field, _, rest = str(exc).partition(" ")
         name = f"--{field.replace('_', '-')}" if hasattr(request, field) and "_" in field else field
         raise UsageError(f"{name} {rest}") from None
+    trained_on = (pipe.metadata or {}).get("dataset", "qm9")
+    if args.novelty and trained_on != "qm9":  # novelty is against QM9's training set: meaningless here
+        print(f"novelty not computed: the model was trained on {trained_on!r}, not QM9", file=sys.stderr)
+        args.novelty = False
     reference = _novelty_reference(args)
 
     if args.compile and sys.stderr.isatty():
         print("compiling the network on the first step (PyTorch caches it: ~30 s on a new machine, a few s later)",
               file=sys.stderr, flush=True)
     t0 = time.monotonic()
+    if keep is not None:
+        return _sample_filtered(pipe, request, keep, args, reference, folder, files, checkpoint, t0)
     with _progress_bar(args.n, "sampling", "mol") as bar:
         def advance(done):  # after every network evaluation: move the bar to the molecules done
             bar.n = int(done)
@@ -667,10 +793,62 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _sample_filtered(pipe, request, keep, args, reference, folder, files, checkpoint, t0) -> int:
+    """``moldiff sample --keep ... / --max-strain``: draw in rounds until ``-n`` molecules pass or the
+    budget is spent; write only the kept molecules, report the EDM metrics of every draw."""
+    from dataclasses import fields
+
+    from moldiff.chemistry.plausibility import summarize_plausibility
+    from moldiff.filters import sample_passing
+    from moldiff.pipeline import evaluate_molecules
+
+    options = {f.name: getattr(request, f.name) for f in fields(request) if f.init and f.name != "n"}
+    bar = _progress_bar(None, "sampling (round 1)", "mol")
+
+    def advance(done):
+        bar.n = int(done)
+        bar.refresh()
+
+    def on_round(outcome, size):
+        bar.reset()
+        bar.set_description(f"sampling (round {outcome.rounds + 1})")
+        print(f"round {outcome.rounds}: drew {size}, {len(outcome.kept)} of {outcome.requested} kept so far "
+              f"(pass rate {100 * outcome.pass_rate:.1f}%, {len(outcome.drawn)} of {outcome.budget} budget drawn)",
+              file=sys.stderr, flush=True)
+
+    try:
+        with bar:
+            outcome = sample_passing(pipe, args.n, keep, budget=args.budget, workers=args.workers,
+                                     checks=args.posebusters, relax=args.relax, on_round=on_round, on_step=advance,
+                                     **options)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    t1 = time.monotonic()
+    report = evaluate_molecules(outcome.drawn, reference=reference)  # the model's metrics: every draw
+    plausible = {i: outcome.plausibility[i] for i in outcome.kept_indices if i in outcome.plausibility}
+    plausibility = (plausible, summarize_plausibility(list(plausible.values()), checks=args.posebusters,
+                                                      forcefield=args.relax)
+                    if (args.posebusters or args.relax) else {})
+    timing = {"seconds": round(time.monotonic() - t0, 3), "seconds_sampling_and_filtering": round(t1 - t0, 3)}
+    summary = _write_samples(folder, files, outcome.kept, report, outcome.arrays[0], request, args, pipe, checkpoint,
+                             timing, plausibility, indices=outcome.kept_indices,
+                             extra={"filter": outcome.to_dict(), "metrics_over": f"all {len(outcome.drawn)} drawn samples"})
+    _print_sample_summary(summary, report, outcome.arrays[0], files, args, time.monotonic() - t0, t1 - t0,
+                          drawn=len(outcome.drawn))
+    print(outcome.describe())
+    if not outcome.reached:
+        print(f"warning: only {len(outcome.kept)} of {outcome.requested} molecules passed within the budget of "
+              f"{outcome.budget} draws (--budget)", file=sys.stderr)
+    return 0
+
+
 def _write_samples(folder, files, molecules, report, arrays, request, args, pipe, checkpoint, timing,
-                   plausibility=({}, {})) -> dict:
+                   plausibility=({}, {}), indices=None, extra=None) -> dict:
     """Write the SDF, CSV, PNG and JSON (and with ``--relax`` the relaxed SDF) of a sampling run, all
-    together and atomically; returns the JSON summary."""
+    together and atomically; returns the JSON summary. ``indices``: each molecule's sample number
+    (default its position; a filtered run passes the draw numbers of the kept molecules); ``extra``:
+    more JSON fields."""
+    indices = list(range(len(molecules))) if indices is None else list(indices)
     from moldiff.chemistry.io import write_csv, write_json, write_sdf
     from moldiff.chemistry.report import SA_SCORE_NOTE, descriptor_row, display_smiles, grid_image, sa_score_available, sd_record, write_png
 
@@ -679,9 +857,9 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
     tags = {"sampler": request.sampler, "steps": request.steps, "time_power": arrays.time_power,
             "noise_scale": arrays.noise_scale, "seed": request.seed}
     records = [sd_record(m.mol, m.symbols, m.positions, _sample_tags(m, k, tags), f"moldiff sample {k}")
-               for k, m in enumerate(molecules)]
+               for k, m in zip(indices, molecules)]
     rows = []
-    for k, m in enumerate(molecules):
+    for k, m in zip(indices, molecules):
         row = {"index": k, "SMILES": m.smiles, "valid": int(m.valid), "mol_stable": int(m.mol_stable)}
         row.update(descriptor_row(m.mol if m.valid else None))
         row.update(num_atoms=m.num_atoms, formula=m.formula, rdkit_SMILES=m.rdkit_smiles, bonds=m.bonds, reason=m.reason)
@@ -693,7 +871,7 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
         if k in plausible:
             row.update(plausible[k].row(checks=args.posebusters))
         rows.append(row)
-    preview = [(k, m.mol) for k, m in enumerate(molecules) if m.valid and m.mol is not None][:_PREVIEW_MOLECULES]
+    preview = [(k, m.mol) for k, m in zip(indices, molecules) if m.valid and m.mol is not None][:_PREVIEW_MOLECULES]
     image = grid_image([mol for _, mol in preview], [f"#{k} {display_smiles(mol) or ''}" for k, mol in preview],
                        empty_text=f"no valid molecules among {request.n} samples")
     # The SA scorer loads a 1 s fragment table; only needed (and only reported) with valid molecules.
@@ -716,6 +894,8 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
         "protocol": "EDM (Hoogeboom et al. 2022): table bonds, stability, validity, uniqueness, novelty",
         "sa_score": sa_note,
         "preview": len(preview),
+        "records": len(records),
+        **(extra or {}),
     }
     if request.route != "plain":
         summary["conditioning"] = {"fragment": args.fragment or args.fragment_smiles, "formula": args.formula,
@@ -726,9 +906,9 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
             summary["conditioning"].update(formula_drawn=route.count("drawn"), formula_given=route.count("given"),
                                            formula_clamped=route.count("clamped"),
                                            formula_draws_used=int(arrays.extra["formula_draws_used"]))
-    if fragment is not None:
+    if fragment is not None and molecules:
         summary["fragment_retention"] = sum(bool(m.fragment_retained) for m in molecules) / len(molecules)
-    if any(m.own_valid is not None for m in molecules):  # a model that generates bonds: judged on them too
+    if molecules and any(m.own_valid is not None for m in molecules):  # a model that generates bonds: judged on them too
         summary["own_bonds"] = {
             "validity": sum(bool(m.own_valid) for m in molecules) / len(molecules),
             "mol_stable": sum(bool(m.own_mol_stable) for m in molecules) / len(molecules),
@@ -743,18 +923,19 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
         "json": lambda path: write_json(path, {k: v for k, v in summary.items() if k != "preview"}),
     }
     if "relaxed" in files:
-        relaxed = _relaxed_records(plausible, {k: {"SMILES": molecules[k].smiles} for k in plausible})
+        by_index = dict(zip(indices, molecules))
+        relaxed = _relaxed_records(plausible, {k: {"SMILES": by_index[k].smiles} for k in plausible})
         summary["relaxed_records"] = len(relaxed)
         writers["relaxed"] = lambda path: write_sdf(path, relaxed)
     _write_outputs(folder, files, writers)
     return summary
 
 
-def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds_sampling) -> None:
+def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds_sampling, drawn=None) -> None:
     from moldiff.chemistry.metrics import format_table
     from moldiff.chemistry.report import SA_SCORE_NOTE
 
-    print(f"sampled {args.n} molecules in {seconds:.1f} s ({summary['sampler']}, {summary['steps']} steps, time power "
+    print(f"sampled {args.n if drawn is None else drawn} molecules in {seconds:.1f} s ({summary['sampler']}, {summary['steps']} steps, time power "
           f"{summary['time_power']:g}, noise scale {summary['noise_scale']:g}, "
           f"{'compositions from the training data, ' if summary['composition'] == 'data' else ''}seed {summary['seed']}, "
           f"device {summary['device']}; denoising {seconds_sampling:.1f} s)")
@@ -776,7 +957,9 @@ def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds
         from moldiff.chemistry.plausibility import format_plausibility
 
         print(format_plausibility(summary))
-    print(f"wrote {files['sdf']} ({len(arrays.positions)} records), {files['csv']}, {files['png']} "
+    if drawn is not None:
+        print(f"(the metrics above are over all {drawn} molecules drawn; the files hold only the ones kept)")
+    print(f"wrote {files['sdf']} ({summary['records']} records), {files['csv']}, {files['png']} "
           f"({summary['preview']} molecules), {files['json']}"
           + (f", {files['relaxed']} ({summary['relaxed_records']} relaxed)" if "relaxed" in files else ""))
 
@@ -787,8 +970,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("data", help="build the processed dataset cache and print a summary")
-    d.add_argument("name", nargs="?", default="qm9")
+    d = sub.add_parser("data", help="build the processed dataset cache and print a summary",
+                       description="`moldiff data` or `moldiff data qm9`: build the QM9 cache. `moldiff data sdf "
+                       "FILE.sdf`: read your own 3D molecules (hydrogens as atoms) into a cached training set, "
+                       "report what was kept and skipped (docs/own_data.md).")
+    d.add_argument("name", nargs="?", default="qm9", metavar="DATASET", help="qm9 (default) or sdf")
+    d.add_argument("file", nargs="?", metavar="FILE", help="with sdf: the .sdf file (one record per conformer)")
+    d.add_argument("--name", dest="dataset_name", metavar="NAME", help="sdf: cache name (default: the file's stem); "
+                   "train with --data NAME")
+    d.add_argument("--max-atoms", type=int, metavar="N", help="sdf: skip conformers with more atoms (default 200)")
+    d.add_argument("--elements", metavar="H,C,N,...", help="sdf: allowed elements (default: those EDM's bond and "
+                   "valence tables cover: H,B,C,N,O,F,Si,P,S,Cl,As,Br,I)")
+    d.add_argument("--split", metavar="TRAIN,VALID,TEST", help="sdf: fractions of molecules (default 0.8,0.1,0.1)")
+    d.add_argument("--seed", type=int, help="sdf: seed of the split (default 0)")
+    d.add_argument("--group-by", choices=("smiles", "inchikey"), help="sdf: what makes conformers one molecule "
+                   "(default smiles: canonical SMILES with stereo)")
     d.add_argument("--cache-dir", help="processed-data cache (default ~/.cache/moldiff or $MOLDIFF_CACHE)")
     d.set_defaults(func=cmd_data)
 
@@ -800,6 +996,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--csv", help="also write one row per molecule here (EDM verdict, PoseBusters and relaxation columns)")
     e.add_argument("--workers", type=int, default=1, help="processes for RDKit work, PoseBusters and relaxation (default 1)")
     e.add_argument("--cache-dir")
+    e.add_argument("--subsample", type=int, metavar="N", help="score a random N of the molecules (seeded by --seed), "
+                   "e.g. --dataset qm9:test --subsample 1000")
+    e.add_argument("--seed", type=int, default=0, help="seed of --subsample (default 0)")
     _add_plausibility_options(e)
     e.add_argument("--relaxed-sdf", metavar="PATH", help="with --relax: where the relaxed molecules go "
                    "(default: FILE_relaxed.sdf beside FILE; none for --dataset unless given)")
@@ -808,6 +1007,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model (torchrun-compatible for multi-process DDP)")
     t.add_argument("--config", help="YAML config, e.g. configs/qm9_small.yaml")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set optim.lr=3e-4")
+    t.add_argument("--data", metavar="FILE.sdf|NAME", help="train on your own molecules: an .sdf file or a dataset "
+                   "built by `moldiff data sdf` (sets data.dataset; default qm9; docs/own_data.md)")
     t.add_argument("--run-dir", required=True, help="where checkpoints and logs go")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     t.add_argument("--overwrite", action="store_true", help="start afresh even if --run-dir holds a run")
@@ -891,7 +1092,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "valences (default: see docs/inpainting.md; 0 = off)")
     _add_plausibility_options(s)
     s.add_argument("--workers", type=int, default=1, metavar="W",
-                   help="processes for --posebusters / --relax (default 1)")
+                   help="processes for --posebusters / --relax / --keep posebusters / --max-strain (default 1)")
+    f = s.add_argument_group("filters for pipelines (docs/plausibility.md)")
+    f.add_argument("--keep", metavar="CRITERIA", help="write -n molecules that pass all of these (comma list of valid, "
+                   "stable, unique, posebusters), drawing in rounds until -n pass or --budget draws are spent; the "
+                   "metrics table still covers every draw")
+    f.add_argument("--max-strain", type=float, metavar="KCAL", help="also keep only molecules whose strain energy "
+                   "(force-field energy as generated minus relaxed; MMFF94 unless --relax uff) is at most KCAL kcal/mol")
+    f.add_argument("--budget", type=int, metavar="N", help="with --keep/--max-strain: most molecules drawn in all "
+                   "(default 10 x -n); the output says when it ran out first")
     s.set_defaults(func=cmd_sample)
     return p
 

@@ -37,7 +37,7 @@ from moldiff.inpainting import DEFAULT_INPAINT_NOISE_SCALE, DEFAULT_INPAINT_TIME
 from moldiff.molecules import GeneratedMolecule, evaluate_molecules, interpret, molecules_from_arrays
 from moldiff.sampling import (DEFAULT_NOISE_SCALE, DEFAULT_TIME_POWER, GivenTypes, SampledArrays, batch_ticker,
                               denoise_batch)
-from moldiff.models import DenoiserConfig, EGNNDenoiser
+from moldiff.models import DenoiserConfig, build_denoiser
 from moldiff.runtime import choose_arithmetic, resolve_device
 
 __all__ = [
@@ -218,7 +218,7 @@ class MolDiffPipeline(torch.nn.Module):
 
     def __init__(
         self,
-        denoiser: EGNNDenoiser,
+        denoiser: torch.nn.Module,
         schedule: NoiseSchedule,
         features: AtomFeatures | CategoricalFeatures,
         statistics: DatasetStatistics,
@@ -636,7 +636,7 @@ class MolDiffPipeline(torch.nn.Module):
             raise CheckpointError(f"unsupported checkpoint format {cfg.get('format_version')!r} (expected {FORMAT_VERSION})")
         sched = dict(cfg["schedule"])
         return cls(
-            EGNNDenoiser(DenoiserConfig.from_dict(cfg["denoiser"])),
+            build_denoiser(DenoiserConfig.from_dict(cfg["denoiser"])),
             NoiseSchedule(sched.pop("kind"), sched.pop("grid"), **sched),
             (CategoricalFeatures.from_dict(cfg["features"]) if cfg["features"].get("kind") == CategoricalFeatures.kind
              else AtomFeatures(**cfg["features"])),

@@ -45,6 +45,7 @@ def evaluate_set(name: str, spec: str, n: int, workers: int, forcefield: str, ou
     from moldiff.cli import main
 
     csv_path, json_path = out / f"{name}.csv", out / f"{name}.json"
+    at_start = machine()  # the load average says whether the wall time was measured on an idle machine
     with tempfile.TemporaryDirectory() as tmp:
         argv = (["evaluate", "--dataset", spec] if spec.startswith("qm9:") else ["evaluate", spec])
         argv += ["--subsample", str(n), "--seed", str(seed), "--posebusters", "--relax", forcefield,
@@ -61,7 +62,8 @@ def evaluate_set(name: str, spec: str, n: int, workers: int, forcefield: str, ou
     result = json.loads(json_path.read_text())
     strains = [float(r) for r in _column(csv_path, "relax_strain") if r not in ("", "None")]
     return {"command": "moldiff " + " ".join(a for a in argv if "relaxed.sdf" not in a and a != "--relaxed-sdf"),
-            "seconds": round(seconds, 1), "workers": workers, "summary": result, "strain_values": strains}
+            "seconds": round(seconds, 1), "workers": workers, "machine": at_start, "summary": result,
+            "strain_values": strains}
 
 
 def _column(path: Path, name: str) -> list[str]:
@@ -124,17 +126,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--forcefield", choices=("mmff", "uff"), default="mmff")
     p.add_argument("--out", default="docs/results/plausibility")
+    p.add_argument("--keep-previous", action="store_true",
+                   help="keep the sets already in OUT/summary.json (measure one set per call, e.g. one on an idle machine)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
+    previous = out / "summary.json"
+    if args.keep_previous and previous.exists():  # sets measured in an earlier call stay in the summary and plots
+        for name, r in json.loads(previous.read_text())["sets"].items():
+            strains = [float(v) for v in _column(out / f"{name}.csv", "relax_strain") if v not in ("", "None")]
+            results[name] = r | {"strain_values": strains}
     for item in args.sets:
         name, _, spec = item.partition("=")
         if not name or not spec:
             p.error(f"sets are NAME=SPEC, got {item!r}")
         results[name] = evaluate_set(name, spec, args.n, args.workers, args.forcefield, out, args.seed)
     pngs = plot(results, out)
-    record = {"machine": machine(), "n": args.n, "seed": args.seed, "forcefield": args.forcefield,
+    record = {"n": args.n, "seed": args.seed, "forcefield": args.forcefield,
               "sets": {k: {kk: vv for kk, vv in v.items() if kk != "strain_values"} for k, v in results.items()},
               "plots": [str(p) for p in pngs]}
     (out / "summary.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -20,7 +20,8 @@ __all__ = ["DenoiserConfig", "DenoiserOutput", "EGNNDenoiser"]
 
 @dataclass
 class DenoiserConfig:
-    """Architecture of :class:`EGNNDenoiser`. EDM's QM9 model: ``hidden=256, n_layers=9``."""
+    """Architecture of the denoiser (:class:`EGNNDenoiser`, or the e3nn model with ``arch="e3nn"``).
+    EDM's QM9 model: ``hidden=256, n_layers=9``."""
 
     num_features: int = 6  #: invariant input channels per atom (QM9: 5 one-hot types + 1 charge)
     hidden: int = 256
@@ -43,10 +44,29 @@ class DenoiserConfig:
     #: ``"logits"`` (the clean bond class, trained by cross-entropy as in MiDi; sampling turns the
     #: expected clean one-hot into the noise it implies)
     bond_output: str = "eps"
+    #: network family: ``"egnn"`` (:class:`EGNNDenoiser`, EDM's) or ``"e3nn"``
+    #: (:class:`~moldiff.models.e3nn_denoiser.E3nnDenoiser`, tensor products of irreps). Configs
+    #: written before the field existed load as ``"egnn"``. Build either with
+    #: :func:`moldiff.models.build_denoiser`. ``inv_sublayers``, ``attention``, ``tanh``,
+    #: ``coords_range``, ``norm_constant`` and ``normalization_factor`` are EGNN's only (the e3nn
+    #: model refuses values other than their defaults); the ``e3nn_*`` fields are the e3nn model's only.
+    arch: str = "egnn"
+    #: e3nn: channels of each irrep with l >= 1 per atom (``1o``, and ``2e`` with ``e3nn_lmax=2``);
+    #: 0 means ``hidden // 4``. The ``hidden`` field counts the ``0e`` scalar channels.
+    e3nn_vectors: int = 0
+    #: e3nn: highest degree of the edge spherical harmonics and of the atom features (1 or 2)
+    e3nn_lmax: int = 1
+    #: e3nn: Gaussian radial basis functions of the interatomic distance, spread over [0, e3nn_r_max] Å
+    e3nn_radial_basis: int = 16
+    e3nn_r_max: float = 10.0
+    #: e3nn: width of the edge MLP that gives each tensor product its per-edge weights; 0 means ``hidden``
+    e3nn_edge_hidden: int = 0
 
     def __post_init__(self):
         if self.bond_output not in ("eps", "logits"):
             raise ValueError(f"bond_output must be 'eps' or 'logits', got {self.bond_output!r}")
+        if self.arch not in ("egnn", "e3nn"):
+            raise ValueError(f"arch must be 'egnn' or 'e3nn', got {self.arch!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "DenoiserConfig":

@@ -25,7 +25,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "qm9"  #: only QM9 for now
+    #: "qm9", an .sdf file of your own 3D molecules, or the name of a dataset built by
+    #: ``moldiff data sdf FILE --name NAME`` (docs/own_data.md); ``moldiff train --data`` sets it
+    dataset: str = "qm9"
     cache_dir: str | None = None  #: processed-data cache (default ~/.cache/moldiff)
     include_charges: bool = True  #: EDM's extra "charge" channel (the atomic number, scaled 1/10)
     max_train_molecules: int | None = None  #: truncate the training split (debugging, overfit tests)

@@ -37,7 +37,7 @@ from moldiff.diffusion.losses import bond_epsilon_loss, loss_weight, valence_par
 from moldiff.diffusion.process import centred_noise
 from moldiff.diffusion.times import sample_times
 from moldiff.geometry import fully_connected_edges, num_nodes_per_graph, reverse_edges, scatter_sum
-from moldiff.models import EGNNDenoiser
+from moldiff.models import build_denoiser
 from moldiff.pipeline import MolDiffPipeline
 from moldiff.runtime import choose_arithmetic, resolve_device, slow_bf16_warning
 from moldiff.training.clipping import AdaptiveClipper
@@ -64,9 +64,16 @@ class TrainingData:
 
 
 def load_training_data(cfg: RunConfig) -> TrainingData:
-    """QM9 with the EDM split as :class:`MoleculeSet` objects plus training-set statistics."""
+    """QM9 with the EDM split as :class:`MoleculeSet` objects plus training-set statistics; or, when
+    ``data.dataset`` is an .sdf file or the name of a dataset built by ``moldiff data sdf``, that
+    dataset's split by molecule, with its own element vocabulary (:mod:`moldiff.data.sdf`)."""
     if cfg.data.dataset != "qm9":
-        raise ValueError(f"unknown dataset {cfg.data.dataset!r}; only 'qm9' is available")
+        from moldiff.data.sdf import load_sdf_dataset
+
+        labels = bool(cfg.model.bond_types or (cfg.diffusion.categorical and cfg.diffusion.categorical_charges))
+        own = load_sdf_dataset(cfg.data.dataset, cfg.data.cache_dir, progress=True)
+        train, valid, stats = own.training_sets(cfg.data.max_train_molecules, cfg.data.max_valid_molecules, labels)
+        return TrainingData(train, valid, stats, own.elements, own.atomic_numbers)
     qm9 = load_qm9(cfg.data.cache_dir)
     split = edm_split(len(qm9))
     train_idx = split["train"]
@@ -110,10 +117,11 @@ def build_pipeline(cfg: RunConfig, data: TrainingData) -> MolDiffPipeline:
         schedule = NoiseSchedule.cosine(s=d.cosine_s, grid=d.grid)
     else:
         raise ValueError(f"unknown schedule {d.schedule!r}")
-    metadata = {"run_name": cfg.name}
+    metadata = {"run_name": cfg.name, "dataset": Path(cfg.data.dataset).stem if cfg.data.dataset.endswith(".sdf")
+                else cfg.data.dataset}
     if d.known_types_prob > 0:  # the network also models p(positions | types): composition="data" works
         metadata["known_types_prob"] = d.known_types_prob
-    return MolDiffPipeline(EGNNDenoiser(model_cfg), schedule, features, data.statistics, data.atomic_numbers,
+    return MolDiffPipeline(build_denoiser(model_cfg), schedule, features, data.statistics, data.atomic_numbers,
                            metadata=metadata)
 
 
