@@ -752,7 +752,7 @@ def cmd_sample(args) -> int:
                             batch_size=args.batch_size, composition=args.composition, fragment=fragment,
                             formula=args.formula, resample=args.resample, time_power=args.time_power,
                             noise_scale=args.noise_scale, valence_guidance=args.valence_guidance,
-                            formula_draws=args.formula_draws)
+                            formula_draws=args.formula_draws, type_lag=args.type_lag, type_steps=args.type_steps)
     try:
         request = request.resolved(pipe)  # bad values and combinations fail here, before any sampling
     except ValueError as exc:  # say it with the option's name: "time_power ..." -> "--time-power ..."
@@ -1058,6 +1058,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "data: each molecule gets the composition of a training molecule of its size and the network "
                    "places the atoms (models trained with diffusion.known_types_prob > 0; docs/experiments.md). "
                    "Default: model, or data for a model trained with every molecule's types given")
+    s.add_argument("--type-lag", type=float, default=0.0, metavar="D",
+                   help="elements D behind the coordinates in noise time, decided at the end from the nearly final "
+                   "geometry (models trained with model.type_time; docs/experiments.md session 13; default 0: off)")
+    s.add_argument("--type-steps", type=int, default=None, metavar="M",
+                   help="with --type-lag: steps the elements take alone at the end (default: steps x D)")
     s.add_argument("--seed", type=int, default=0, help="same seed, same molecules (default 0)")
     s.add_argument("--num-atoms", type=int, metavar="N", help="atoms per molecule (default: drawn from the training sizes)")
     s.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder, a `moldiff train` run folder, or the "

@@ -121,6 +121,11 @@ class SampleRequest:
         formula_draws: with a formula alone, unconditional draws per requested molecule kept when
             they match it exactly (``None``: ``moldiff.inpainting.DEFAULT_FORMULA_DRAWS``; 0: none;
             always 0 for a model that never generates elements).
+        type_lag: ``d`` in [0, 1]: the elements run ``d`` behind the coordinates in noise time and are
+            decided at the end from the nearly final geometry (``type_time`` models; plain sampling;
+            :func:`moldiff.sampling.denoise_batch`). 0: one time for both.
+        type_steps: with ``type_lag``, the steps the elements take alone at the end (``None``:
+            ``round(steps * type_lag)``, at least 1).
     """
 
     n: int
@@ -137,6 +142,8 @@ class SampleRequest:
     noise_scale: float | None = None
     valence_guidance: float | None = None
     formula_draws: int | None = None
+    type_lag: float = 0.0
+    type_steps: int | None = None
     #: the time grid and noise of plain sampling within a formula's route (drawing, given types)
     plain_time_power: float = field(default=DEFAULT_TIME_POWER, repr=False)
     plain_noise_scale: float = field(default=DEFAULT_NOISE_SCALE, repr=False)
@@ -162,6 +169,19 @@ class SampleRequest:
             raise ValueError(f"noise_scale must be in [0, 1], got {r.noise_scale}")
         if r.formula_draws is not None and (int(r.formula_draws) != r.formula_draws or r.formula_draws < 0):
             raise ValueError(f"formula_draws must be an integer >= 0, got {r.formula_draws}")
+        if not (math.isfinite(r.type_lag) and 0.0 <= r.type_lag <= 1.0):
+            raise ValueError(f"type_lag must be in [0, 1], got {r.type_lag}")
+        if r.type_steps is not None and (int(r.type_steps) != r.type_steps or r.type_steps < 1):
+            raise ValueError(f"type_steps must be a positive integer, got {r.type_steps}")
+        if r.type_lag > 0:
+            if r.route != "plain" or r.composition == "data":
+                raise ValueError("type_lag is for plain sampling (no fragment, formula or composition='data')")
+            if not getattr(pipe.denoiser.config, "type_time", False):
+                raise ValueError("type_lag needs a model trained with the elements' own noise time "
+                                 "(model.type_time, diffusion.type_lag_prob > 0)")
+            r.type_steps = max(1, round(r.steps * r.type_lag)) if r.type_steps is None else int(r.type_steps)
+        elif r.type_steps is not None:
+            raise ValueError("type_steps goes with type_lag > 0")
         if r.route != "plain" and r.composition not in (None, "model"):
             raise ValueError(f"composition={r.composition!r} draws each molecule's composition; "
                              "it does not combine with a fragment or formula")
@@ -358,7 +378,8 @@ class MolDiffPipeline(torch.nn.Module):
         """Whether the network takes its previous clean-molecule estimate as input (self-conditioning)."""
         return bool(getattr(self.denoiser.config, "self_condition", False))
 
-    def predict_noise(self, pos_t, h_t, t, batch, context=None, edge_index=None, cond=None, e_t=None, raw_bonds=False):
+    def predict_noise(self, pos_t, h_t, t, batch, context=None, edge_index=None, cond=None, e_t=None, raw_bonds=False,
+                      t_h=None):
         """Noise prediction ``(eps_pos (n, 3), eps_h (n, F))`` at times ``t`` ``(B,)``, in ``pos_t``'s dtype.
 
         ``cond``: for self-conditioned models, the previous clean estimate ``(pos_hat, h_hat)`` (or None).
@@ -370,12 +391,16 @@ class MolDiffPipeline(torch.nn.Module):
         Categorical models (:attr:`categorical`): ``h_t`` is ``features.encode`` of the noisy classes,
         ``e_t`` the one-hot noisy bond classes, and the outputs are ``(eps_pos, clean-class logits
         (n, F) (split with ``features.split``), clean-bond logits (E, K))``: always logits.
+
+        ``t_h``: ``(B,)`` noise time of the element features when it differs from the coordinates'
+        (``type_time`` models; ``None``: ``t``).
         """
         blocks = getattr(self, "_compiled_blocks", None)
         bf16 = getattr(self, "_precision", "fp32") == "bf16"
         with torch.autocast(pos_t.device.type, dtype=torch.bfloat16, enabled=bf16):
+            extra = {} if t_h is None else {"t_h": t_h}
             out = self.denoiser(pos_t, h_t, t, batch, context=context, edge_index=edge_index, cond=cond, blocks=blocks,
-                                e_t=e_t)
+                                e_t=e_t, **extra)
         if self.bond_types:
             out, eps_e = out
             eps_e = eps_e.to(e_t.dtype)
@@ -431,6 +456,8 @@ class MolDiffPipeline(torch.nn.Module):
         noise_scale: float = DEFAULT_NOISE_SCALE,
         composition: str | None = None,
         types: Sequence[np.ndarray] | None = None,
+        type_lag: float = 0.0,
+        type_steps: int = 0,
     ) -> SampledArrays:
         """Sample ``n`` molecules; returns raw arrays (see :class:`SampledArrays`).
 
@@ -447,6 +474,8 @@ class MolDiffPipeline(torch.nn.Module):
         the sizes and starting noise are those of ``"model"`` with the same seed).
         ``types``: each molecule's elements given (``(N_k,)`` indices into :attr:`elements`; sizes
         follow from them), placed by the network as with ``composition="data"``.
+        ``type_lag`` / ``type_steps``: the elements behind the coordinates, decided at the end
+        (:class:`SampleRequest`; ``type_time`` models).
         Same ``seed``, same output (on the same device and torch version).
         """
         if composition is None:
@@ -494,6 +523,8 @@ class MolDiffPipeline(torch.nn.Module):
         sampler_obj = make_sampler(sampler, self.schedule, time_power=time_power, noise_scale=noise_scale)
         out = SampledArrays([], [], [], np.full(n, -1), self.elements, steps, sampler, seed, time_power, noise_scale)
         out.extra["composition"] = "given" if types is not None else composition
+        if type_lag > 0:
+            out.extra.update(type_lag=type_lag, type_steps=type_steps, network_evaluations=steps + type_steps + 1)
         self.denoiser.eval()
         for start in range(0, n, batch_size):
             chunk = sizes[start : start + batch_size]
@@ -502,7 +533,8 @@ class MolDiffPipeline(torch.nn.Module):
             if flat is not None:
                 known = torch.as_tensor(flat[offsets[start] : offsets[start + len(chunk)]], dtype=torch.long, device=device)
                 hooks.append(GivenTypes(known))
-            result = denoise_batch(self, chunk, steps, sampler_obj, gen, hooks=hooks, tick=tick)
+            result = denoise_batch(self, chunk, steps, sampler_obj, gen, hooks=hooks, tick=tick, type_lag=type_lag,
+                                   type_steps=type_steps)
             out.add_batch(start, chunk, *result)
             if progress is not None:
                 progress(len(chunk))
@@ -530,7 +562,8 @@ class MolDiffPipeline(torch.nn.Module):
             return self._formula_arrays(req, on_step, progress)
         return self.sample_arrays(req.n, steps=req.steps, sampler=req.sampler, seed=req.seed, num_atoms=req.num_atoms,
                                   batch_size=req.batch_size, progress=progress, on_step=on_step,
-                                  time_power=req.time_power, noise_scale=req.noise_scale, composition=req.composition)
+                                  time_power=req.time_power, noise_scale=req.noise_scale, composition=req.composition,
+                                  type_lag=req.type_lag, type_steps=req.type_steps or 0)
 
     def _formula_arrays(self, req: "SampleRequest", on_step, progress) -> SampledArrays:
         """A formula alone: draw unconditional molecules of its size and keep exact matches (the model's

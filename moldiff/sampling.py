@@ -340,6 +340,48 @@ def split_bonds(orders: torch.Tensor, edge_index: torch.Tensor, batch: torch.Ten
 
 
 @torch.no_grad()
+def _lagged_types(ctx: BatchContext, state: LoopState, predict, times, h_times, late, tick) -> BatchResult:
+    """:func:`denoise_batch`'s reverse process with the elements behind the coordinates (``type_lag``):
+    coordinates on ``times`` with elements on ``h_times``, then elements alone on ``late`` with the
+    coordinates held at ``times[-1]``, then the decode of both."""
+    sampler, generator, batch, num_graphs = ctx.sampler, ctx.generator, ctx.batch, ctx.num_graphs
+    steps, extra_steps = len(times) - 1, len(late) - 1
+    evaluations = steps + extra_steps + 1
+
+    def h_step(eps_pos, eps_h, t_h, s_h):
+        if float(s_h[0]) >= float(t_h[0]):  # both clamped at pure noise: the elements wait
+            return state.h
+        return sampler.step(eps_pos, eps_h, t_h, s_h, state.pos, state.h, batch, generator=generator).h
+
+    for i in range(steps):
+        t, s = times[i].expand(num_graphs), times[i + 1].expand(num_graphs)
+        t_h, s_h = h_times[i].expand(num_graphs), h_times[i + 1].expand(num_graphs)
+        eps_pos, eps_h = predict(t, t_h)[:2]
+        pos = sampler.step(eps_pos, eps_h, t, s, state.pos, state.h, batch, generator=generator).pos
+        state.h = h_step(eps_pos, eps_h, t_h, s_h)
+        state.pos = pos
+        record_faults(state.fault, state.pos, state.h, batch, num_graphs, i)
+        if tick is not None:
+            tick(i + 1, evaluations)
+    t_min = times[-1].expand(num_graphs)
+    for j in range(extra_steps):  # the elements catch up, the geometry held
+        t_h, s_h = late[j].expand(num_graphs), late[j + 1].expand(num_graphs)
+        eps_pos, eps_h = predict(t_min, t_h)[:2]
+        state.h = h_step(eps_pos, eps_h, t_h, s_h)
+        record_faults(state.fault, state.pos, state.h, batch, num_graphs, steps + j)
+        if tick is not None:
+            tick(steps + j + 1, evaluations)
+    eps_pos, eps_h = predict(t_min, t_min)[:2]
+    state.pos, state.h = sampler.clean_estimate(state.pos, state.h, eps_pos, eps_h, t_min, batch)
+    record_faults(state.fault, state.pos, state.h, batch, num_graphs, steps + extra_steps)
+    if tick is not None:
+        tick(evaluations, evaluations)
+    state.pos = state.pos.double()
+    types, charges = ctx.pipe.features.decode(state.h.nan_to_num(0.0))
+    return BatchResult(state.pos.cpu().numpy(), types.cpu().numpy(), None if charges is None else charges.cpu().numpy(),
+                       state.fault.cpu().numpy(), None, None)
+
+
 def denoise_batch(
     pipe,
     sizes: Sequence[int],
@@ -351,6 +393,8 @@ def denoise_batch(
     resample: int = 1,
     initial_noise: tuple[torch.Tensor, torch.Tensor] | None = None,
     tick: Callable[[int, int], None] | None = None,
+    type_lag: float = 0.0,
+    type_steps: int = 0,
 ) -> BatchResult:
     """Run the reverse process for one batch of molecules of ``sizes`` atoms.
 
@@ -364,6 +408,11 @@ def denoise_batch(
         initial_noise: standard normal ``(positions (A, 3), features (A, F))`` to start from
             instead of drawing it (``A = sum(sizes)``).
         tick: ``tick(i, total)`` after the i-th of ``total`` network evaluations.
+        type_lag: ``d > 0`` (``type_time`` models): the element features run behind the coordinates,
+            at ``t_h = min(1, t + d)`` while the coordinates go down their grid; then ``type_steps``
+            more steps take the elements from ``t_min + d`` to ``t_min`` on a uniform grid with the
+            coordinates held at ``t_min`` (the grid's last time): the network decides the elements
+            jointly, from a nearly final geometry. 0: one time for both (EDM).
     """
     device = pipe.device
     dtype = next(pipe.denoiser.parameters()).dtype
@@ -395,12 +444,23 @@ def denoise_batch(
     elif bonded:
         state.e = symmetric_edge_noise(rev, pipe.bond_types, generator=generator, dtype=dtype)
     times = sampler.timesteps(steps, device=device)
+    lagged = type_lag > 0
+    if lagged:
+        if categorical is not None or bonded or pipe.self_condition or resample != 1 or hooks:
+            raise ValueError("type_lag samples plain Gaussian-type models only (no categorical, bond or "
+                             "self-conditioned models, no RePaint or given types)")
+        if not getattr(pipe.denoiser.config, "type_time", False):
+            raise ValueError("type_lag needs a model trained with the elements' own noise time (model.type_time)")
+        if type_steps < 1:
+            raise ValueError(f"type_steps must be at least 1 with type_lag, got {type_steps}")
+        h_times = torch.clamp(times + type_lag, max=1.0)
+        late = torch.linspace(float(h_times[-1]), float(times[-1]), type_steps + 1, dtype=times.dtype, device=device)
     for hook in hooks:
         hook.begin(ctx, state, times[0].expand(num_graphs))
 
-    def predict(t):
+    def predict(t, t_h=None):
         net_pos, net_h = network_inputs(state.fault, batch, state.pos, state.h)  # a faulted molecule's NaNs stay out
-        extra = {}
+        extra = {} if t_h is None else {"t_h": t_h}
         if pipe.self_condition:
             extra["cond"] = state.cond
         if bonded:
@@ -410,6 +470,8 @@ def denoise_batch(
             eps_pos, eps_h = hook.guide(ctx, state, eps_pos, eps_h, t)
         return eps_pos, eps_h, (eps_e[0] if eps_e else None)
 
+    if lagged:
+        return _lagged_types(ctx, state, predict, times, h_times, late, tick)
     evaluations = steps * resample + 1
     for i in range(steps):
         t, s = times[i].expand(num_graphs), times[i + 1].expand(num_graphs)

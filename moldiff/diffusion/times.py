@@ -14,7 +14,7 @@ import math
 
 import torch
 
-__all__ = ["TIME_SAMPLINGS", "parse_time_sampling", "sample_times"]
+__all__ = ["TIME_SAMPLINGS", "parse_time_sampling", "sample_times", "lagged_type_times"]
 
 TIME_SAMPLINGS = ("uniform", "beta:<A>,<B>")
 
@@ -49,3 +49,16 @@ def sample_times(num: int, spec: str, generator: torch.Generator, device=None) -
 
     x = betaincinv(ab[0], ab[1], u.cpu().numpy())
     return (1.0 - torch.from_numpy(x)).clamp(0.0, 1.0).to(device=u.device, dtype=torch.float64)
+
+
+def lagged_type_times(t: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:
+    """Noise times ``(B,)`` of the element features, at or above the coordinates' times ``t``.
+
+    Each molecule, on a coin of probability ``prob``, gets ``t_h = t + (1 - t) u`` with ``u ~ U(0, 1)``
+    (its elements noisier than its coordinates, up to pure noise); the others keep ``t_h = t``. Two
+    uniform numbers per molecule are drawn from ``generator`` whatever ``prob`` is (``prob = 0`` is
+    not drawn at all by training, so EDM's random stream is unchanged there).
+    """
+    coin = torch.rand(t.shape[0], generator=generator, dtype=torch.float64, device=t.device) < prob
+    u = torch.rand(t.shape[0], generator=generator, dtype=torch.float64, device=t.device)
+    return torch.where(coin, t + (1.0 - t) * u, t)

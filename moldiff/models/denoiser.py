@@ -44,6 +44,12 @@ class DenoiserConfig:
     #: ``"logits"`` (the clean bond class, trained by cross-entropy as in MiDi; sampling turns the
     #: expected clean one-hot into the noise it implies)
     bond_output: str = "eps"
+    #: the network also takes the element features' own noise time ``t_h`` (one more input column,
+    #: after all others, so a plain model's weights load with a zero column and compute the same
+    #: function). Trained with ``diffusion.type_lag_prob > 0``, where elements are often noisier than
+    #: the coordinates, it can decide elements late, from a nearly final geometry (sampling with
+    #: ``type_lag``; docs/experiments.md, session 13). Without ``t_h`` the network is given ``t``.
+    type_time: bool = False
     #: network family: ``"egnn"`` (:class:`EGNNDenoiser`, EDM's) or ``"e3nn"``
     #: (:class:`~moldiff.models.e3nn_denoiser.E3nnDenoiser`, tensor products of irreps). Configs
     #: written before the field existed load as ``"egnn"``. Build either with
@@ -121,7 +127,7 @@ class EGNNDenoiser(nn.Module):
         # Self-conditioning inputs are appended after the plain ones (last columns of the embedding
         # and of every edge MLP's first layer), so a plain model's weights load into a
         # self-conditioned one with zero columns and compute the same function.
-        self.embedding = nn.Linear(in_nf + (c.num_features if c.self_condition else 0), c.hidden)
+        self.embedding = nn.Linear(in_nf + (c.num_features if c.self_condition else 0) + int(c.type_time), c.hidden)
         self.blocks = nn.ModuleList(
             EquivariantBlock(
                 c.hidden,
@@ -151,6 +157,7 @@ class EGNNDenoiser(nn.Module):
         cond: tuple[torch.Tensor, torch.Tensor] | None = None,
         blocks: Sequence[Callable] | None = None,
         e_t: torch.Tensor | None = None,
+        t_h: torch.Tensor | None = None,
     ) -> DenoiserOutput | tuple[DenoiserOutput, torch.Tensor]:
         """Predict on a flat batch.
 
@@ -169,6 +176,8 @@ class EGNNDenoiser(nn.Module):
                 signature (e.g. compiled versions of them, see ``MolDiffPipeline.configure_inference``).
             e_t: ``(E, bond_types)`` noisy bond features of the directed edges ``edge_index`` (equal for
                 ``i -> j`` and ``j -> i``); required by, and only accepted by, models with ``bond_types``.
+
+            t_h: ``(B,)`` noise time of the element features, for ``type_time`` models (default ``t``).
 
         Returns:
             :class:`DenoiserOutput`; for bond models ``(DenoiserOutput, eps_e (E, bond_types))``.
@@ -200,6 +209,10 @@ class EGNNDenoiser(nn.Module):
             static = torch.cat([static, e_t.to(static.dtype)], -1)
         elif e_t is not None:
             raise ValueError("e_t was given but this denoiser was not built with bond_types")
+        if self.config.type_time:  # the last input column (see DenoiserConfig.type_time)
+            parts.append((t if t_h is None else t_h).to(h_t.dtype)[batch].unsqueeze(-1))
+        elif t_h is not None:
+            raise ValueError("t_h was given but this denoiser was not built with type_time")
         h = self.embedding(torch.cat(parts, -1))
         pos = pos_t
         for block in self.blocks if blocks is None else blocks:

@@ -73,7 +73,7 @@ __all__ = ["E3nnDenoiser", "E3nnBlock", "atom_irreps", "edge_geometry", "drop_un
 
 #: DenoiserConfig fields that only EGNN reads, with the values the e3nn model accepts (their defaults)
 EGNN_ONLY = {"inv_sublayers": 1, "attention": True, "tanh": True, "coords_range": 15.0, "norm_constant": 1.0,
-             "normalization_factor": 1.0}
+             "normalization_factor": 1.0, "type_time": False}
 
 
 def _ir(l: int) -> o3.Irrep:

@@ -83,12 +83,19 @@ class DiffusionConfig:
     #: training times: "uniform" (EDM) or "beta:A,B": t = 1 - Beta(A, B) (t = 0 is data), e.g.
     #: "beta:2,1" (SemlaFlow's Beta(2, 1) over flow time with 1 = data; mean t = 1/3)
     time_sampling: str = "uniform"
+    #: fraction of training molecules whose element features are noised at a later time than their
+    #: coordinates, ``t_h = t + (1 - t) u`` (``moldiff.diffusion.times.lagged_type_times``): the model
+    #: learns to decide elements from a geometry that is further along, the late joint element
+    #: decision of issue 19's recipe (b). Needs ``model.type_time``. 0: EDM's training
+    type_lag_prob: float = 0.0
 
     def __post_init__(self):
         if not (math.isfinite(self.parity_weight) and self.parity_weight >= 0):
             raise ConfigError(f"diffusion.parity_weight must be a non-negative number, got {self.parity_weight}")
         if not (math.isfinite(self.bond_weight) and self.bond_weight >= 0):
             raise ConfigError(f"diffusion.bond_weight must be a non-negative number, got {self.bond_weight}")
+        if not (math.isfinite(self.type_lag_prob) and 0.0 <= self.type_lag_prob <= 1.0):
+            raise ConfigError(f"diffusion.type_lag_prob must be in [0, 1], got {self.type_lag_prob}")
         if not (math.isfinite(self.known_types_prob) and 0.0 <= self.known_types_prob <= 1.0):
             raise ConfigError(f"diffusion.known_types_prob must be in [0, 1], got {self.known_types_prob}")
         for name in ("type_weight", "charge_weight"):

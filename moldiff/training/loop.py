@@ -35,7 +35,7 @@ from moldiff.diffusion import PAIRINGS, AtomFeatures, NoiseSchedule, add_noise, 
 from moldiff.diffusion.categorical import CHARGE_VALUES, CategoricalDiffusion, CategoricalFeatures
 from moldiff.diffusion.losses import bond_epsilon_loss, loss_weight, valence_parity_loss
 from moldiff.diffusion.process import centred_noise
-from moldiff.diffusion.times import sample_times
+from moldiff.diffusion.times import lagged_type_times, sample_times
 from moldiff.geometry import fully_connected_edges, num_nodes_per_graph, reverse_edges, scatter_sum
 from moldiff.models import build_denoiser
 from moldiff.pipeline import MolDiffPipeline
@@ -167,7 +167,7 @@ PARITY_LOGIT_SCALE = 10.0
 def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor, generator, shard=None,
                    weighting: str = "uniform", pairing: str = "none", parity_weight: float = 0.0,
                    bond_weight: float = 1.0, known_types_prob: float = 0.0, type_weight: float = 1.0,
-                   charge_weight: float = 1.0) -> torch.Tensor:
+                   charge_weight: float = 1.0, type_lag_prob: float = 0.0) -> torch.Tensor:
     """EDM's L2 loss on one batch at times ``t`` ``(B,)`` (optionally SNR-weighted, see ``loss_weight``).
 
     Categorical models (``pipe.features`` is :class:`CategoricalFeatures`): the coordinate noise MSE
@@ -191,6 +191,11 @@ def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor,
     of ``h_t``, and its type error counts as zero (the coordinates' error keeps its usual weight):
     the network also learns to place atoms whose elements are given (composition-conditioned
     sampling). ``p = 0`` draws nothing, so the random stream is EDM's.
+
+    ``type_lag_prob = q > 0`` (``type_time`` models): each molecule's element features are noised at
+    ``t_h`` from :func:`~moldiff.diffusion.times.lagged_type_times` (``t_h >= t``; on a coin of
+    probability ``q``, ``t + (1 - t) u``) instead of ``t``, with the same noise draw, and the network
+    is told ``t_h``; the loss is unchanged in form (noise MSE of coordinates and features).
     """
     if isinstance(pipe.features, CategoricalFeatures):
         terms = categorical_loss_terms(pipe, batch, t, generator, shard, weighting)
@@ -205,6 +210,11 @@ def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor,
     noised = add_noise(batch.pos, h, alpha, sigma, batch.batch, generator=generator, pairing=pairing)
     bvec, num_graphs, tt = batch.batch, batch.num_graphs, t
     pos_t, h_t, eps_pos, eps_h = noised
+    t_h = None  # element features' own noise times (type_time models)
+    if type_lag_prob > 0:
+        t_h = lagged_type_times(t, type_lag_prob, generator)
+        a_h, s_h = (x.to(h_t.dtype)[bvec].unsqueeze(-1) for x in pipe.schedule.alpha_sigma(t_h))
+        h_t = a_h * h.to(h_t.dtype) + s_h * eps_h
     known = None  # (n, 1) bool: atoms of molecules whose types are given clean
     if known_types_prob > 0:
         coin = torch.rand(num_graphs, generator=generator, device=generator.device) < known_types_prob
@@ -216,6 +226,7 @@ def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor,
         pos_t, h_t, eps_pos, eps_h = pos_t[keep], h_t[keep], eps_pos[keep], eps_h[keep]
         known = None if known is None else known[keep]
         bvec, num_graphs, tt = bvec[keep] - lo, hi - lo, t[lo:hi]
+        t_h = None if t_h is None else t_h[lo:hi]
     cond = None
     # Self-conditioning (Chen et al. 2023): on a coin flip per batch, first estimate the clean
     # molecule without gradients and feed it back as an input. The coin comes from the training
@@ -229,7 +240,8 @@ def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor,
     weight = loss_weight(pipe.schedule.snr(tt), weighting)
     if pipe.bond_types:
         return _bond_model_loss(pipe, batch, pos_t, h_t, eps_pos, eps_h, tt, weight, generator, bond_weight)
-    pred_pos, pred_h = pipe.predict_noise(pos_t, h_t, tt.to(pos_t.dtype), bvec, cond=cond)
+    pred_pos, pred_h = pipe.predict_noise(pos_t, h_t, tt.to(pos_t.dtype), bvec, cond=cond,
+                                          t_h=None if t_h is None else t_h.to(pos_t.dtype))
     if known is not None:  # given types: nothing to predict for them (zero error, no gradient)
         pred_h = torch.where(known, eps_h.to(pred_h.dtype), pred_h)
     loss = epsilon_loss(pred_pos, eps_pos, pred_h, eps_h, bvec, num_graphs, weight=weight)
@@ -463,6 +475,17 @@ class Trainer:
                                            ("diffusion.parity_weight", cfg.diffusion.parity_weight > 0)) if on]
             if clash:
                 raise ValueError(f"diffusion.known_types_prob does not combine with {', '.join(clash)} yet")
+        if cfg.diffusion.type_lag_prob > 0:
+            clash = [what for what, on in (("model.type_time off", not cfg.model.type_time),
+                                           ("model.self_condition", cfg.model.self_condition),
+                                           ("model.bond_types", cfg.model.bond_types > 0),
+                                           ("diffusion.categorical", cfg.diffusion.categorical),
+                                           ("diffusion.parity_weight", cfg.diffusion.parity_weight > 0),
+                                           ("diffusion.noise_pairing", cfg.diffusion.noise_pairing != "none"),
+                                           ("diffusion.known_types_prob", cfg.diffusion.known_types_prob > 0)) if on]
+            if clash:
+                raise ValueError(f"diffusion.type_lag_prob does not combine with {', '.join(clash)} "
+                                 "(it needs model.type_time=true)")
         if cfg.diffusion.noise_pairing not in PAIRINGS:
             raise ValueError(f"diffusion.noise_pairing must be one of {', '.join(PAIRINGS)}, got {cfg.diffusion.noise_pairing!r}")
         o = cfg.optim
@@ -507,11 +530,15 @@ class Trainer:
         saved_bonds = int(saved_model.get("bond_types", 0))
         if saved_sc and not self.cfg.model.self_condition:
             raise ValueError("this checkpoint is self-conditioned; it cannot continue as a plain model")
+        saved_tt = bool(saved_model.get("type_time", False))
+        if saved_tt and not self.cfg.model.type_time:
+            raise ValueError("this checkpoint takes the elements' own noise time; it cannot continue without model.type_time")
         if saved_bonds and saved_bonds != self.cfg.model.bond_types:
             raise ValueError(f"this checkpoint generates {saved_bonds} bond classes; it cannot continue with "
                              f"model.bond_types={self.cfg.model.bond_types}")
         switched = [name for name, on in (("self-conditioning", saved_sc != self.cfg.model.self_condition),
-                                          ("bond features", saved_bonds != self.cfg.model.bond_types)) if on]
+                                          ("bond features", saved_bonds != self.cfg.model.bond_types),
+                                          ("the elements' noise time", saved_tt != self.cfg.model.type_time)) if on]
         if switched:
             # Switching self-conditioning or bond features on mid-run: the new input columns start at
             # zero, so the network computes what it computed before; new output heads keep their
@@ -689,7 +716,8 @@ class Trainer:
                                   bond_weight=self.cfg.diffusion.bond_weight,
                                   known_types_prob=self.cfg.diffusion.known_types_prob,
                                   type_weight=self.cfg.diffusion.type_weight,
-                                  charge_weight=self.cfg.diffusion.charge_weight)
+                                  charge_weight=self.cfg.diffusion.charge_weight,
+                                  type_lag_prob=self.cfg.diffusion.type_lag_prob)
         if not self._all_ranks(bool(torch.isfinite(loss))):
             self.optimizer.zero_grad(set_to_none=True)
             return float(loss), float("nan"), False, True
