@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 
@@ -340,48 +342,6 @@ def split_bonds(orders: torch.Tensor, edge_index: torch.Tensor, batch: torch.Ten
 
 
 @torch.no_grad()
-def _lagged_types(ctx: BatchContext, state: LoopState, predict, times, h_times, late, tick) -> BatchResult:
-    """:func:`denoise_batch`'s reverse process with the elements behind the coordinates (``type_lag``):
-    coordinates on ``times`` with elements on ``h_times``, then elements alone on ``late`` with the
-    coordinates held at ``times[-1]``, then the decode of both."""
-    sampler, generator, batch, num_graphs = ctx.sampler, ctx.generator, ctx.batch, ctx.num_graphs
-    steps, extra_steps = len(times) - 1, len(late) - 1
-    evaluations = steps + extra_steps + 1
-
-    def h_step(eps_pos, eps_h, t_h, s_h):
-        if float(s_h[0]) >= float(t_h[0]):  # both clamped at pure noise: the elements wait
-            return state.h
-        return sampler.step(eps_pos, eps_h, t_h, s_h, state.pos, state.h, batch, generator=generator).h
-
-    for i in range(steps):
-        t, s = times[i].expand(num_graphs), times[i + 1].expand(num_graphs)
-        t_h, s_h = h_times[i].expand(num_graphs), h_times[i + 1].expand(num_graphs)
-        eps_pos, eps_h = predict(t, t_h)[:2]
-        pos = sampler.step(eps_pos, eps_h, t, s, state.pos, state.h, batch, generator=generator).pos
-        state.h = h_step(eps_pos, eps_h, t_h, s_h)
-        state.pos = pos
-        record_faults(state.fault, state.pos, state.h, batch, num_graphs, i)
-        if tick is not None:
-            tick(i + 1, evaluations)
-    t_min = times[-1].expand(num_graphs)
-    for j in range(extra_steps):  # the elements catch up, the geometry held
-        t_h, s_h = late[j].expand(num_graphs), late[j + 1].expand(num_graphs)
-        eps_pos, eps_h = predict(t_min, t_h)[:2]
-        state.h = h_step(eps_pos, eps_h, t_h, s_h)
-        record_faults(state.fault, state.pos, state.h, batch, num_graphs, steps + j)
-        if tick is not None:
-            tick(steps + j + 1, evaluations)
-    eps_pos, eps_h = predict(t_min, t_min)[:2]
-    state.pos, state.h = sampler.clean_estimate(state.pos, state.h, eps_pos, eps_h, t_min, batch)
-    record_faults(state.fault, state.pos, state.h, batch, num_graphs, steps + extra_steps)
-    if tick is not None:
-        tick(evaluations, evaluations)
-    state.pos = state.pos.double()
-    types, charges = ctx.pipe.features.decode(state.h.nan_to_num(0.0))
-    return BatchResult(state.pos.cpu().numpy(), types.cpu().numpy(), None if charges is None else charges.cpu().numpy(),
-                       state.fault.cpu().numpy(), None, None)
-
-
 def denoise_batch(
     pipe,
     sizes: Sequence[int],
@@ -470,19 +430,29 @@ def denoise_batch(
             eps_pos, eps_h = hook.guide(ctx, state, eps_pos, eps_h, t)
         return eps_pos, eps_h, (eps_e[0] if eps_e else None)
 
+    # (t, s) of the coordinates and (t_h, s_h) of the element features at each step; the same but
+    # for type_lag, whose elements run behind and then take `type_steps` more steps alone
+    grid = [(times[i], times[i + 1], times[i], times[i + 1]) for i in range(steps)]
     if lagged:
-        return _lagged_types(ctx, state, predict, times, h_times, late, tick)
-    evaluations = steps * resample + 1
-    for i in range(steps):
-        t, s = times[i].expand(num_graphs), times[i + 1].expand(num_graphs)
+        grid = [(times[i], times[i + 1], h_times[i], h_times[i + 1]) for i in range(steps)]
+        grid += [(times[-1], times[-1], late[j], late[j + 1]) for j in range(type_steps)]
+    evaluations = len(grid) * resample + 1
+    for i, (t, s, t_h, s_h) in enumerate(grid):
+        t, s, t_h, s_h = (x.expand(num_graphs) for x in (t, s, t_h, s_h))
         for r in range(resample):
-            eps_pos, eps_h, eps_e = predict(t)
+            eps_pos, eps_h, eps_e = predict(t, t_h if lagged else None)
             if pipe.self_condition:
                 state.cond = sampler.clean_estimate(state.pos, state.h, eps_pos, eps_h, t, batch)
             if categorical is not None:  # positions by the sampler; eps_h holds class logits
                 step = sampler.step(eps_pos, torch.zeros_like(state.h), t, s, state.pos, state.h, batch, generator=generator)
                 categorical.step(state, eps_h, eps_e, t, s, i)
                 step = step._replace(h=state.h)
+            elif lagged:  # each part on its own times; a part whose time stands still is not stepped
+                pos = state.pos if float(s[0]) >= float(t[0]) else \
+                    sampler.step(eps_pos, eps_h, t, s, state.pos, state.h, batch, generator=generator).pos
+                h = state.h if float(s_h[0]) >= float(t_h[0]) else \
+                    sampler.step(eps_pos, eps_h, t_h, s_h, state.pos, state.h, batch, generator=generator).h
+                step = SimpleNamespace(pos=pos, h=h)  # (only the new state is read below)
             else:
                 step = sampler.step(eps_pos, eps_h, t, s, state.pos, state.h, batch, generator=generator)
             if bonded and categorical is None:
@@ -501,7 +471,7 @@ def denoise_batch(
                 tick(i * resample + r + 1, evaluations)
     # Final decode at t = 0: x = (z_0 - sigma_0 eps_hat) / alpha_0 (mean of p(x | z_0), EDM eq. 9-10).
     t0 = times[-1].expand(num_graphs)
-    eps_pos, eps_h, eps_e = predict(t0)
+    eps_pos, eps_h, eps_e = predict(t0, t0 if lagged else None)
     bonds = None
     if categorical is not None:
         categorical.decode(state, eps_h, eps_e, steps)
@@ -516,7 +486,7 @@ def denoise_batch(
         state.pos, state.h = sampler.clean_estimate(state.pos, state.h, eps_pos, eps_h, t0, batch)
     for hook in hooks:
         hook.after_step(ctx, state, t0, final=True)
-    record_faults(state.fault, state.pos, state.h, batch, num_graphs, steps)
+    record_faults(state.fault, state.pos, state.h, batch, num_graphs, len(grid))
     if tick is not None:
         tick(evaluations, evaluations)
     state.pos = state.pos.double()
