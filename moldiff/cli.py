@@ -964,6 +964,93 @@ def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds
           + (f", {files['relaxed']} ({summary['relaxed_records']} relaxed)" if "relaxed" in files else ""))
 
 
+# ---------------------------------------------------------------------------- predict
+_TRAIN_PREDICTOR = "python scripts/train_predictor.py --run-dir runs/predictor (docs/properties.md), then --predictor runs/predictor/best"
+
+
+def _unit_slug(unit: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9]+", "_", unit.replace("^", "")).strip("_")  # Bohr^3 -> Bohr3, cal/(mol K) -> cal_mol_K
+
+
+def cmd_predict(args) -> int:
+    """``moldiff predict FILE``: property estimates per molecule (CSV), each predictor's test MAE first."""
+    import numpy as np
+    import torch
+
+    from moldiff.chemistry.io import read_molecules, write_csv
+    from moldiff.data.properties import from_edm_target
+    from moldiff.geometry import remove_mean
+    from moldiff.models.property import load_predictor
+    from moldiff.runtime import resolve_device
+
+    if not args.predictor:
+        raise UsageError(f"no property predictor is shipped yet; give --predictor DIR (train one: {_TRAIN_PREDICTOR})")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.csv and Path(args.csv).is_dir():
+        raise UsageError(f"--csv {args.csv}: it is a folder; give a file name")
+    device = resolve_device(args.device)
+    predictors, seen = [], {}
+    for folder in args.predictor:
+        model, meta = load_predictor(folder, device)
+        for name in model.config.properties:
+            if name in seen:
+                raise UsageError(f"property {name!r} is predicted by both {seen[name]} and {folder}; give one of them")
+            seen[name] = folder
+        predictors.append((folder, model, meta))
+    records = read_molecules(args.file)
+    bad = [(k, r) for k, r in enumerate(records) if r.error is not None or not r.symbols]
+    if bad:
+        k, r = bad[0]
+        why = r.error or "it has no atoms"
+        raise UsageError(f"{args.file}: {len(bad)} of {len(records)} records cannot be used; first, record {k} ({r.name!r}): {why}")
+    rows = [{"index": k, "name": r.name, "num_atoms": len(r.symbols)} for k, r in enumerate(records)]
+    num_atoms = np.array([len(r.symbols) for r in records])
+    for folder, model, meta in predictors:
+        vocab = {e: i for i, e in enumerate(model.config.elements)}
+        for k, r in enumerate(records):
+            unknown = sorted(set(r.symbols) - set(vocab))
+            if unknown:
+                raise UsageError(f"{args.file}: record {k} ({r.name!r}) has element(s) {', '.join(unknown)}, which the "
+                                 f"predictor {folder} does not know (it knows {', '.join(model.config.elements)})")
+        dtype = next(model.parameters()).dtype
+        out = []
+        for lo in range(0, len(records), args.batch_size):
+            chunk = records[lo:lo + args.batch_size]
+            counts = torch.tensor([len(r.symbols) for r in chunk])
+            batch = torch.repeat_interleave(torch.arange(len(chunk)), counts).to(device)
+            types = torch.tensor([vocab[s] for r in chunk for s in r.symbols], device=device)
+            pos = torch.from_numpy(np.concatenate([r.positions for r in chunk])).to(device, dtype)
+            pos = remove_mean(pos, batch, len(chunk))
+            out.append(model.predict(pos, types, batch, len(chunk)).double().cpu().numpy())
+        values = np.concatenate(out)
+        edm = bool(model.config.notes.get("edm_targets"))
+        for j, (name, unit) in enumerate(zip(model.config.properties, model.config.units)):
+            column = values[:, j]
+            if edm:  # EDM's targets (Cv less the free atoms' share) -> the molecule's property
+                column = from_edm_target(name, column, num_atoms)
+            for row, v in zip(rows, column.tolist()):
+                row[f"{name}_{_unit_slug(unit)}" if unit else name] = f"{v:.6g}"
+    for folder, model, meta in predictors:
+        mae = meta.get("test_mae") or {}
+        stated = ", ".join(f"{k} {mae[k]:.4g} {u}" for k, u in zip(model.config.properties, model.config.units) if k in mae)
+        where = f" on {meta['test_set']}, {meta['n_test']:,} molecules" if meta.get("test_set") and meta.get("n_test") else ""
+        print(f"# predictor {folder}: test MAE{where}: {stated}" if stated else
+              f"# predictor {folder}: test MAE not recorded in its folder (not evaluated by scripts/train_predictor.py)")
+    if args.csv:
+        write_csv(args.csv, rows)
+        print(f"# wrote {args.csv}: {len(rows)} molecules, {len(rows[0]) - 3} properties")
+    else:
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moldiff", description="E(3)-equivariant diffusion for 3D molecules")
@@ -1107,6 +1194,20 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--budget", type=int, metavar="N", help="with --keep/--max-strain: most molecules drawn in all "
                    "(default 10 x -n); the output says when it ran out first")
     s.set_defaults(func=cmd_sample)
+
+    r = sub.add_parser("predict", help="property estimates (EDM's six QM9 properties) for the molecules of a file",
+                       description="Print, or write as CSV, a trained property predictor's estimates for every molecule "
+                       "of an .sdf or .xyz file (3D, hydrogens as atoms), in EDM's units: alpha Bohr^3; gap, HOMO, LUMO meV; "
+                       "mu D; Cv cal/(mol K). The first lines state each predictor's test MAE. A bad file, an unreadable "
+                       "record or an element the predictor does not know stops the command before anything is written "
+                       "(docs/properties.md).")
+    r.add_argument("file", metavar="FILE", help="molecules (.sdf or .xyz)")
+    r.add_argument("--predictor", action="append", metavar="DIR", help="a predictor folder (config.json + model.pt, "
+                   "e.g. RUN/best of scripts/train_predictor.py); repeat to combine predictors of different properties")
+    r.add_argument("--csv", metavar="OUT", help="write the table here instead of printing it")
+    r.add_argument("--device", default="auto", help="auto (default: cuda when a CUDA GPU is available, else cpu), cpu, cuda or cuda:N")
+    r.add_argument("--batch-size", type=int, default=256, metavar="B", help="molecules per network call (default 256)")
+    r.set_defaults(func=cmd_predict)
     return p
 
 

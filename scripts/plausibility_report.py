@@ -120,7 +120,7 @@ def plot(results: dict, out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("sets", nargs="+", metavar="NAME=SPEC", help="NAME=qm9:SPLIT or NAME=FILE.sdf")
+    p.add_argument("sets", nargs="*", metavar="NAME=SPEC", help="NAME=qm9:SPLIT or NAME=FILE.sdf (none with --keep-previous: redraw)")
     p.add_argument("--n", type=int, default=1000, help="molecules per set (a seeded random subset; default 1000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-previous", action="store_true",
                    help="keep the sets already in OUT/summary.json (measure one set per call, e.g. one on an idle machine)")
     args = p.parse_args(argv)
+    if not args.sets and not args.keep_previous:
+        p.error("name at least one set (or --keep-previous to redraw the sets measured before)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}

@@ -4,8 +4,10 @@ from importlib import import_module
 
 from moldiff.models.denoiser import DenoiserConfig, DenoiserOutput, EGNNDenoiser
 from moldiff.models.factory import build_denoiser
+from moldiff.models.property import PredictorConfig, PropertyPredictor, load_predictor, save_predictor
 
-__all__ = ["DenoiserConfig", "DenoiserOutput", "EGNNDenoiser", "E3nnDenoiser", "build_denoiser"]
+__all__ = ["DenoiserConfig", "DenoiserOutput", "EGNNDenoiser", "E3nnDenoiser", "build_denoiser",
+           "PredictorConfig", "PropertyPredictor", "load_predictor", "save_predictor"]
 
 
 def __getattr__(name: str):
