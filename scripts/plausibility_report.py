@@ -7,7 +7,7 @@ time, machine) and two plots: pass rate per check (grouped bars, one colour per 
 energy distribution (cumulative, log axis).
 
     python scripts/plausibility_report.py --workers 2 --n 1000 \\
-        qm9_test=qm9:test shipped_qm9=out/shipped1000/samples.sdf --out docs/results/plausibility
+        qm9_test=qm9:test shipped_qm9=SAMPLES.sdf --out DIR
 
 A set is NAME=qm9:SPLIT (real molecules) or NAME=FILE.sdf. The wall time of each set is the speed
 benchmark of issue 22 (1,000 molecules checked and relaxed on a 2-core machine).
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--forcefield", choices=("mmff", "uff"), default="mmff")
-    p.add_argument("--out", default="docs/results/plausibility")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the JSON, CSV and plots")
     p.add_argument("--keep-previous", action="store_true",
                    help="keep the sets already in OUT/summary.json (measure one set per call, e.g. one on an idle machine)")
     args = p.parse_args(argv)
