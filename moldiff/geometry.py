@@ -7,6 +7,8 @@ Everything here is plain torch; no other moldiff module is imported.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
@@ -16,6 +18,10 @@ __all__ = [
     "num_nodes_per_graph",
     "fully_connected_edges",
     "reverse_edges",
+    "parse_graph",
+    "radius_edges",
+    "knn_edges",
+    "graph_edges",
     "random_rotation",
     "random_orthogonal",
     "kabsch_align",
@@ -152,3 +158,133 @@ def kabsch_align(mobile: torch.Tensor, target: torch.Tensor, allow_reflection: b
     aligned = a @ rot.T + tc
     rmsd = torch.sqrt(((aligned - target) ** 2).sum(-1).mean())
     return aligned, rmsd
+
+
+# ----------------------------------------------------------------------------- sparse graphs
+#: at most this many padded atom pairs per block of molecules in the neighbour search (a block holds
+#: three such arrays of squared coordinate differences and one of squared distances)
+_PAIRS_PER_BLOCK = 1 << 22
+
+
+def parse_graph(spec: str) -> tuple[str, float | int | None]:
+    """Read a graph specification: ``"full"`` -> ``("full", None)``, ``"radius:R"`` -> ``("radius", R)``
+    (R in Å, > 0), ``"knn:K"`` -> ``("knn", K)`` (K >= 1). Anything else raises a one-line ``ValueError``."""
+    if spec == "full":
+        return "full", None
+    kind, sep, value = str(spec).partition(":")
+    try:
+        if sep and kind == "radius" and math.isfinite(float(value)) and float(value) > 0:
+            return "radius", float(value)
+        if sep and kind == "knn" and int(value) >= 1:
+            return "knn", int(value)
+    except ValueError:
+        pass
+    raise ValueError(f"graph must be 'full', 'radius:R' (R > 0, in Å) or 'knn:K' (K >= 1), got {spec!r}")
+
+
+def _select_pairs(pos: torch.Tensor, batch: torch.Tensor, select) -> torch.Tensor:
+    """Edges chosen per molecule from its matrix of squared distances.
+
+    Consecutive molecules are padded into blocks of shape ``(b, m, m)`` (``m``: the block's largest
+    molecule; blocks stay under ``_PAIRS_PER_BLOCK`` pairs, so one large molecule never pads a whole
+    batch). ``select(d2)`` gets the squared distances with ``inf`` on the diagonal, on padding and
+    for non-finite positions, and returns a boolean ``(b, m, m)`` mask; only finite pairs are kept.
+    Returns ``edge_index`` ``(2, E)`` sorted by source, then target, as :func:`fully_connected_edges`.
+    """
+    device = batch.device
+    if batch.numel() == 0:
+        return torch.zeros(2, 0, dtype=torch.long, device=device)
+    x = pos.detach()
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    counts = torch.bincount(batch)
+    starts = torch.cumsum(counts, 0) - counts
+    local = torch.arange(batch.numel(), device=device) - starts[batch]
+    sizes = counts.tolist()
+    rows, cols = [], []
+    with torch.autocast(device.type, enabled=False):
+        first = 0
+        while first < len(sizes):
+            last, m = first + 1, sizes[first]
+            while last < len(sizes) and (last + 1 - first) * max(m, sizes[last]) ** 2 <= _PAIRS_PER_BLOCK:
+                m = max(m, sizes[last])
+                last += 1
+            lo = int(starts[first])
+            hi = lo + sum(sizes[first:last])
+            mol, slot = batch[lo:hi] - first, local[lo:hi]
+            dense = x.new_zeros(last - first, m, 3)
+            dense[mol, slot] = x[lo:hi]
+            valid = torch.zeros(last - first, m, dtype=torch.bool, device=device)
+            valid[mol, slot] = True
+            diff = dense.unsqueeze(2) - dense.unsqueeze(1)
+            d2 = (diff * diff).sum(-1)  # exactly symmetric: (a - b)^2 == (b - a)^2
+            ok = valid.unsqueeze(2) & valid.unsqueeze(1) & ~torch.eye(m, dtype=torch.bool, device=device)
+            ok &= torch.isfinite(d2)
+            d2 = d2.masked_fill(~ok, math.inf)
+            which, i, j = (select(d2) & ok).nonzero(as_tuple=True)
+            base = starts[first:last][which]
+            rows.append(base + i)
+            cols.append(base + j)
+            first = last
+    return torch.stack([torch.cat(rows), torch.cat(cols)])
+
+
+def _nearest(d2: torch.Tensor) -> torch.Tensor:
+    """Boolean ``(b, m, m)``: each atom's nearest other atom, both ways (symmetric)."""
+    near = d2.argmin(-1, keepdim=True)
+    one = torch.zeros_like(d2, dtype=torch.bool).scatter_(-1, near, torch.isfinite(d2.gather(-1, near)))
+    return one | one.transpose(1, 2)
+
+
+def radius_edges(pos: torch.Tensor, batch: torch.Tensor, radius: float, *, nearest: bool = True) -> torch.Tensor:
+    """Ordered pairs ``(i, j)``, ``i != j``, of atoms of the same molecule closer than ``radius`` Å
+    (``|x_i - x_j|^2 < radius^2``).
+
+    With ``nearest`` (the default) every atom is also joined to its nearest atom of the molecule, in
+    both directions, so no atom of a molecule with two or more atoms is left without edges; groups of
+    atoms further than ``radius`` from each other still form separate components. The graph is
+    symmetric and depends on distances only (E(3)-invariant; permuting atoms permutes it, up to exact
+    ties of the nearest-atom choice). ``pos`` ``(n, 3)``, sorted ``batch`` ``(n,)``; no gradient flows
+    through the choice. Returns ``edge_index`` ``(2, E)`` sorted by source, then target.
+    """
+    if not radius > 0:
+        raise ValueError(f"radius must be > 0, got {radius}")
+    limit = float(radius) ** 2
+
+    def select(d2):
+        chosen = d2 < limit
+        return chosen | _nearest(d2) if nearest else chosen
+
+    return _select_pairs(pos, batch, select)
+
+
+def knn_edges(pos: torch.Tensor, batch: torch.Tensor, k: int) -> torch.Tensor:
+    """Each atom's ``k`` nearest atoms of its molecule, made symmetric: ``(i, j)`` is an edge when
+    ``j`` is among ``i``'s ``k`` nearest or ``i`` among ``j``'s, so atoms have ``k`` or more edges
+    (all other atoms of molecules of ``k + 1`` atoms or fewer). Depends on distances only; exact ties
+    at the ``k``-th place are broken by atom order. Returns ``edge_index`` ``(2, E)`` sorted by source,
+    then target."""
+    if int(k) < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+
+    def select(d2):
+        kk = min(int(k), d2.shape[-1] - 1)
+        if kk < 1:
+            return torch.zeros_like(d2, dtype=torch.bool)
+        dist, idx = d2.topk(kk, -1, largest=False)
+        one = torch.zeros_like(d2, dtype=torch.bool).scatter_(-1, idx, torch.isfinite(dist))
+        return one | one.transpose(1, 2)
+
+    return _select_pairs(pos, batch, select)
+
+
+def graph_edges(spec: str, pos: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """``edge_index`` of the graph ``spec`` names (:func:`parse_graph`) for positions ``pos`` ``(n, 3)``
+    and a sorted ``batch`` ``(n,)``: :func:`fully_connected_edges`, :func:`radius_edges` or
+    :func:`knn_edges`."""
+    kind, value = parse_graph(spec)
+    if kind == "radius":
+        return radius_edges(pos, batch, value)
+    if kind == "knn":
+        return knn_edges(pos, batch, value)
+    return fully_connected_edges(batch)

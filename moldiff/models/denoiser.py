@@ -12,7 +12,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from moldiff.geometry import fully_connected_edges, remove_mean
+from moldiff.geometry import fully_connected_edges, graph_edges, parse_graph, remove_mean
 from moldiff.models.egnn import EquivariantBlock, coord_features
 
 __all__ = ["DenoiserConfig", "DenoiserOutput", "EGNNDenoiser"]
@@ -67,12 +67,21 @@ class DenoiserConfig:
     e3nn_r_max: float = 10.0
     #: e3nn: width of the edge MLP that gives each tensor product its per-edge weights; 0 means ``hidden``
     e3nn_edge_hidden: int = 0
+    #: the graph messages run on (docs/drug_sized.md): ``"full"`` (every pair of atoms of a molecule,
+    #: EDM's; the default), ``"radius:R"`` (pairs closer than R Å, plus each atom's nearest atom) or
+    #: ``"knn:K"`` (each atom's K nearest atoms, made symmetric). Sparse graphs are built from the
+    #: network's input positions ``pos_t`` on every call (a passed ``edge_index`` is ignored); ``knn``
+    #: has O(N) edges per molecule instead of N(N-1). Not with ``bond_types`` (every pair needed).
+    graph: str = "full"
 
     def __post_init__(self):
         if self.bond_output not in ("eps", "logits"):
             raise ValueError(f"bond_output must be 'eps' or 'logits', got {self.bond_output!r}")
         if self.arch not in ("egnn", "e3nn"):
             raise ValueError(f"arch must be 'egnn' or 'e3nn', got {self.arch!r}")
+        if parse_graph(self.graph)[0] != "full" and self.bond_types:
+            raise ValueError(f"model.graph={self.graph!r} cannot be used with model.bond_types={self.bond_types}: "
+                             "bond models predict a class for every atom pair and need graph 'full'")
 
     @classmethod
     def from_dict(cls, d: dict) -> "DenoiserConfig":
@@ -167,7 +176,8 @@ class EGNNDenoiser(nn.Module):
             t: ``(B,)`` time in [0, 1] per molecule (1 = pure noise).
             batch: ``(n,)`` sorted molecule index of each atom.
             context: ``(B, context_dim)`` or ``None``.
-            edge_index: optional precomputed ``fully_connected_edges(batch)``.
+            edge_index: optional precomputed ``fully_connected_edges(batch)``; ignored by models with a
+                sparse ``graph``, which build theirs from ``pos_t``.
             cond: self-conditioning input ``(pos_hat (n, 3), h_hat (n, F))``, the previous estimate of
                 the clean molecule, or ``None`` (no estimate yet: zeros). Only for ``self_condition``
                 models. It enters as ``tanh(h_hat)`` per atom and ``log(1 + |pos_hat_i - pos_hat_j|^2)``
@@ -183,7 +193,9 @@ class EGNNDenoiser(nn.Module):
             :class:`DenoiserOutput`; for bond models ``(DenoiserOutput, eps_e (E, bond_types))``.
         """
         num_graphs = t.shape[0]
-        if edge_index is None:
+        if self.config.graph != "full":  # sparse graphs follow the input positions (DenoiserConfig.graph)
+            edge_index = graph_edges(self.config.graph, pos_t, batch)
+        elif edge_index is None:
             edge_index = fully_connected_edges(batch)
         parts = [h_t, t.to(h_t.dtype)[batch].unsqueeze(-1)]
         if self.config.context_dim:

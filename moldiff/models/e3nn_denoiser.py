@@ -65,7 +65,7 @@ from e3nn.math import soft_one_hot_linspace
 from e3nn.nn import Gate
 from torch import nn
 
-from moldiff.geometry import fully_connected_edges, remove_mean, scatter_sum
+from moldiff.geometry import fully_connected_edges, graph_edges, remove_mean, scatter_sum
 from moldiff.models.denoiser import BondHead, DenoiserConfig, DenoiserOutput
 from moldiff.models.egnn import EdgeInputLinear
 
@@ -238,7 +238,9 @@ class E3nnDenoiser(nn.Module):
         ``self.blocks``, signature of :meth:`E3nnBlock.forward`)."""
         c = self.config
         num_graphs = t.shape[0]
-        if edge_index is None:
+        if c.graph != "full":  # sparse graphs follow the input positions, as EGNN's (DenoiserConfig.graph)
+            edge_index = graph_edges(c.graph, pos_t, batch)
+        elif edge_index is None:
             edge_index = fully_connected_edges(batch)
         parts = [h_t, t.to(h_t.dtype)[batch].unsqueeze(-1)]
         if c.context_dim:

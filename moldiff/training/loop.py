@@ -755,9 +755,10 @@ class Trainer:
             bond_output = self.pipe.bond_output
 
             @staticmethod
-            def predict_noise(pos_t, h_t, t, batch, cond=None, edge_index=None, e_t=None, raw_bonds=False):
+            def predict_noise(pos_t, h_t, t, batch, cond=None, edge_index=None, e_t=None, raw_bonds=False, t_h=None):
                 # training only: bond heads' raw output (the loss asks for it with raw_bonds=True)
-                out = wrapper(pos_t, h_t, t, batch, cond=cond, edge_index=edge_index, e_t=e_t)
+                extra = {} if t_h is None else {"t_h": t_h}
+                out = wrapper(pos_t, h_t, t, batch, cond=cond, edge_index=edge_index, e_t=e_t, **extra)
                 if e_t is not None:
                     out, eps_e = out
                     return out.pos, out.h, eps_e
