@@ -9,6 +9,7 @@ that closes the pipe early (``moldiff data | head -3``) ends the command quietly
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -23,11 +24,32 @@ class UsageError(Exception):
     """A problem with what the user asked for; shown as one line."""
 
 
-def _progress_bar(total: int | None, desc: str, unit: str, enabled: bool = True):
-    """tqdm on a terminal, nothing in pipes and logs (or when ``enabled`` is false)."""
+class _LogLines:
+    """A file for tqdm that turns its carriage-return redraws into whole lines (logs and pipes)."""
+
+    def write(self, text: str) -> None:
+        text = text.strip("\r\n ")
+        if text:
+            sys.stderr.write(text + "\n")
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+#: Seconds between progress lines when stderr is not a terminal (nothing for shorter work).
+LOG_PROGRESS_SECONDS = 60.0
+
+
+def _progress_bar(total: int | None, desc: str, unit: str, enabled: bool = True, log_lines: bool = True):
+    """tqdm on a terminal; in pipes and logs (with ``log_lines``) one plain line a minute once the work
+    has run a minute, so long jobs show progress and short ones print nothing; nothing when not ``enabled``."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not (enabled and sys.stderr.isatty()), leave=False)
+    if sys.stderr.isatty() or not enabled:
+        return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not log_lines, leave=False, file=_LogLines(), ascii=True,
+                mininterval=LOG_PROGRESS_SECONDS, maxinterval=LOG_PROGRESS_SECONDS, delay=LOG_PROGRESS_SECONDS,
+                dynamic_ncols=False, ncols=100)
 
 
 def _cache_dir(args) -> str | None:
@@ -92,6 +114,8 @@ def _check_plausibility_args(args) -> None:
     """``--posebusters`` / ``--relax`` / ``--workers``: fail before any work (nothing written)."""
     if args.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    if args.pb_conformers < 0:
+        raise UsageError(f"--pb-conformers must be at least 0, got {args.pb_conformers}")
     if args.posebusters:
         from moldiff.chemistry.plausibility import MissingExtraError, require_posebusters
 
@@ -111,8 +135,9 @@ def _plausibility(items: list, args) -> tuple[dict, dict]:
     what = " + ".join(x for x in ("PoseBusters" if args.posebusters else "", args.relax and "relaxation") if x)
     with _progress_bar(len(items), what, "mol") as bar:
         results = assess_plausibility(items, checks=args.posebusters, forcefield=args.relax, workers=args.workers,
-                                      progress=bar.update)
-    return {r.index: r for r in results}, summarize_plausibility(results, checks=args.posebusters, forcefield=args.relax)
+                                      progress=bar.update, energy_conformers=args.pb_conformers)
+    return {r.index: r for r in results}, summarize_plausibility(results, checks=args.posebusters, forcefield=args.relax,
+                                                                 energy_conformers=args.pb_conformers)
 
 
 def _relaxed_records(results: dict, tags: dict) -> list:
@@ -139,6 +164,9 @@ def _add_plausibility_options(parser) -> None:
                    help="run PoseBusters' molecule checks on every valid molecule (optional extra: pip install moldiff[checks])")
     g.add_argument("--relax", choices=("mmff", "uff"), help="relax valid molecules with an RDKit force field; report "
                    "heavy-atom RMSD moved and strain energy, write the relaxed coordinates to their own SDF")
+    g.add_argument("--pb-conformers", type=int, default=50, metavar="K",
+                   help="conformers in PoseBusters' internal-energy reference ensemble (default 50, PoseBusters' "
+                   "mol configuration; fewer is faster, 0 leaves the internal-energy check out)")
 
 
 # ---------------------------------------------------------------------------- evaluate
@@ -346,7 +374,7 @@ def cmd_train(args) -> int:
     if args.resume:
         trainer.resume()
     total = cfg.train.max_steps - trainer.step if cfg.train.max_steps is not None else None
-    with _progress_bar(total, "training", "step", enabled=rank == 0) as bar:
+    with _progress_bar(total, "training", "step", enabled=rank == 0, log_lines=False) as bar:  # the log has lines
         trainer.train(progress=lambda step, loss: bar.set_postfix(loss=f"{loss:.4f}", refresh=False) or bar.update(1))
     if world_size > 1:
         torch.distributed.destroy_process_group()
@@ -650,6 +678,35 @@ def _check_sample_args(args) -> None:
         raise UsageError("--formula-draws goes with --formula")
     if args.valence_guidance is not None and not (args.fragment or args.fragment_smiles):
         raise UsageError("--valence-guidance steers the atoms around a fragment: give --fragment or --fragment-smiles")
+    args.condition = _parse_conditions(args.condition)
+    if args.guidance is not None:
+        if not (math.isfinite(args.guidance) and args.guidance >= 0):
+            raise UsageError(f"--guidance must be a number >= 0 (0: unconditional, 1: plain conditional), got {args.guidance}")
+        if args.condition is None:
+            raise UsageError("--guidance goes with --condition (the properties to steer toward)")
+
+
+def _parse_conditions(items) -> dict[str, float] | None:
+    """``--condition NAME=VALUE[UNIT]`` options as name -> value in the default units
+    (:data:`moldiff.data.properties.CONDITION_UNITS`); checked for syntax, property and unit only
+    (the model's own properties and ranges are checked once it is loaded)."""
+    if not items:
+        return None
+    from moldiff.data.properties import canonical_property, parse_condition_value
+
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise UsageError(f"--condition {item!r}: write NAME=VALUE, e.g. --condition gap=6.0eV")
+        try:
+            key = canonical_property(name)
+            if key in out:
+                raise ValueError(f"{key} given twice")
+            out[key] = parse_condition_value(key, value)
+        except ValueError as exc:
+            raise UsageError(f"--condition: {exc}") from None
+    return out
 
 
 def _keep_spec(args):
@@ -752,12 +809,14 @@ def cmd_sample(args) -> int:
                             batch_size=args.batch_size, composition=args.composition, fragment=fragment,
                             formula=args.formula, resample=args.resample, time_power=args.time_power,
                             noise_scale=args.noise_scale, valence_guidance=args.valence_guidance,
-                            formula_draws=args.formula_draws, type_lag=args.type_lag, type_steps=args.type_steps)
+                            formula_draws=args.formula_draws, type_lag=args.type_lag, type_steps=args.type_steps,
+                            condition=args.condition, guidance_scale=args.guidance)
     try:
         request = request.resolved(pipe)  # bad values and combinations fail here, before any sampling
     except ValueError as exc:  # say it with the option's name: "time_power ..." -> "--time-power ..."
         field, _, rest = str(exc).partition(" ")
         name = f"--{field.replace('_', '-')}" if hasattr(request, field) and "_" in field else field
+        name = {"condition": "--condition", "condition:": "--condition:", "guidance_scale": "--guidance"}.get(field, name)
         raise UsageError(f"{name} {rest}") from None
     trained_on = (pipe.metadata or {}).get("dataset", "qm9")
     if args.novelty and trained_on != "qm9":  # novelty is against QM9's training set: meaningless here
@@ -773,8 +832,7 @@ def cmd_sample(args) -> int:
         return _sample_filtered(pipe, request, keep, args, reference, folder, files, checkpoint, t0)
     with _progress_bar(args.n, "sampling", "mol") as bar:
         def advance(done):  # after every network evaluation: move the bar to the molecules done
-            bar.n = int(done)
-            bar.refresh()
+            bar.update(int(done) - bar.n)
 
         arrays = pipe.generate(request, on_step=advance)
     t1 = time.monotonic()
@@ -806,8 +864,7 @@ def _sample_filtered(pipe, request, keep, args, reference, folder, files, checkp
     bar = _progress_bar(None, "sampling (round 1)", "mol")
 
     def advance(done):
-        bar.n = int(done)
-        bar.refresh()
+        bar.update(int(done) - bar.n)
 
     def on_round(outcome, size):
         bar.reset()
@@ -820,14 +877,14 @@ def _sample_filtered(pipe, request, keep, args, reference, folder, files, checkp
         with bar:
             outcome = sample_passing(pipe, args.n, keep, budget=args.budget, workers=args.workers,
                                      checks=args.posebusters, relax=args.relax, on_round=on_round, on_step=advance,
-                                     **options)
+                                     energy_conformers=args.pb_conformers, **options)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     t1 = time.monotonic()
     report = evaluate_molecules(outcome.drawn, reference=reference)  # the model's metrics: every draw
     plausible = {i: outcome.plausibility[i] for i in outcome.kept_indices if i in outcome.plausibility}
     plausibility = (plausible, summarize_plausibility(list(plausible.values()), checks=args.posebusters,
-                                                      forcefield=args.relax)
+                                                      forcefield=args.relax, energy_conformers=args.pb_conformers)
                     if (args.posebusters or args.relax) else {})
     timing = {"seconds": round(time.monotonic() - t0, 3), "seconds_sampling_and_filtering": round(t1 - t0, 3)}
     summary = _write_samples(folder, files, outcome.kept, report, outcome.arrays[0], request, args, pipe, checkpoint,
@@ -856,13 +913,15 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
     plausible, plausibility = plausibility
     tags = {"sampler": request.sampler, "steps": request.steps, "time_power": arrays.time_power,
             "noise_scale": arrays.noise_scale, "seed": request.seed}
-    records = [sd_record(m.mol, m.symbols, m.positions, _sample_tags(m, k, tags), f"moldiff sample {k}")
+    records = [sd_record(m.mol, m.symbols, m.positions, _sample_tags(m, k, tags | _condition_columns(arrays, k)),
+                         f"moldiff sample {k}")
                for k, m in zip(indices, molecules)]
     rows = []
     for k, m in zip(indices, molecules):
         row = {"index": k, "SMILES": m.smiles, "valid": int(m.valid), "mol_stable": int(m.mol_stable)}
         row.update(descriptor_row(m.mol if m.valid else None))
         row.update(num_atoms=m.num_atoms, formula=m.formula, rdkit_SMILES=m.rdkit_smiles, bonds=m.bonds, reason=m.reason)
+        row.update(_condition_columns(arrays, k))  # property-conditional sampling: the values asked for
         if fragment is not None:
             row.update(fragment_retained=int(bool(m.fragment_retained)), fragment_rmsd=m.fragment_rmsd)
         if m.own_valid is not None:
@@ -906,6 +965,11 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
             summary["conditioning"].update(formula_drawn=route.count("drawn"), formula_given=route.count("given"),
                                            formula_clamped=route.count("clamped"),
                                            formula_draws_used=int(arrays.extra["formula_draws_used"]))
+    if "condition" in arrays.extra:
+        summary["condition"] = {"properties": dict(arrays.extra["condition"]), "units": dict(arrays.extra["condition_units"]),
+                                "guidance_scale": arrays.extra["guidance_scale"],
+                                "num_atoms": "given (--num-atoms)" if args.num_atoms is not None else
+                                "drawn from the sizes of the training molecules nearest to the condition"}
     if fragment is not None and molecules:
         summary["fragment_retention"] = sum(bool(m.fragment_retained) for m in molecules) / len(molecules)
     if molecules and any(m.own_valid is not None for m in molecules):  # a model that generates bonds: judged on them too
@@ -931,6 +995,17 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
     return summary
 
 
+def _condition_columns(arrays, k: int) -> dict:
+    """SD tags / CSV columns of property-conditional sample ``k``: ``target_<property>_<unit>`` per
+    conditioned property and ``guidance_scale``; empty for other samples."""
+    if "condition" not in arrays.extra:
+        return {}
+    units = arrays.extra["condition_units"]
+    out = {f"target_{name}_{_unit_slug(units[name])}": value[k] if isinstance(value, list) else value
+           for name, value in arrays.extra["condition"].items()}
+    return out | {"guidance_scale": arrays.extra["guidance_scale"]}
+
+
 def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds_sampling, drawn=None) -> None:
     from moldiff.chemistry.metrics import format_table
     from moldiff.chemistry.report import SA_SCORE_NOTE
@@ -940,6 +1015,11 @@ def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds
           f"{'compositions from the training data, ' if summary['composition'] == 'data' else ''}seed {summary['seed']}, "
           f"device {summary['device']}; denoising {seconds_sampling:.1f} s)")
     print(format_table(report))
+    if "condition" in summary:
+        c = summary["condition"]
+        asked = ", ".join(f"{k} = {v:g} {c['units'][k]}" if not isinstance(v, list) else f"{k} per molecule"
+                          for k, v in c["properties"].items())
+        print(f"conditioned on {asked}; guidance scale {c['guidance_scale']:g}; atom counts {c['num_atoms']}")
     if "fragment_retention" in summary:
         print(f"fragment retained (substructure match): {100 * summary['fragment_retention']:.2f}%")
     if "formula_route" in arrays.extra:
@@ -1182,6 +1262,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--valence-guidance", type=float, default=None, metavar="G",
                    help="steer the free atoms so each fragment atom gets as many new neighbours as it has open "
                    "valences (default: see docs/inpainting.md; 0 = off)")
+    c = s.add_argument_group("property conditioning (models trained with model.properties; docs/properties.md)")
+    c.add_argument("--condition", action="append", metavar="NAME=VALUE[UNIT]",
+                   help="every molecule should have this property value; repeat for several. NAME is one of alpha, "
+                   "gap, homo, lumo, mu, cv (EDM's QM9 properties; the model must be trained on it). Units, default "
+                   "first: alpha Bohr3; gap/homo/lumo eV, meV or Ha; mu D; cv cal/mol/K (the molecule's whole heat "
+                   "capacity). E.g. --condition gap=6.0eV --condition mu=1.5. Values outside the range seen in "
+                   "training are refused. Without --num-atoms, each molecule's atom count is drawn from the 50 "
+                   "training molecules nearest to the condition")
+    c.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help="classifier-free guidance scale W >= 0 with --condition: eps_uncond + W (eps_cond - eps_uncond); "
+                   "0 = the unconditional model, 1 = the plain conditional model (default 1), above 1 steers harder "
+                   "(one network call on a doubled batch, ~2x the time)")
     _add_plausibility_options(s)
     s.add_argument("--workers", type=int, default=1, metavar="W",
                    help="processes for --posebusters / --relax / --keep posebusters / --max-strain (default 1)")

@@ -6,11 +6,13 @@ Standard library only, so every layer of the package may import it.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import IO, Callable
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "atomic_directory"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool = False) -> Path:
@@ -34,3 +36,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary
         temporary.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_directory(directory: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Run ``fill(folder)`` on a new temporary folder beside ``directory``, then swap it into place.
+
+    A reader sees the old folder or the new one, never a mix; a failed ``fill`` leaves the old folder
+    untouched and no temporary folder behind. Creates the parent folder if needed. Returns
+    ``directory``.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
+    try:
+        fill(temporary)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+            temporary.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            temporary.rename(directory)
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary, ignore_errors=True)
+    return directory

@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from moldiff.chemistry.plausibility import FORCE_FIELDS, Plausibility, assess_plausibility, require_posebusters
+from moldiff.chemistry.plausibility import (
+    ENERGY_CONFORMERS,
+    FORCE_FIELDS,
+    Plausibility,
+    assess_plausibility,
+    require_posebusters,
+)
 from moldiff.molecules import GeneratedMolecule, interpret
 
 if TYPE_CHECKING:
@@ -200,6 +206,7 @@ def sample_passing(
     relax: str | None = None,
     on_round: Callable[[FilterOutcome, int], None] | None = None,
     on_step: Callable[[float], None] | None = None,
+    energy_conformers: int = ENERGY_CONFORMERS,
     **options,
 ) -> FilterOutcome:
     """Draw from ``pipe`` until ``n`` molecules pass ``keep`` or ``budget`` molecules were drawn.
@@ -215,6 +222,8 @@ def sample_passing(
             (those passing the cheap criteria), to report them even when ``keep`` does not ask.
         on_round: called after each round with the outcome so far and the round's size.
         on_step: passed to :meth:`~moldiff.pipeline.MolDiffPipeline.generate` (molecules done in the round).
+        energy_conformers: PoseBusters' internal-energy ensemble size
+            (:func:`~moldiff.chemistry.plausibility.posebusters_checks`; 0 leaves that check out).
         **options: the sampling options of :meth:`~moldiff.pipeline.MolDiffPipeline.sample`
             (``steps``, ``seed``, ``num_atoms`` as one int, ``formula``, ``fragment`` ...).
 
@@ -243,6 +252,8 @@ def sample_passing(
     forcefield = keep.forcefield if keep.max_strain is not None else relax
     if forcefield is not None and forcefield not in FORCE_FIELDS:
         raise ValueError(f"relax must be {' or '.join(FORCE_FIELDS)}, got {forcefield!r}")
+    if not isinstance(energy_conformers, (int, np.integer)) or isinstance(energy_conformers, bool) or energy_conformers < 0:
+        raise ValueError(f"energy_conformers must be an integer >= 0, got {energy_conformers!r}")
     if run_checks:
         require_posebusters()
     seed = options.pop("seed", 0)
@@ -266,7 +277,7 @@ def sample_passing(
                       if m.mol is not None and m.valid and (cheap is None or _first_failure(m, cheap, set(), None) is None)]
         if (run_checks or forcefield) and candidates:
             judged = assess_plausibility([(i, outcome.drawn[i].mol) for i in candidates], checks=run_checks,
-                                         forcefield=forcefield, workers=workers)
+                                         forcefield=forcefield, workers=workers, energy_conformers=energy_conformers)
             outcome.plausibility.update({r.index: r for r in judged})
         for k, m in enumerate(molecules):
             i = start + k

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,10 +25,12 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from moldiff.data.properties import CONDITION_UNITS, PropertyConditioning
 from moldiff.data.statistics import DatasetStatistics
 from moldiff.diffusion import AtomFeatures, BondFeatures, NoiseSchedule, make_sampler
 from moldiff.diffusion.categorical import CategoricalDiffusion, CategoricalFeatures
 from moldiff.diffusion.likelihood import NLLTerms, estimate_nll
+from moldiff.files import atomic_directory
 from moldiff.geometry import num_nodes_per_graph, remove_mean
 from moldiff.chemistry import fragments as chem_fragments
 from moldiff.inpainting import DEFAULT_INPAINT_NOISE_SCALE, DEFAULT_INPAINT_TIME_POWER, inpaint_arrays, plan_conditioning
@@ -126,6 +126,18 @@ class SampleRequest:
             :func:`moldiff.sampling.denoise_batch`). 0: one time for both.
         type_steps: with ``type_lag``, the steps the elements take alone at the end (``None``:
             ``round(steps * type_lag)``, at least 1).
+        condition: property-conditional models (trained with ``model.properties``): the properties
+            every molecule should have, name -> value, e.g. ``{"gap": 6.0, "mu": 1.5}``. Values in
+            :data:`moldiff.data.properties.CONDITION_UNITS` (alpha Bohr^3; gap, homo, lumo eV; mu D;
+            cv the molecule's heat capacity, cal/(mol K)), or strings with a unit (``"6000meV"``,
+            ``"0.22Ha"``). Each must lie in the range seen in training. Properties left out are
+            dropped, as in training. A value may also be a sequence of ``n``, one per molecule (e.g.
+            values drawn from the data, with ``num_atoms`` drawn with them). Plain sampling only;
+            ``None``: no condition (a conditional model then samples as its unconditional mode,
+            every property dropped).
+        guidance_scale: classifier-free guidance ``w >= 0`` with a condition:
+            ``eps_uncond + w (eps_cond - eps_uncond)``; 0 is the unconditional model, 1 (the
+            default, ``None``) the plain conditional one, above 1 pushes harder toward the condition.
     """
 
     n: int
@@ -144,6 +156,8 @@ class SampleRequest:
     formula_draws: int | None = None
     type_lag: float = 0.0
     type_steps: int | None = None
+    condition: Mapping[str, float | str] | None = None
+    guidance_scale: float | None = None
     #: the time grid and noise of plain sampling within a formula's route (drawing, given types)
     plain_time_power: float = field(default=DEFAULT_TIME_POWER, repr=False)
     plain_noise_scale: float = field(default=DEFAULT_NOISE_SCALE, repr=False)
@@ -173,6 +187,24 @@ class SampleRequest:
             raise ValueError(f"type_lag must be in [0, 1], got {r.type_lag}")
         if r.type_steps is not None and (int(r.type_steps) != r.type_steps or r.type_steps < 1):
             raise ValueError(f"type_steps must be a positive integer, got {r.type_steps}")
+        if r.guidance_scale is not None:
+            if isinstance(r.guidance_scale, bool) or not isinstance(r.guidance_scale, (int, float, np.number)) \
+                    or not (math.isfinite(r.guidance_scale) and r.guidance_scale >= 0):
+                raise ValueError(f"guidance_scale must be a number >= 0, got {r.guidance_scale}")
+            if r.condition is None:
+                raise ValueError("guidance_scale goes with a condition (the properties to steer toward)")
+            r.guidance_scale = float(r.guidance_scale)
+        if r.condition is not None:
+            conditioning = pipe.conditioning
+            if conditioning is None:
+                raise ValueError("condition: this model was not trained with property conditioning (model.properties); "
+                                 "it cannot condition on " + ", ".join(str(k) for k in dict(r.condition)))
+            if not isinstance(r.condition, Mapping):
+                raise ValueError(f"condition must map property names to values, got {type(r.condition).__name__}")
+            r.condition = conditioning.check(r.condition, int(r.n))
+            if r.route != "plain" or r.composition == "data" or r.type_lag > 0:
+                raise ValueError("condition is for plain sampling (no fragment, formula, composition='data' or type_lag)")
+            r.guidance_scale = 1.0 if r.guidance_scale is None else r.guidance_scale
         if r.type_lag > 0:
             if r.route != "plain" or r.composition == "data":
                 raise ValueError("type_lag is for plain sampling (no fragment, formula or composition='data')")
@@ -374,6 +406,21 @@ class MolDiffPipeline(torch.nn.Module):
             raise ValueError(f"{what} is not available for self-conditioned models")
 
     @property
+    def conditioning(self) -> PropertyConditioning | None:
+        """For a property-conditional model (trained with ``model.properties``), what it was trained
+        with: the property names, EDM's normalisation, the training range of each property and the
+        training molecules' values and sizes (:class:`~moldiff.data.properties.PropertyConditioning`);
+        ``None`` for other models."""
+        saved = self.metadata.get("conditioning")
+        if saved is None:
+            return None
+        cached = getattr(self, "_conditioning", None)
+        if cached is None or cached[0] is not saved:
+            cached = (saved, PropertyConditioning.from_dict(saved))
+            object.__setattr__(self, "_conditioning", cached)
+        return cached[1]
+
+    @property
     def self_condition(self) -> bool:
         """Whether the network takes its previous clean-molecule estimate as input (self-conditioning)."""
         return bool(getattr(self.denoiser.config, "self_condition", False))
@@ -394,8 +441,13 @@ class MolDiffPipeline(torch.nn.Module):
 
         ``t_h``: ``(B,)`` noise time of the element features when it differs from the coordinates'
         (``type_time`` models; ``None``: ``t``).
+
+        ``context``: ``(B, context_dim)`` conditioning of a property-conditional model; ``None`` gives
+        such a model an all-zero context, every property dropped (its unconditional mode).
         """
         blocks = getattr(self, "_compiled_blocks", None)
+        if context is None and self.denoiser.config.context_dim:
+            context = torch.zeros(t.shape[0], self.denoiser.config.context_dim, dtype=pos_t.dtype, device=pos_t.device)
         bf16 = getattr(self, "_precision", "fp32") == "bf16"
         with torch.autocast(pos_t.device.type, dtype=torch.bfloat16, enabled=bf16):
             extra = {} if t_h is None else {"t_h": t_h}
@@ -458,6 +510,8 @@ class MolDiffPipeline(torch.nn.Module):
         types: Sequence[np.ndarray] | None = None,
         type_lag: float = 0.0,
         type_steps: int = 0,
+        condition: Mapping[str, float] | None = None,
+        guidance_scale: float | None = None,
     ) -> SampledArrays:
         """Sample ``n`` molecules; returns raw arrays (see :class:`SampledArrays`).
 
@@ -476,6 +530,11 @@ class MolDiffPipeline(torch.nn.Module):
         follow from them), placed by the network as with ``composition="data"``.
         ``type_lag`` / ``type_steps``: the elements behind the coordinates, decided at the end
         (:class:`SampleRequest`; ``type_time`` models).
+        ``condition`` / ``guidance_scale``: property-conditional models (:class:`SampleRequest`; the
+        condition as :meth:`~moldiff.data.properties.PropertyConditioning.check` returns it). Without
+        ``num_atoms`` the sizes are drawn from the training molecules nearest to the condition
+        (:meth:`~moldiff.data.properties.PropertyConditioning.draw_sizes`); ``extra["condition"]``
+        records the condition, ``extra["guidance_scale"]`` the scale.
         Same ``seed``, same output (on the same device and torch version).
         """
         if composition is None:
@@ -500,8 +559,18 @@ class MolDiffPipeline(torch.nn.Module):
             if any(t.ndim != 1 or (t.size and (t.min() < 0 or t.max() >= len(self.elements))) for t in types):
                 raise ValueError(f"atom types must be 1-D element indices in [0, {len(self.elements)})")
             num_atoms = [len(t) for t in types]
+        conditioning = None
+        if condition is not None:
+            conditioning = self.conditioning
+            if conditioning is None:
+                raise ValueError("condition: this model was not trained with property conditioning (model.properties)")
+            condition = conditioning.check(condition, n)
+        elif guidance_scale is not None:
+            raise ValueError("guidance_scale goes with a condition")
         rng = np.random.default_rng(seed)
-        if num_atoms is None:
+        if num_atoms is None and condition is not None:
+            sizes = conditioning.draw_sizes(condition, n, rng)
+        elif num_atoms is None:
             sizes = self.statistics.sample_sizes(n, rng, min_atoms=2)
         elif isinstance(num_atoms, (int, np.integer)):
             sizes = np.full(n, int(num_atoms))
@@ -525,6 +594,13 @@ class MolDiffPipeline(torch.nn.Module):
         out.extra["composition"] = "given" if types is not None else composition
         if type_lag > 0:
             out.extra.update(type_lag=type_lag, type_steps=type_steps, network_evaluations=steps + type_steps + 1)
+        context = None
+        if condition is not None:
+            values, present = conditioning.values(condition, n)
+            context = torch.as_tensor(conditioning.context(conditioning.targets(values, sizes), present), device=device)
+            scale = 1.0 if guidance_scale is None else float(guidance_scale)
+            out.extra.update(condition={k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in condition.items()},
+                             condition_units={k: CONDITION_UNITS[k] for k in condition}, guidance_scale=scale)
         self.denoiser.eval()
         for start in range(0, n, batch_size):
             chunk = sizes[start : start + batch_size]
@@ -534,7 +610,8 @@ class MolDiffPipeline(torch.nn.Module):
                 known = torch.as_tensor(flat[offsets[start] : offsets[start + len(chunk)]], dtype=torch.long, device=device)
                 hooks.append(GivenTypes(known))
             result = denoise_batch(self, chunk, steps, sampler_obj, gen, hooks=hooks, tick=tick, type_lag=type_lag,
-                                   type_steps=type_steps)
+                                   type_steps=type_steps, guidance_scale=guidance_scale,
+                                   context=None if context is None else context[start : start + len(chunk)])
             out.add_batch(start, chunk, *result)
             if progress is not None:
                 progress(len(chunk))
@@ -563,7 +640,8 @@ class MolDiffPipeline(torch.nn.Module):
         return self.sample_arrays(req.n, steps=req.steps, sampler=req.sampler, seed=req.seed, num_atoms=req.num_atoms,
                                   batch_size=req.batch_size, progress=progress, on_step=on_step,
                                   time_power=req.time_power, noise_scale=req.noise_scale, composition=req.composition,
-                                  type_lag=req.type_lag, type_steps=req.type_steps or 0)
+                                  type_lag=req.type_lag, type_steps=req.type_steps or 0, condition=req.condition,
+                                  guidance_scale=req.guidance_scale)
 
     def _formula_arrays(self, req: "SampleRequest", on_step, progress) -> SampledArrays:
         """A formula alone: draw unconditional molecules of its size and keep exact matches (the model's
@@ -625,7 +703,8 @@ class MolDiffPipeline(torch.nn.Module):
 
         ``options`` are the fields of :class:`SampleRequest` (``steps``, ``sampler``, ``seed``,
         ``num_atoms``, ``batch_size``, ``composition``, ``fragment``, ``formula``, ``resample``,
-        ``time_power``, ``noise_scale``, ``valence_guidance``, ``formula_draws``), documented there;
+        ``time_power``, ``noise_scale``, ``valence_guidance``, ``formula_draws``, ``type_lag``,
+        ``type_steps``, ``condition``, ``guidance_scale``), documented there;
         ``None`` means the default of the route taken. ``on_step(done)`` is called after every network
         evaluation with the molecules denoised so far (progress bars), ``progress(k)`` after each batch.
 
@@ -682,25 +761,12 @@ class MolDiffPipeline(torch.nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` and ``model.pt`` (denoiser weights) into ``directory`` atomically:
         files go to a temporary sibling folder that replaces the target only when complete."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
-        try:
-            (tmp / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2))
+        def fill(folder: Path) -> None:
+            (folder / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2))
             state = {k: v.detach().cpu().contiguous() for k, v in self.denoiser.state_dict().items()}
-            torch.save(state, tmp / WEIGHTS_NAME)
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                directory.rename(old)
-                tmp.rename(directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(directory)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return directory
+            torch.save(state, folder / WEIGHTS_NAME)
+
+        return atomic_directory(directory, fill)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "MolDiffPipeline":

@@ -13,6 +13,10 @@ guidance (:mod:`moldiff.inpainting`). A hook sees the state at fixed points of e
   impose what is known;
 - ``finish``: after faults are recorded, just before the state is decoded into elements.
 
+A property-conditional model gets its per-molecule ``context`` through the loop's one network call,
+and classifier-free guidance (:func:`guided_noise`) mixes its conditional and unconditional
+predictions there, before the hooks' ``guide``.
+
 With ``resample = r > 1`` every step is taken ``r`` times, the state pushed back from ``s`` to ``t``
 by the forward process in between (RePaint's resampling). Numerical faults are recorded per
 molecule, never repaired (:func:`record_faults`).
@@ -20,6 +24,7 @@ molecule, never repaired (:func:`record_faults`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
@@ -36,7 +41,7 @@ if TYPE_CHECKING:
     from moldiff.diffusion.samplers import Sampler
 
 __all__ = ["SampledArrays", "record_faults", "network_inputs", "batch_ticker", "DEFAULT_TIME_POWER", "DEFAULT_NOISE_SCALE",
-           "SamplingHook", "GivenTypes", "BatchContext", "LoopState", "BatchResult", "denoise_batch"]
+           "SamplingHook", "GivenTypes", "BatchContext", "LoopState", "BatchResult", "denoise_batch", "guided_noise"]
 
 #: Default time grid of sampling, ``t_k = (k / K) ** DEFAULT_TIME_POWER`` (1 would be EDM's uniform
 #: grid). Measured on the shipped model with 50 and 100 ancestral steps (docs/experiments.md,
@@ -139,6 +144,47 @@ def network_inputs(fault: torch.Tensor, batch: torch.Tensor, *states: torch.Tens
     return tuple(out)
 
 
+def guided_noise(pipe, pos_t: torch.Tensor, h_t: torch.Tensor, t: torch.Tensor, batch: torch.Tensor,
+                 context: torch.Tensor | None, guidance_scale: float | None = None, *,
+                 edge_index: torch.Tensor | None = None, **extra) -> tuple:
+    """The network's prediction (``pipe.predict_noise``'s tuple) for context ``context`` ``(B, C)``,
+    with classifier-free guidance at scale ``w = guidance_scale``:
+    ``eps = eps_uncond + w (eps_cond - eps_uncond)`` for every output, ``eps_uncond`` the prediction
+    with every property dropped (an all-zero context, :class:`moldiff.data.properties.PropertyConditioning`).
+
+    ``w = 0`` calls the network with the all-zero context only (exactly the unconditional model's
+    prediction); ``w = 1`` or ``None`` with ``context`` only (the plain conditional one); any other
+    ``w`` makes one network call on a doubled batch, the molecules with ``context`` and again with
+    the zero context. ``context=None``: the plain call. ``extra``: ``predict_noise``'s other keyword
+    arguments (``t_h``, ``cond``, ``e_t`` with edges indexed by ``edge_index``).
+    """
+    if context is None or guidance_scale is None or guidance_scale == 1:
+        return pipe.predict_noise(pos_t, h_t, t, batch, context=context, edge_index=edge_index, **extra)
+    uncond = torch.zeros_like(context)
+    if guidance_scale == 0:
+        return pipe.predict_noise(pos_t, h_t, t, batch, context=uncond, edge_index=edge_index, **extra)
+    num_graphs, num_atoms = context.shape[0], pos_t.shape[0]
+    if edge_index is None:
+        edge_index = fully_connected_edges(batch)
+    both = {}
+    for key, value in extra.items():  # per-molecule, per-atom or per-edge inputs: the same for both halves
+        if value is None:
+            both[key] = None
+        elif isinstance(value, tuple):
+            both[key] = tuple(torch.cat([v, v]) for v in value)
+        else:
+            both[key] = torch.cat([value, value])
+    out = pipe.predict_noise(torch.cat([pos_t, pos_t]), torch.cat([h_t, h_t]), torch.cat([t, t]),
+                             torch.cat([batch, batch + num_graphs]), context=torch.cat([context, uncond]),
+                             edge_index=torch.cat([edge_index, edge_index + num_atoms], 1), **both)
+    mixed = []
+    for x in out:
+        half = x.shape[0] // 2
+        cond, free = x[:half], x[half:]
+        mixed.append(free + guidance_scale * (cond - free))
+    return tuple(mixed)
+
+
 # ---------------------------------------------------------------------------------------- the loop
 
 
@@ -162,6 +208,10 @@ class BatchContext:
     num_graphs: int
     dtype: torch.dtype
     initial_noise: tuple[torch.Tensor, torch.Tensor]
+    #: ``(B, context_dim)`` conditioning of a property-conditional model (``None``: none given)
+    context: torch.Tensor | None = None
+    #: classifier-free guidance scale (``None``: the plain conditional prediction)
+    guidance_scale: float | None = None
 
     @property
     def device(self) -> torch.device:
@@ -355,6 +405,8 @@ def denoise_batch(
     tick: Callable[[int, int], None] | None = None,
     type_lag: float = 0.0,
     type_steps: int = 0,
+    context: torch.Tensor | None = None,
+    guidance_scale: float | None = None,
 ) -> BatchResult:
     """Run the reverse process for one batch of molecules of ``sizes`` atoms.
 
@@ -373,6 +425,10 @@ def denoise_batch(
             more steps take the elements from ``t_min + d`` to ``t_min`` on a uniform grid with the
             coordinates held at ``t_min`` (the grid's last time): the network decides the elements
             jointly, from a nearly final geometry. 0: one time for both (EDM).
+        context: ``(B, context_dim)`` per-molecule conditioning of a property-conditional model
+            (``None``: the model's unconditional mode, every property dropped).
+        guidance_scale: classifier-free guidance ``w`` with ``context`` (:func:`guided_noise`; 0: the
+            unconditional model, exactly; 1 or ``None``: the plain conditional model).
     """
     device = pipe.device
     dtype = next(pipe.denoiser.parameters()).dtype
@@ -387,8 +443,15 @@ def denoise_batch(
         eps_h = torch.randn(num_atoms, pipe.features.dim, generator=generator, dtype=dtype, device=device)
     else:
         eps_pos, eps_h = (x.to(device=device, dtype=dtype) for x in initial_noise)
+    if context is not None:
+        context = torch.as_tensor(context, device=device)
+        if context.shape != (num_graphs, int(getattr(pipe.denoiser.config, "context_dim", 0))) or not context.shape[1]:
+            raise ValueError(f"context of shape {tuple(context.shape)} for {num_graphs} molecules of a model with "
+                             f"context_dim={getattr(pipe.denoiser.config, 'context_dim', 0)}")
+    if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(f"guidance scale must be a number >= 0, got {guidance_scale}")
     ctx = BatchContext(pipe, sampler, generator, np.asarray(sizes), batch, local, edge_index, num_graphs, dtype,
-                       (eps_pos, eps_h))
+                       (eps_pos, eps_h), context, guidance_scale)
     state = LoopState(remove_mean(eps_pos, batch, num_graphs), eps_h.clone(), None,
                       torch.full((num_graphs,), -1, dtype=torch.long, device=device))
     bonded = pipe.bond_types > 0
@@ -425,7 +488,8 @@ def denoise_batch(
             extra["cond"] = state.cond
         if bonded:
             extra["e_t"] = network_inputs(state.fault, edge_batch, state.e)[0]
-        eps_pos, eps_h, *eps_e = pipe.predict_noise(net_pos, net_h, t, batch, edge_index=edge_index, **extra)
+        eps_pos, eps_h, *eps_e = guided_noise(pipe, net_pos, net_h, t, batch, context, guidance_scale,
+                                              edge_index=edge_index, **extra)
         for hook in hooks:
             eps_pos, eps_h = hook.guide(ctx, state, eps_pos, eps_h, t)
         return eps_pos, eps_h, (eps_e[0] if eps_e else None)

@@ -24,33 +24,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
 def machine_record(threads: int) -> dict:
-    """CPU model and flags (scripts/bench_engine.py's helper), torch, threads, load average."""
+    """CPU model and flags, torch and torch-geometric, threads, load average (scripts/machine_info.py)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_engine import cpu_flags
+    import machine_info
 
-    try:
-        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                     platform.processor())
-    except OSError:
-        model = platform.processor() or platform.machine()
-    import torch_geometric
-
-    return {"cpu": model, "cpu_flags": cpu_flags(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpus": os.cpu_count(),
-            "cpus_this_process_may_use": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "threads": threads, "torch": torch.__version__, "torch_geometric": torch_geometric.__version__,
-            "python": platform.python_version(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}
+    return machine_info.machine_record(threads, libraries=("torch_geometric",))
 
 
 def make_methods(qm9, indices, bonds):

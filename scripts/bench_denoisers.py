@@ -19,10 +19,9 @@ bf16-relevant flags, torch and e3nn versions), the arguments, parameter counts a
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -32,19 +31,11 @@ SCRIPTS = Path(__file__).resolve().parent
 
 
 def machine(threads: int) -> dict:
-    """CPU model and flags (``scripts/bench_engine.py``'s helper), thread count and library versions."""
-    spec = importlib.util.spec_from_file_location("_bench_engine_for_flags", SCRIPTS / "bench_engine.py")
-    engine = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(engine)
-    import e3nn
+    """CPU model and flags, thread count, torch and e3nn versions (scripts/machine_info.py)."""
+    sys.path.insert(0, str(SCRIPTS))
+    import machine_info
 
-    try:
-        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
-    except OSError:
-        cpu = ""
-    return {"cpu": cpu or platform.processor(), "threads": threads, "torch": torch.__version__,
-            "e3nn": e3nn.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_flags": engine.cpu_flags()}
+    return machine_info.machine_record(threads, libraries=("e3nn",))
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:

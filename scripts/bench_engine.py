@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import numpy as np
 import torch
 
+from machine_info import cpu_flags, cpu_model
 from moldiff.data.batching import MoleculeSet
 from moldiff.data.qm9 import edm_split, load_qm9
 from moldiff.diffusion import AncestralSampler, AtomFeatures, NoiseSchedule, add_noise, epsilon_loss
@@ -44,15 +44,6 @@ from moldiff.models import DenoiserConfig, EGNNDenoiser
 from moldiff.runtime import cpu_has_native_bf16
 
 EDM_PUBLISHED = {(256, 9): (14.1, 0.80), (128, 6): (1.86, 0.153)}
-
-
-def cpu_flags() -> list[str]:
-    """The CPU flags that decide bf16 speed (``avx2``, ``avx512*``, ``amx*``), from /proc/cpuinfo."""
-    try:
-        line = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
-    except OSError:
-        return []
-    return sorted(f for f in line.partition(":")[2].split() if f == "avx2" or f.startswith(("avx512", "amx")))
 
 
 # ----------------------------------------------------------------------------- padded reference
@@ -250,7 +241,7 @@ def main():
     qm9 = load_qm9()
     train = MoleculeSet(qm9.ptr, qm9.atom_types, qm9.positions, [1, 6, 7, 8, 9], edm_split()["train"])
     machine = {
-        "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor()),
+        "cpu": cpu_model(),
         "threads": args.threads,
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -19,8 +19,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,15 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def machine() -> dict:
-    from bench_engine import cpu_flags
+    """CPU model and flags, cores, load average (scripts/machine_info.py)."""
+    import machine_info
 
-    model = platform.processor()
-    with contextlib.suppress(OSError):
-        model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), model)
-    return {"cpu": model, "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "load_average": os.getloadavg()}
+    return machine_info.machine_record()
 
 
-def evaluate_set(name: str, spec: str, n: int, workers: int, forcefield: str, out: Path, seed: int) -> dict:
+def evaluate_set(name: str, spec: str, n: int, workers: int, forcefield: str, out: Path, seed: int,
+                 conformers: int = 50) -> dict:
     """One ``moldiff evaluate`` run; returns its JSON summary plus wall time and the command."""
     from moldiff.cli import main
 
@@ -49,7 +46,7 @@ def evaluate_set(name: str, spec: str, n: int, workers: int, forcefield: str, ou
     with tempfile.TemporaryDirectory() as tmp:
         argv = (["evaluate", "--dataset", spec] if spec.startswith("qm9:") else ["evaluate", spec])
         argv += ["--subsample", str(n), "--seed", str(seed), "--posebusters", "--relax", forcefield,
-                 "--workers", str(workers), "--no-novelty", "--csv", str(csv_path), "--json", str(json_path),
+                 "--workers", str(workers), "--pb-conformers", str(conformers), "--no-novelty", "--csv", str(csv_path), "--json", str(json_path),
                  "--relaxed-sdf", str(Path(tmp) / "relaxed.sdf")]
         t0 = time.monotonic()
         buffer = io.StringIO()
@@ -82,7 +79,7 @@ def plot(results: dict, out: Path) -> list[Path]:
     names = list(results)
     checks = list(dict.fromkeys(c for r in results.values() for c in r["summary"]["posebusters"]["checks"]))
     labels = [*checks, "all checks"]
-    fig, ax = plt.subplots(figsize=(11, 4.2))
+    fig, ax = plt.subplots(figsize=(11, 4.8))
     width = 0.8 / len(names)
     for k, name in enumerate(names):
         pb = results[name]["summary"]["posebusters"]
@@ -92,8 +89,11 @@ def plot(results: dict, out: Path) -> list[Path]:
     ax.set_xticks(np.arange(len(labels)), [l.replace("_", " ") for l in labels], rotation=40, ha="right", fontsize=8)
     ax.set_ylabel("pass rate (%)")
     ax.set_ylim(0, 105)
-    ax.set_title("PoseBusters molecule checks (config 'mol'), geometries as generated")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.42), ncol=len(names))
+    conformers = {r["summary"]["posebusters"].get("energy_conformers", 50) for r in results.values()}
+    energy = ("internal energy not checked" if conformers == {0} else
+              "internal energy against " + " / ".join(str(c) for c in sorted(conformers)) + " conformers")
+    ax.set_title(f"PoseBusters molecule checks (config 'mol'; {energy}), geometries as generated", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.55), ncol=len(names))
     fig.tight_layout()
     bars = out / "posebusters_pass_rates.png"
     fig.savefig(bars, dpi=110)
@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--forcefield", choices=("mmff", "uff"), default="mmff")
+    p.add_argument("--pb-conformers", type=int, default=50, metavar="K",
+                   help="conformers in PoseBusters' internal-energy ensemble (default 50, its mol configuration)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the JSON, CSV and plots")
     p.add_argument("--keep-previous", action="store_true",
                    help="keep the sets already in OUT/summary.json (measure one set per call, e.g. one on an idle machine)")
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         name, _, spec = item.partition("=")
         if not name or not spec:
             p.error(f"sets are NAME=SPEC, got {item!r}")
-        results[name] = evaluate_set(name, spec, args.n, args.workers, args.forcefield, out, args.seed)
+        results[name] = evaluate_set(name, spec, args.n, args.workers, args.forcefield, out, args.seed, args.pb_conformers)
     pngs = plot(results, out)
     record = {"n": args.n, "seed": args.seed, "forcefield": args.forcefield,
               "sets": {k: {kk: vv for kk, vv in v.items() if kk != "strain_values"} for k, v in results.items()},

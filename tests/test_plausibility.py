@@ -209,3 +209,39 @@ def test_cli_sample_relax_writes_the_relaxed_sdf_with_the_others(tmp_path):
     assert m["relax"]["forcefield"] == "UFF" and m["relax"]["n"] == m["n_valid"]
     assert m["relaxed_records"] == m["relax"]["n_relaxed"]
     assert "relaxation (UFF)" in r.stdout and "samples_relaxed.sdf" in r.stdout
+
+
+# ------------------------------------------------------------------ the internal-energy ensemble size
+
+
+def test_a_smaller_energy_ensemble_gives_the_same_verdicts_and_zero_leaves_the_energy_check_out(qm9_mol):
+    pytest.importorskip("posebusters")
+    from moldiff.chemistry.plausibility import ENERGY_CONFORMERS, posebusters_checks
+
+    clashed = _move_atom(qm9_mol, 1, 3, 0.3)  # a carbon 0.3 Å from a non-bonded atom: fails clash and energy
+    for mol in (qm9_mol, clashed):
+        full = posebusters_checks(mol)
+        assert posebusters_checks(mol, ENERGY_CONFORMERS) == full
+        assert posebusters_checks(mol, 8) == full  # the ratio threshold (100) is far from either molecule
+        without = posebusters_checks(mol, 0)
+        assert "internal_energy" not in without
+        assert without == {k: v for k, v in full.items() if k != "internal_energy"}
+    assert posebusters_checks(qm9_mol, 8)["internal_energy"] and not posebusters_checks(clashed, 8)["internal_energy"]
+    summary = summarize_plausibility(assess_plausibility([(0, qm9_mol)], checks=True, energy_conformers=0),
+                                     checks=True, forcefield=None, energy_conformers=0)
+    assert summary["posebusters"]["energy_conformers"] == 0 and summary["posebusters"]["all"] == 1.0
+    assert "internal energy not checked" in format_plausibility(summary)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True])
+def test_a_bad_energy_ensemble_size_is_refused(qm9_mol, bad):
+    with pytest.raises(ValueError, match="energy_conformers"):
+        assess_plausibility([(0, qm9_mol)], checks=False, energy_conformers=bad)
+
+
+def test_cli_pb_conformers_below_zero_is_a_one_line_error(tmp_path, test_pairs, capsys):
+    sdf = tmp_path / "x.sdf"
+    write_sdf(sdf, test_pairs[:1])
+    assert main(["evaluate", str(sdf), "--pb-conformers", "-1", "--no-novelty"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--pb-conformers" in err[0]

@@ -182,6 +182,20 @@ def test_save_load_round_trip_gives_identical_samples(pipe, tmp_path):
         np.testing.assert_array_equal(x.positions, y.positions)
 
 
+def test_a_save_that_fails_halfway_leaves_the_saved_model_whole(pipe, tmp_path, monkeypatch):
+    target = pipe.save_pretrained(tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        pipe.save_pretrained(target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # the old files, all of them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left
+
+
 def test_load_pretrained_accepts_a_run_dir_and_explains_what_is_missing(checkpoint, tmp_path):
     run = tmp_path / "run"
     tiny_pipeline().save_pretrained(run / "pipeline")
@@ -276,6 +290,19 @@ def test_cli_sample_writes_sdf_csv_png_json(checkpoint, tmp_path):
     lines = out.with_suffix(".csv").read_text().splitlines()
     assert lines[0].startswith("index,SMILES,valid,mol_stable,QED,SA_score,MW,logP") and len(lines) == 4
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_sample_in_a_log_writes_whole_progress_lines(checkpoint, tmp_path, capsys, monkeypatch):
+    import moldiff.cli
+
+    monkeypatch.setattr(moldiff.cli, "LOG_PROGRESS_SECONDS", 0.0)  # a line at every update instead of once a minute
+    assert main(["sample", "-n", "3", "--steps", "2", "--checkpoint", str(checkpoint), "-o", str(tmp_path / "o"),
+                 "--no-novelty"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith(("sampling:", "bonds + RDKit:"))]
+    assert any(line.startswith("sampling:") and "3/3" in line for line in lines), err
+    assert any(line.startswith("bonds + RDKit:") for line in lines), err
 
 
 def test_cli_output_without_sdf_suffix_is_a_folder(checkpoint, tmp_path, capsys):

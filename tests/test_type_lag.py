@@ -121,6 +121,28 @@ def test_training_noises_the_elements_at_their_own_time(lag_run, debug_data):
     assert recorder.seen["t_h"] is None
 
 
+def test_the_compiled_or_ddp_proxy_passes_the_elements_time(lag_run, debug_data):
+    """Under torch.compile or DDP the loss sees a proxy of the pipeline (Trainer._loss_pipe): the
+    same draws give the same loss through it as through the pipeline, t_h included."""
+    _, _, lagged = lag_run
+    _, batch = next(iter(debug_data.train.batches(8, 0, 0, 0)))
+    t = torch.rand(batch.num_graphs, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.5
+    direct = diffusion_loss(lagged.pipe, batch, t, torch.Generator().manual_seed(11), type_lag_prob=1.0)
+    recorder = Recorder(lagged.model)
+    saved = lagged.forward_model
+    lagged.forward_model = recorder  # a wrapper in place of the compiled / DDP module
+    try:
+        proxy = lagged._loss_pipe()
+        assert proxy is not lagged.pipe
+        through = diffusion_loss(proxy, batch, t, torch.Generator().manual_seed(11), type_lag_prob=1.0)
+    finally:
+        lagged.forward_model = saved
+    assert recorder.seen["t_h"] is not None and (recorder.seen["t_h"].double() > t).all()
+    assert float(through.detach()) == pytest.approx(float(direct.detach()), rel=1e-6)
+    without = diffusion_loss(lagged.pipe, batch, t, torch.Generator().manual_seed(11))
+    assert abs(float(without.detach()) - float(direct.detach())) > 1e-4  # the lag changes the loss: not vacuous
+
+
 def test_switching_type_time_on_at_resume_keeps_the_function_then_trains(lag_run, debug_data):
     run, plain, lagged = lag_run
     _, batch = next(iter(debug_data.train.batches(8, 0, 0, 0)))

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from rdkit import Chem, rdBase
@@ -29,6 +30,7 @@ from rdkit.Chem import rdForceFieldHelpers, rdMolAlign
 
 __all__ = [
     "CHECKS_EXTRA",
+    "ENERGY_CONFORMERS",
     "FORCE_FIELDS",
     "MissingExtraError",
     "posebusters_available",
@@ -44,6 +46,8 @@ __all__ = [
 
 #: How to install the optional dependencies of this module.
 CHECKS_EXTRA = "pip install moldiff[checks]"
+#: Conformers in the internal-energy check's reference ensemble in PoseBusters' ``mol`` configuration.
+ENERGY_CONFORMERS = 50
 #: ``--relax`` choices: name -> what reports call it.
 FORCE_FIELDS = {"mmff": "MMFF94", "uff": "UFF"}
 
@@ -73,20 +77,49 @@ def posebusters_available() -> bool:
     return True
 
 
-@lru_cache(maxsize=1)
-def _buster():
-    return _import_posebusters().PoseBusters(config="mol", max_workers=0)
+def _check_conformers(energy_conformers) -> int:
+    if not isinstance(energy_conformers, (int, np.integer)) or isinstance(energy_conformers, bool) \
+            or energy_conformers < 0:
+        raise ValueError(f"energy_conformers must be an integer >= 0, got {energy_conformers!r}")
+    return int(energy_conformers)
 
 
-def posebusters_checks(mol: Chem.Mol) -> dict[str, bool]:
+@lru_cache(maxsize=4)
+def _buster(energy_conformers: int = ENERGY_CONFORMERS):
+    """PoseBusters with its own ``mol`` configuration, the internal-energy ensemble made of
+    ``energy_conformers`` conformers (0: that check left out), embedded on one thread: molecules are
+    spread over processes by ``workers``, and RDKit would otherwise start a thread per core in each."""
+    import yaml
+
+    pb = _import_posebusters()
+    config = yaml.safe_load((Path(pb.__file__).parent / "config" / "mol.yml").read_text(encoding="utf-8"))
+    modules = []
+    for module in config["modules"]:
+        if module["function"] == "energy_ratio":
+            if energy_conformers == 0:
+                continue
+            module = {**module, "parameters": {**module.get("parameters", {}), "num_threads": 1,
+                                               "ensemble_number_conformations": energy_conformers}}
+        modules.append(module)
+    return pb.PoseBusters(config={**config, "modules": modules}, max_workers=0)
+
+
+def posebusters_checks(mol: Chem.Mol, energy_conformers: int = ENERGY_CONFORMERS) -> dict[str, bool]:
     """PoseBusters' ``mol`` checks of one molecule (3D conformer, explicit hydrogens as generated).
+
+    Args:
+        mol: an RDKit molecule with bonds and one 3D conformer.
+        energy_conformers: size of the ETKDG ensemble the internal-energy check compares against
+            (PoseBusters' ``mol`` configuration: :data:`ENERGY_CONFORMERS`); fewer is faster, 0 leaves
+            the internal-energy check out.
 
     Returns:
         ``{check name: passed}`` in PoseBusters' order, e.g. ``bond_lengths``,
         ``internal_steric_clash``, ``internal_energy``.
     """
+    buster = _buster(_check_conformers(energy_conformers))
     with rdBase.BlockLogs():
-        table = _buster().bust([Chem.Mol(mol)], None, None, full_report=False)
+        table = buster.bust([Chem.Mol(mol)], None, None, full_report=False)
     row = table.iloc[0]
     return {str(name): bool(row[name]) for name in table.columns}
 
@@ -221,14 +254,14 @@ def _molecule(item) -> tuple[Chem.Mol | None, str | None]:
 
 
 def _assess_one(job) -> Plausibility:
-    index, item, checks, forcefield = job
+    index, item, checks, forcefield, conformers = job
     mol, error = _molecule(item)
     out = Plausibility(index, error=error)
     if mol is None:
         return out
     if checks:
         try:
-            out.checks = posebusters_checks(mol)
+            out.checks = posebusters_checks(mol, conformers)
         except MissingExtraError:
             raise
         except Exception as exc:  # noqa: BLE001 - reported per molecule
@@ -237,7 +270,7 @@ def _assess_one(job) -> Plausibility:
         out.relaxation = relax(mol, forcefield)
         if checks and out.relaxation.mol is not None:
             try:
-                out.relaxed_checks = posebusters_checks(out.relaxation.mol)
+                out.relaxed_checks = posebusters_checks(out.relaxation.mol, conformers)
             except Exception:  # noqa: BLE001 - relaxed checks are secondary
                 out.relaxed_checks = None
     return out
@@ -250,6 +283,7 @@ def assess_plausibility(
     forcefield: str | None = None,
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
+    energy_conformers: int = ENERGY_CONFORMERS,
 ) -> list[Plausibility]:
     """PoseBusters checks and/or relaxation of ``(index, molecule)`` pairs, in input order.
 
@@ -260,12 +294,14 @@ def assess_plausibility(
         forcefield: ``"mmff"``, ``"uff"`` or ``None`` (no relaxation).
         workers: processes (1 = this process).
         progress: called with 1 after each molecule.
+        energy_conformers: PoseBusters' internal-energy ensemble size (see :func:`posebusters_checks`).
     """
+    conformers = _check_conformers(energy_conformers)
     if checks:
         require_posebusters()
     if forcefield is not None and forcefield not in FORCE_FIELDS:
         raise ValueError(f"unknown force field {forcefield!r}; choose {' or '.join(FORCE_FIELDS)}")
-    jobs = [(int(i), m, checks, forcefield) for i, m in molecules]
+    jobs = [(int(i), m, checks, forcefield, conformers) for i, m in molecules]
     results = []
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
@@ -296,8 +332,10 @@ def _pass_rates(tables: list[dict[str, bool] | None], n: int) -> dict:
     return {"checks": rates, "all": (sum(bool(t) and all(t.values()) for t in tables) / n) if n else None}
 
 
-def summarize_plausibility(results: Sequence[Plausibility], *, checks: bool, forcefield: str | None) -> dict:
-    """JSON-ready summary of :func:`assess_plausibility` run with these ``checks`` / ``forcefield``.
+def summarize_plausibility(results: Sequence[Plausibility], *, checks: bool, forcefield: str | None,
+                           energy_conformers: int = ENERGY_CONFORMERS) -> dict:
+    """JSON-ready summary of :func:`assess_plausibility` run with these ``checks`` / ``forcefield``
+    (and ``energy_conformers``, recorded as ``posebusters.energy_conformers``).
 
     ``posebusters``: pass rate of each check and of all together over the molecules given (one
     that could not be checked counts as failing, and is named in ``errors``). ``relax``: RMSD and
@@ -305,7 +343,7 @@ def summarize_plausibility(results: Sequence[Plausibility], *, checks: bool, for
     """
     out: dict = {}
     if checks:
-        out["posebusters"] = {"config": "mol", "n": len(results), **_pass_rates([r.checks for r in results], len(results)),
+        out["posebusters"] = {"config": "mol", "energy_conformers": int(energy_conformers), "n": len(results), **_pass_rates([r.checks for r in results], len(results)),
                               "errors": [r.index for r in results if r.checks is None]}
     if forcefield:
         ok = [r for r in results if r.relaxation is not None and r.relaxation.mol is not None]
@@ -341,7 +379,11 @@ def format_plausibility(summary: dict) -> str:
     pb = summary.get("posebusters")
     if pb:
         after = (summary.get("relax") or {}).get("posebusters_after")
-        head = f"PoseBusters (mol checks) on {pb['n']} valid molecules" + ("   as generated   relaxed" if after else "")
+        conformers = pb.get("energy_conformers", ENERGY_CONFORMERS)
+        how = ("internal energy not checked" if conformers == 0 else
+               f"internal energy against {conformers} conformers" if conformers != ENERGY_CONFORMERS else "")
+        head = (f"PoseBusters (mol checks{'; ' + how if how else ''}) on {pb['n']} valid molecules"
+                + ("   as generated   relaxed" if after else ""))
         lines.append(head)
         for name, rate in [*pb["checks"].items(), ("all checks", pb["all"])]:
             line = f"{name:>32}: {100 * rate:6.2f}%"

@@ -28,7 +28,9 @@ class MoleculeBatch:
     ``charges`` ``(n,)`` atomic numbers, ``batch`` ``(n,)`` sorted molecule indices, ``num_graphs``,
     and optionally ``bonds`` ``(P, 3)`` int64 rows ``[i, j, order]``: one per bond, ``i < j`` indices
     into the batch's atoms (the rows of ``pos``), order 1-3; ``None`` when the set has no bond labels;
-    and optionally ``formal_charges`` ``(n,)`` int64 (RDKit's, from the same labels; ``None`` without)."""
+    and optionally ``formal_charges`` ``(n,)`` int64 (RDKit's, from the same labels; ``None`` without);
+    and optionally ``targets`` ``(B, P)`` float64 per-molecule property targets (EDM's,
+    :func:`moldiff.data.properties.edm_targets`; ``None`` when the set has none)."""
 
     pos: torch.Tensor
     types: torch.Tensor
@@ -37,6 +39,7 @@ class MoleculeBatch:
     num_graphs: int
     bonds: torch.Tensor | None = None
     formal_charges: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
 
     def to(self, device) -> "MoleculeBatch":
         return MoleculeBatch(
@@ -47,6 +50,7 @@ class MoleculeBatch:
             self.num_graphs,
             None if self.bonds is None else self.bonds.to(device),
             None if self.formal_charges is None else self.formal_charges.to(device),
+            None if self.targets is None else self.targets.to(device),
         )
 
 
@@ -59,16 +63,23 @@ class MoleculeSet:
         indices: which molecules (positions into ``ptr``) belong to this set;
         bonds: optional bond-order labels of the whole store (indexed like ``ptr``, not like
         ``indices``); when given, every batch carries them as ``MoleculeBatch.bonds`` (and the
-        table's formal charges, if it has them, as ``MoleculeBatch.formal_charges``).
+        table's formal charges, if it has them, as ``MoleculeBatch.formal_charges``);
+        targets: optional ``(M, P)`` per-molecule property targets of the whole store (indexed like
+        ``ptr``); when given, every batch carries its molecules' rows as ``MoleculeBatch.targets``.
     """
 
-    def __init__(self, ptr, atom_types, positions, atomic_numbers, indices, *, bonds: BondTable | None = None):
+    def __init__(self, ptr, atom_types, positions, atomic_numbers, indices, *, bonds: BondTable | None = None,
+                 targets: np.ndarray | None = None):
         self.ptr = np.asarray(ptr, dtype=np.int64)
         self.atom_types = np.asarray(atom_types, dtype=np.int64)
         self.positions = np.asarray(positions, dtype=np.float32)
         self.atomic_numbers = np.asarray(atomic_numbers, dtype=np.int64)
         self.indices = np.asarray(indices, dtype=np.int64)
         self._bond_ptr = self._bond_pairs = self._bond_orders = self._formal_charges = None
+        self.targets = None if targets is None else np.asarray(targets, dtype=np.float64)
+        if self.targets is not None and (self.targets.ndim != 2 or len(self.targets) != len(self.ptr) - 1):
+            raise ValueError(f"targets must have one row per molecule of the store ({len(self.ptr) - 1}), "
+                             f"got shape {self.targets.shape}")
         if bonds is not None:
             if len(bonds.ptr) != len(self.ptr):
                 raise ValueError(f"bond table has {len(bonds.ptr) - 1} molecules, the store {len(self.ptr) - 1}")
@@ -103,7 +114,8 @@ class MoleculeSet:
         formal = None
         if self._formal_charges is not None:
             formal = torch.from_numpy(self._formal_charges[atoms].astype(np.int64))
-        return MoleculeBatch(pos, types, charges, batch, len(mols), bonds, formal)
+        targets = None if self.targets is None else torch.from_numpy(self.targets[mols])
+        return MoleculeBatch(pos, types, charges, batch, len(mols), bonds, formal, targets)
 
     def _gather_bonds(self, mols: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """``(P, 3)`` int64 ``[i, j, order]`` of molecules ``mols`` (store positions) with ``counts``

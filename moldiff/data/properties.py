@@ -58,6 +58,12 @@ __all__ = [
     "naive_mae",
     "mean_pair_difference",
     "data_baselines",
+    "CONDITION_UNITS",
+    "CONDITION_SUFFIXES",
+    "DEFAULT_SIZE_NEIGHBOURS",
+    "PropertyConditioning",
+    "canonical_property",
+    "parse_condition_value",
 ]
 
 #: EDM's six conditioning properties, in the column order of its Table 3.
@@ -222,3 +228,230 @@ def data_baselines(qm9: QM9, names=EDM_PROPERTIES, halves: PropertyHalves | None
         "pair": dict(zip(names, mean_pair_difference(score).tolist())),
         "atoms": dict(zip(names, atoms_mae.tolist())),
     }
+
+
+# ---------------------------------------------------------------------------- conditional generation
+#: The units a condition is given in when no unit is written (``moldiff sample --condition``,
+#: ``pipe.sample(condition=...)``): EDM's units, with the orbital energies in eV (EDM's data unit;
+#: its Table 3 reports meV) and Cv the molecule's whole heat capacity (what ``moldiff predict``
+#: prints; the atoms' share is taken off internally, as EDM's target is ``Cv - 2.981 N``).
+CONDITION_UNITS: dict[str, str] = {"alpha": "Bohr^3", "gap": "eV", "homo": "eV", "lumo": "eV", "mu": "D",
+                                   "cv": "cal/(mol K)"}
+
+#: Unit suffixes accepted per property (lower case, spaces removed) -> factor to :data:`CONDITION_UNITS`.
+CONDITION_SUFFIXES: dict[str, dict[str, float]] = {
+    "alpha": {"": 1.0, "bohr3": 1.0, "bohr^3": 1.0},
+    "gap": {"": 1.0, "ev": 1.0, "mev": 1e-3, "ha": HARTREE_TO_EV_EDM},
+    "homo": {"": 1.0, "ev": 1.0, "mev": 1e-3, "ha": HARTREE_TO_EV_EDM},
+    "lumo": {"": 1.0, "ev": 1.0, "mev": 1e-3, "ha": HARTREE_TO_EV_EDM},
+    "mu": {"": 1.0, "d": 1.0, "debye": 1.0},
+    "cv": {"": 1.0, "cal/mol/k": 1.0, "cal/(molk)": 1.0},
+}
+
+#: EDM target unit (:data:`EDM_UNITS`) per condition unit (:data:`CONDITION_UNITS`): meV per eV.
+_TARGET_PER_CONDITION_UNIT: dict[str, float] = {"alpha": 1.0, "gap": 1000.0, "homo": 1000.0, "lumo": 1000.0, "mu": 1.0,
+                                                "cv": 1.0}
+
+#: Training molecules nearest to a condition whose sizes a conditional sample's atom count is drawn from.
+DEFAULT_SIZE_NEIGHBOURS = 50
+
+
+def canonical_property(name: str) -> str:
+    """A property name as moldiff spells it (``"Cv"`` -> ``"cv"``); ``ValueError`` for names EDM does not condition on."""
+    key = str(name).strip().lower()
+    if key not in EDM_PROPERTIES:
+        raise ValueError(f"unknown property {name!r}; EDM's conditioning properties are {', '.join(EDM_PROPERTIES)}")
+    return key
+
+
+def parse_condition_value(name: str, value) -> float:
+    """A condition's value in :data:`CONDITION_UNITS`: a number (already in that unit) or a string
+    with an optional unit suffix from :data:`CONDITION_SUFFIXES` (``"6.0eV"``, ``"6000meV"``,
+    ``"0.22Ha"``, ``"1.5D"``). ``ValueError`` (one line) for anything else."""
+    name = canonical_property(name)
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        import re
+
+        text = str(value).strip()
+        match = re.fullmatch(r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(.*)", text)
+        if match is None:
+            raise ValueError(f"{name}={text!r}: not a number (e.g. {name}=1.5{_example_unit(name)})")
+        suffix = match.group(2).replace(" ", "").lower()
+        factors = CONDITION_SUFFIXES[name]
+        if suffix not in factors:
+            units = ", ".join(s for s in factors if s) or "none"
+            raise ValueError(f"{name}={text!r}: unknown unit {match.group(2)!r} (accepted: {units}; default "
+                             f"{CONDITION_UNITS[name]})")
+        number = float(match.group(1)) * factors[suffix]
+    if not np.isfinite(number):
+        raise ValueError(f"{name}={value!r} is not a finite number")
+    return number
+
+
+def _example_unit(name: str) -> str:
+    return {"gap": "eV", "homo": "eV", "lumo": "eV", "mu": "D"}.get(name, "")
+
+
+def _encode(array: np.ndarray) -> str:
+    import base64
+
+    return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
+
+
+def _decode(text: str, dtype, shape) -> np.ndarray:
+    import base64
+
+    return np.frombuffer(base64.b64decode(text), dtype=dtype).reshape(shape).copy()
+
+
+@dataclass(frozen=True, eq=False)
+class PropertyConditioning:
+    """What a property-conditional model was trained with, saved in its pipeline (``metadata["conditioning"]``).
+
+    ``names``: the conditioned properties, in the network's context order. The context of one
+    molecule is ``[z_1 .. z_P, m_1 .. m_P]`` (``2 P`` columns): ``z_k = (y_k - mean_k) / mad_k`` for
+    EDM's target ``y_k`` (:func:`edm_targets`: meV for orbital energies, ``Cv - 2.981 N``) when
+    property ``k`` is given, else 0, and ``m_k`` is 1 when it is given, else 0. All columns 0 is the
+    unconditional model (every property dropped). ``mean`` / ``mad``: EDM's normalisation
+    (:func:`property_norms` over the QM9 validation split). ``low`` / ``high``: the smallest and
+    largest value over the training molecules, in :data:`CONDITION_UNITS`. ``reference_values``
+    ``(M, P)`` (float16, :data:`CONDITION_UNITS`) and ``reference_sizes`` ``(M,)``: the training
+    molecules, for drawing the atom count of a conditional sample (:meth:`draw_sizes`).
+    """
+
+    names: tuple[str, ...]
+    mean: np.ndarray
+    mad: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    reference_values: np.ndarray
+    reference_sizes: np.ndarray
+    subset: str = "generator"
+
+    @classmethod
+    def from_data(cls, names, train_targets: np.ndarray, train_sizes: np.ndarray, valid_targets: np.ndarray,
+                  subset: str = "generator") -> "PropertyConditioning":
+        """Build it from EDM targets (:func:`edm_targets`, columns ``names``) of the training molecules
+        (``train_sizes`` atoms each) and of the validation split (the normalisation)."""
+        names = tuple(canonical_property(n) for n in names)
+        mean, mad = property_norms(valid_targets)
+        values = cls._to_condition_units(names, np.asarray(train_targets, dtype=np.float64), np.asarray(train_sizes))
+        return cls(names, mean, mad, values.min(axis=0), values.max(axis=0), values.astype(np.float16),
+                   np.asarray(train_sizes, dtype=np.uint8), subset)
+
+    @staticmethod
+    def _to_condition_units(names, targets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        out = np.array(targets, dtype=np.float64, copy=True)
+        for k, name in enumerate(names):
+            out[:, k] = from_edm_target(name, out[:, k], sizes) / _TARGET_PER_CONDITION_UNIT[name]
+        return out
+
+    @property
+    def context_dim(self) -> int:
+        """Context columns of the network: a value and a present bit per property."""
+        return 2 * len(self.names)
+
+    def targets(self, values: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """EDM targets ``(B, P)`` of values ``(B, P)`` in :data:`CONDITION_UNITS` for molecules of ``sizes`` atoms."""
+        out = np.array(values, dtype=np.float64, copy=True)
+        for k, name in enumerate(self.names):
+            out[:, k] = out[:, k] * _TARGET_PER_CONDITION_UNIT[name]
+            if name == "cv":
+                out[:, k] -= CV_ATOM_REFERENCE * np.asarray(sizes, dtype=np.float64)
+        return out
+
+    def context(self, targets: np.ndarray, present: np.ndarray) -> np.ndarray:
+        """``(B, 2P)`` float32 context from EDM targets ``(B, P)`` and a present mask ``(B, P)`` (bool)."""
+        present = np.asarray(present, dtype=bool)
+        z = (np.asarray(targets, dtype=np.float64) - self.mean) / self.mad
+        z = np.where(present, z, 0.0)
+        return np.concatenate([z, present.astype(np.float64)], axis=1).astype(np.float32)
+
+    def check(self, condition: dict, n: int | None = None) -> dict[str, float | np.ndarray]:
+        """``condition`` (property -> value) checked against this model: known property, conditioned by
+        this model, inside the training range. A value is a number, a string with a unit
+        (:func:`parse_condition_value`) or a sequence of them, one per molecule (``n`` of them when
+        ``n`` is given). Returns name -> float, or ``(n,)`` float64 array, in
+        :data:`CONDITION_UNITS`, in the model's property order. ``ValueError`` (one line) otherwise."""
+        parsed: dict[str, float | np.ndarray] = {}
+        for name, value in dict(condition).items():
+            key = canonical_property(name)
+            if key not in self.names:
+                raise ValueError(f"condition {key}: this model conditions on {', '.join(self.names)} only")
+            if key in parsed:
+                raise ValueError(f"condition {key} given twice")
+            if isinstance(value, (str, bytes)) or np.ndim(value) == 0:
+                parsed[key] = parse_condition_value(key, value)
+                continue
+            if np.ndim(value) != 1 or not len(value):
+                raise ValueError(f"condition {key}: give one value, or a flat sequence of one value per molecule")
+            if n is not None and len(value) != n:
+                raise ValueError(f"condition {key}: {len(value)} values for {n} molecules")
+            parsed[key] = np.array([parse_condition_value(key, v) for v in value], dtype=np.float64)
+        if not parsed:
+            raise ValueError("condition is empty: give at least one property")
+        lengths = {len(v) for v in parsed.values() if isinstance(v, np.ndarray)}
+        if len(lengths) > 1:
+            raise ValueError(f"condition: per-molecule values of different lengths {sorted(lengths)}")
+        for key, value in parsed.items():
+            k = self.names.index(key)
+            outside = np.atleast_1d(value)[(np.atleast_1d(value) < self.low[k]) | (np.atleast_1d(value) > self.high[k])]
+            if len(outside):
+                unit = CONDITION_UNITS[key]
+                raise ValueError(f"condition {key}={outside[0]:g} {unit} is outside the range seen in training "
+                                 f"({self.low[k]:g} to {self.high[k]:g} {unit})")
+        return {name: parsed[name] for name in self.names if name in parsed}
+
+    def values(self, condition: dict[str, float | np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(values (n, P), present (n, P))`` of a checked condition (:meth:`check`) for ``n``
+        molecules: each property's value per molecule in :data:`CONDITION_UNITS` (0 where not given)."""
+        values = np.zeros((n, len(self.names)), dtype=np.float64)
+        present = np.zeros((n, len(self.names)), dtype=bool)
+        for key, value in condition.items():
+            k = self.names.index(key)
+            values[:, k] = np.broadcast_to(np.asarray(value, dtype=np.float64), (n,))
+            present[:, k] = True
+        return values, present
+
+    def draw_sizes(self, condition: dict[str, float | np.ndarray], n: int, rng: np.random.Generator,
+                   neighbours: int = DEFAULT_SIZE_NEIGHBOURS) -> np.ndarray:
+        """``n`` atom counts for molecules conditioned on ``condition`` (checked, :meth:`check`): each
+        drawn uniformly from the sizes of the ``neighbours`` training molecules nearest to its
+        condition, the distance taken over the conditioned properties only, each in units of its
+        spread (mean absolute deviation) over the training molecules. A nearest-neighbour estimate of
+        p(N | c); EDM draws (c, N) together from the training histogram instead. One draw of
+        ``rng.integers(k, size=n)`` whether the values are shared or per molecule."""
+        cols = [self.names.index(key) for key in condition]
+        ref = self.reference_values[:, cols].astype(np.float64)
+        spread = np.abs(ref - ref.mean(axis=0)).mean(axis=0)
+        spread = np.where(spread > 0, spread, 1.0)
+        k = min(int(neighbours), len(ref))
+        shared = not any(isinstance(v, np.ndarray) for v in condition.values())
+        targets = self.values(condition, 1 if shared else n)[0][:, cols]
+        nearest = np.empty((len(targets), k), dtype=np.int64)
+        for lo in range(0, len(targets), 256):  # (rows, M) distances, a chunk at a time
+            dist = ((((ref[None] - targets[lo : lo + 256, None]) / spread) ** 2).sum(-1))
+            nearest[lo : lo + 256] = np.argpartition(dist, k - 1, axis=1)[:, :k]
+        pick = rng.integers(k, size=n)
+        rows = np.zeros(n, dtype=np.int64) if shared else np.arange(n)
+        return self.reference_sizes[nearest[rows, pick]].astype(np.int64)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (the reference table base64-encoded)."""
+        return {"names": list(self.names), "units": {n: CONDITION_UNITS[n] for n in self.names},
+                "mean": self.mean.tolist(), "mad": self.mad.tolist(), "min": self.low.tolist(), "max": self.high.tolist(),
+                "subset": self.subset, "reference_count": int(len(self.reference_sizes)),
+                "reference_values_float16": _encode(self.reference_values.astype("<f2")),
+                "reference_sizes_uint8": _encode(self.reference_sizes.astype(np.uint8))}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PropertyConditioning":
+        """Inverse of :meth:`to_dict`."""
+        names = tuple(d["names"])
+        m = int(d["reference_count"])
+        return cls(names, np.asarray(d["mean"], dtype=np.float64), np.asarray(d["mad"], dtype=np.float64),
+                   np.asarray(d["min"], dtype=np.float64), np.asarray(d["max"], dtype=np.float64),
+                   _decode(d["reference_values_float16"], "<f2", (m, len(names))),
+                   _decode(d["reference_sizes_uint8"], np.uint8, (m,)), d.get("subset", "generator"))

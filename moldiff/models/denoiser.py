@@ -6,7 +6,7 @@ prediction with the same shapes (the diffusion module decides what that predicti
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -73,8 +73,28 @@ class DenoiserConfig:
     #: network's input positions ``pos_t`` on every call (a passed ``edge_index`` is ignored); ``knn``
     #: has O(N) edges per molecule instead of N(N-1). Not with ``bond_types`` (every pair needed).
     graph: str = "full"
+    #: property conditioning (docs/properties.md, "Conditional generation"): the names of the
+    #: per-molecule properties the context holds, in order. The context is a value and a present bit
+    #: per property, so ``context_dim`` is ``2 x len(properties)`` (set from it when left at 0). Empty:
+    #: unconditional, and the field is left out of :meth:`to_dict` (configs as before it existed).
+    properties: list[str] = field(default_factory=list)
 
     def __post_init__(self):
+        if self.properties is None:
+            self.properties = []
+        if isinstance(self.properties, str) or not isinstance(self.properties, (list, tuple)) \
+                or not all(isinstance(p, str) for p in self.properties):
+            raise ValueError(f"model.properties must be a list of property names, e.g. [gap, mu], got {self.properties!r}")
+        self.properties = [p.strip().lower() for p in self.properties]
+        if len(set(self.properties)) != len(self.properties):
+            raise ValueError(f"model.properties names a property twice: {self.properties}")
+        if self.properties:
+            if self.context_dim == 0:
+                self.context_dim = 2 * len(self.properties)
+            elif self.context_dim != 2 * len(self.properties):
+                raise ValueError(f"model.context_dim={self.context_dim} but model.properties has {len(self.properties)} "
+                                 f"properties: the context is a value and a present bit per property "
+                                 f"(context_dim {2 * len(self.properties)})")
         if self.bond_output not in ("eps", "logits"):
             raise ValueError(f"bond_output must be 'eps' or 'logits', got {self.bond_output!r}")
         if self.arch not in ("egnn", "e3nn"):
@@ -92,7 +112,11 @@ class DenoiserConfig:
         return cls(**d)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as a dict (``properties`` only when there are some)."""
+        out = asdict(self)
+        if not out["properties"]:
+            del out["properties"]
+        return out
 
 
 class DenoiserOutput(NamedTuple):
@@ -117,6 +141,63 @@ class BondHead(nn.Module):
         row, col = edge_index
         pair = torch.index_select(a, 0, row) + torch.index_select(a, 0, col) - self.node.bias.to(a.dtype)
         return self.out(pair + self.edge(torch.cat([radial, e_t], -1).to(a.dtype)))
+
+
+def network_inputs(
+    config: DenoiserConfig,
+    pos_t: torch.Tensor,
+    h_t: torch.Tensor,
+    t: torch.Tensor,
+    batch: torch.Tensor,
+    context: torch.Tensor | None,
+    edge_index: torch.Tensor | None,
+    cond: tuple[torch.Tensor, torch.Tensor] | None,
+    e_t: torch.Tensor | None,
+    t_h: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What every denoiser family reads, checked against its config, in one place.
+
+    Returns ``(edge_index, nodes, edge_extra)``: the graph (``config.graph``; sparse ones follow
+    ``pos_t``), the per-atom input columns ``[h_t, t, context, tanh(h_hat), t_h]`` (the optional ones
+    as the config has them, in that order: new inputs are appended so older weights widen with zero
+    columns), and the invariant per-edge columns after the family's own geometry features
+    (``log(1 + |pos_hat_i - pos_hat_j|^2)`` for self-conditioning, then ``e_t``), or ``None``.
+
+    Raises:
+        ValueError: an input the config needs is missing, or one it cannot use was given.
+    """
+    if config.graph != "full":  # sparse graphs follow the input positions (DenoiserConfig.graph)
+        edge_index = graph_edges(config.graph, pos_t, batch)
+    elif edge_index is None:
+        edge_index = fully_connected_edges(batch)
+    parts = [h_t, t.to(h_t.dtype)[batch].unsqueeze(-1)]
+    edge_parts = []
+    if config.context_dim:
+        if context is None:
+            raise ValueError("this denoiser is conditional: pass a context of shape (B, context_dim)")
+        parts.append(context.to(h_t.dtype)[batch])
+    if config.self_condition:
+        if cond is None:
+            parts.append(torch.zeros_like(h_t))
+            edge_parts.append(pos_t.new_zeros(edge_index.shape[1], 1))
+        else:
+            pos_hat, h_hat = cond
+            parts.append(torch.tanh(h_hat.to(h_t.dtype)))
+            radial_hat, _ = coord_features(pos_hat.to(pos_t.dtype), edge_index)
+            edge_parts.append(torch.log1p(radial_hat))
+    elif cond is not None:
+        raise ValueError("cond was given but this denoiser was not built with self_condition")
+    if config.bond_types:
+        if e_t is None or e_t.shape != (edge_index.shape[1], config.bond_types):
+            raise ValueError(f"this denoiser generates bonds: pass e_t of shape (E, {config.bond_types})")
+        edge_parts.append(e_t.to(pos_t.dtype))
+    elif e_t is not None:
+        raise ValueError("e_t was given but this denoiser was not built with bond_types")
+    if config.type_time:  # the last input column (see DenoiserConfig.type_time)
+        parts.append((t if t_h is None else t_h).to(h_t.dtype)[batch].unsqueeze(-1))
+    elif t_h is not None:
+        raise ValueError("t_h was given but this denoiser was not built with type_time")
+    return edge_index, torch.cat(parts, -1), (torch.cat(edge_parts, -1) if edge_parts else None)
 
 
 class EGNNDenoiser(nn.Module):
@@ -193,39 +274,11 @@ class EGNNDenoiser(nn.Module):
             :class:`DenoiserOutput`; for bond models ``(DenoiserOutput, eps_e (E, bond_types))``.
         """
         num_graphs = t.shape[0]
-        if self.config.graph != "full":  # sparse graphs follow the input positions (DenoiserConfig.graph)
-            edge_index = graph_edges(self.config.graph, pos_t, batch)
-        elif edge_index is None:
-            edge_index = fully_connected_edges(batch)
-        parts = [h_t, t.to(h_t.dtype)[batch].unsqueeze(-1)]
-        if self.config.context_dim:
-            if context is None:
-                raise ValueError("this denoiser is conditional: pass a context of shape (B, context_dim)")
-            parts.append(context.to(h_t.dtype)[batch])
+        edge_index, nodes, edge_extra = network_inputs(self.config, pos_t, h_t, t, batch, context, edge_index, cond,
+                                                       e_t, t_h)
         radial0, _ = coord_features(pos_t, edge_index, self.config.norm_constant)
-        static = radial0
-        if self.config.self_condition:
-            if cond is None:
-                parts.append(torch.zeros_like(h_t))
-                static = torch.cat([radial0, torch.zeros_like(radial0)], -1)
-            else:
-                pos_hat, h_hat = cond
-                parts.append(torch.tanh(h_hat.to(h_t.dtype)))
-                radial_hat, _ = coord_features(pos_hat.to(pos_t.dtype), edge_index, self.config.norm_constant)
-                static = torch.cat([radial0, torch.log1p(radial_hat)], -1)
-        elif cond is not None:
-            raise ValueError("cond was given but this denoiser was not built with self_condition")
-        if self.config.bond_types:
-            if e_t is None or e_t.shape != (edge_index.shape[1], self.config.bond_types):
-                raise ValueError(f"this denoiser generates bonds: pass e_t of shape (E, {self.config.bond_types})")
-            static = torch.cat([static, e_t.to(static.dtype)], -1)
-        elif e_t is not None:
-            raise ValueError("e_t was given but this denoiser was not built with bond_types")
-        if self.config.type_time:  # the last input column (see DenoiserConfig.type_time)
-            parts.append((t if t_h is None else t_h).to(h_t.dtype)[batch].unsqueeze(-1))
-        elif t_h is not None:
-            raise ValueError("t_h was given but this denoiser was not built with type_time")
-        h = self.embedding(torch.cat(parts, -1))
+        static = radial0 if edge_extra is None else torch.cat([radial0, edge_extra.to(radial0.dtype)], -1)
+        h = self.embedding(nodes)
         pos = pos_t
         for block in self.blocks if blocks is None else blocks:
             h, pos = block(h, pos, edge_index, static)

@@ -65,8 +65,8 @@ from e3nn.math import soft_one_hot_linspace
 from e3nn.nn import Gate
 from torch import nn
 
-from moldiff.geometry import fully_connected_edges, graph_edges, remove_mean, scatter_sum
-from moldiff.models.denoiser import BondHead, DenoiserConfig, DenoiserOutput
+from moldiff.geometry import remove_mean, scatter_sum
+from moldiff.models.denoiser import BondHead, DenoiserConfig, DenoiserOutput, network_inputs
 from moldiff.models.egnn import EdgeInputLinear
 
 __all__ = ["E3nnDenoiser", "E3nnBlock", "atom_irreps", "edge_geometry", "drop_unused_einsums"]
@@ -238,38 +238,11 @@ class E3nnDenoiser(nn.Module):
         ``self.blocks``, signature of :meth:`E3nnBlock.forward`)."""
         c = self.config
         num_graphs = t.shape[0]
-        if c.graph != "full":  # sparse graphs follow the input positions, as EGNN's (DenoiserConfig.graph)
-            edge_index = graph_edges(c.graph, pos_t, batch)
-        elif edge_index is None:
-            edge_index = fully_connected_edges(batch)
-        parts = [h_t, t.to(h_t.dtype)[batch].unsqueeze(-1)]
-        if c.context_dim:
-            if context is None:
-                raise ValueError("this denoiser is conditional: pass a context of shape (B, context_dim)")
-            parts.append(context.to(h_t.dtype)[batch])
+        edge_index, nodes, edge_extra = network_inputs(c, pos_t, h_t, t, batch, context, edge_index, cond, e_t)
         sh, basis = edge_geometry(pos_t, edge_index, c.e3nn_lmax, c.e3nn_radial_basis, c.e3nn_r_max)
         basis = basis.to(h_t.dtype)  # invariant edge inputs, in the features' dtype as EGNN's
-        edge_parts = [basis]
-        if c.self_condition:
-            if cond is None:
-                parts.append(torch.zeros_like(h_t))
-                edge_parts.append(basis.new_zeros(basis.shape[0], 1))
-            else:
-                pos_hat, h_hat = cond
-                parts.append(torch.tanh(h_hat.to(h_t.dtype)))
-                row, col = edge_index
-                d_hat = pos_hat.to(pos_t.dtype)[row] - pos_hat.to(pos_t.dtype)[col]
-                edge_parts.append(torch.log1p((d_hat * d_hat).sum(-1, keepdim=True)).to(basis.dtype))
-        elif cond is not None:
-            raise ValueError("cond was given but this denoiser was not built with self_condition")
-        if c.bond_types:
-            if e_t is None or e_t.shape != (edge_index.shape[1], c.bond_types):
-                raise ValueError(f"this denoiser generates bonds: pass e_t of shape (E, {c.bond_types})")
-            edge_parts.append(e_t.to(basis.dtype))
-        elif e_t is not None:
-            raise ValueError("e_t was given but this denoiser was not built with bond_types")
-        edge_attr = torch.cat(edge_parts, -1)
-        scalars = self.embedding(torch.cat(parts, -1))
+        edge_attr = basis if edge_extra is None else torch.cat([basis, edge_extra.to(basis.dtype)], -1)
+        scalars = self.embedding(nodes)
         dtype = self.h_out.weight.dtype  # the residual stream's (see E3nnBlock.forward)
         x = torch.cat([scalars.to(dtype), scalars.new_zeros(scalars.shape[0], self.irreps.dim - c.hidden, dtype=dtype)], -1)
         for block in self.blocks if blocks is None else blocks:

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from moldiff.files import atomic_directory
 from moldiff.geometry import fully_connected_edges, scatter_mean, scatter_sum
 from moldiff.models.egnn import GCL, coord_features
 
@@ -158,26 +157,13 @@ def save_predictor(directory: str | os.PathLike, model: PropertyPredictor, metad
     """Write ``config.json`` (config + ``metadata``, e.g. the test MAE) and ``model.pt`` (weights) into
     ``directory``, atomically: they are written to a temporary sibling folder that replaces
     ``directory`` only when complete, so a reader sees the old predictor or the new one, never a mix."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
-    try:
+    def fill(folder: Path) -> None:
         doc = {"format": _FORMAT, "version": _VERSION, "config": model.config.to_dict(), "metadata": metadata or {}}
-        (tmp / PREDICTOR_CONFIG_NAME).write_text(json.dumps(doc, indent=2) + "\n")
+        (folder / PREDICTOR_CONFIG_NAME).write_text(json.dumps(doc, indent=2) + "\n")
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        torch.save(state, tmp / PREDICTOR_WEIGHTS_NAME)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+        torch.save(state, folder / PREDICTOR_WEIGHTS_NAME)
+
+    return atomic_directory(directory, fill)
 
 
 def load_predictor(directory: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[PropertyPredictor, dict]:

@@ -32,6 +32,15 @@ class DataConfig:
     include_charges: bool = True  #: EDM's extra "charge" channel (the atomic number, scaled 1/10)
     max_train_molecules: int | None = None  #: truncate the training split (debugging, overfit tests)
     max_valid_molecules: int = 1000  #: validation-loss subset size
+    #: which molecules of QM9's training split to train on: "all" (EDM's unconditional model),
+    #: "generator" (EDM's ``qm9_second_half``, on which its conditional models train) or "predictor"
+    #: (``qm9_first_half``, the property classifiers'); ``moldiff.data.properties.edm_halves``.
+    #: null: "generator" for a property-conditional model (``model.properties``), else "all"
+    train_half: str | None = None
+
+    def __post_init__(self):
+        if self.train_half not in (None, "all", "generator", "predictor"):
+            raise ConfigError(f"data.train_half must be all, generator, predictor or null, got {self.train_half!r}")
 
 
 @dataclass
@@ -88,8 +97,17 @@ class DiffusionConfig:
     #: learns to decide elements from a geometry that is further along, the late joint element
     #: decision of issue 19's recipe (b). Needs ``model.type_time``. 0: EDM's training
     type_lag_prob: float = 0.0
+    #: property-conditional models (``model.properties``), classifier-free guidance training: each
+    #: molecule's properties are hidden from the network independently with this probability ...
+    property_dropout: float = 0.5
+    #: ... and all of them together with this one (the unconditional model, sampled with guidance)
+    uncond_prob: float = 0.1
 
     def __post_init__(self):
+        for name in ("property_dropout", "uncond_prob"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise ConfigError(f"diffusion.{name} must be in [0, 1], got {value}")
         if not (math.isfinite(self.parity_weight) and self.parity_weight >= 0):
             raise ConfigError(f"diffusion.parity_weight must be a non-negative number, got {self.parity_weight}")
         if not (math.isfinite(self.bond_weight) and self.bond_weight >= 0):

@@ -28,6 +28,7 @@ import yaml
 
 from moldiff.chemistry.elements import QM9_ELEMENTS, SYMBOL_TO_Z, valence_sum_parity
 from moldiff.data.batching import MoleculeBatch, MoleculeSet
+from moldiff.data.properties import PropertyConditioning, edm_halves, edm_targets
 from moldiff.data.qm9 import edm_split, load_qm9
 from moldiff.data.statistics import DatasetStatistics, compute_statistics
 from moldiff.files import atomic_write
@@ -44,7 +45,8 @@ from moldiff.training.clipping import AdaptiveClipper
 from moldiff.training.config import RunConfig
 from moldiff.training.ema import EMA
 
-__all__ = ["Trainer", "TrainingData", "load_training_data", "build_pipeline", "NumericalFaultError"]
+__all__ = ["Trainer", "TrainingData", "load_training_data", "build_pipeline", "NumericalFaultError",
+           "property_context"]
 
 LOG_FIELDS = ["step", "epoch", "hours", "loss", "grad_norm", "clipped", "skipped", "val_loss",
               "atom_stable", "mol_stable", "validity", "uniqueness"]
@@ -61,12 +63,23 @@ class TrainingData:
     statistics: DatasetStatistics
     elements: tuple[str, ...]
     atomic_numbers: list[int]
+    #: property-conditional runs (``model.properties``): the normalisation, ranges and reference table
+    conditioning: PropertyConditioning | None = None
 
 
 def load_training_data(cfg: RunConfig) -> TrainingData:
     """QM9 with the EDM split as :class:`MoleculeSet` objects plus training-set statistics; or, when
     ``data.dataset`` is an .sdf file or the name of a dataset built by ``moldiff data sdf``, that
-    dataset's split by molecule, with its own element vocabulary (:mod:`moldiff.data.sdf`)."""
+    dataset's split by molecule, with its own element vocabulary (:mod:`moldiff.data.sdf`).
+
+    ``data.train_half`` picks EDM's halves of the training split (``generator`` by default for a
+    property-conditional model, ``model.properties``); such a model's batches carry each molecule's
+    EDM targets (:func:`moldiff.data.properties.edm_targets`), normalised by the validation split."""
+    properties = list(cfg.model.properties)
+    half = cfg.data.train_half or ("generator" if properties else "all")
+    if cfg.data.dataset != "qm9" and (properties or half != "all"):
+        raise ValueError(f"model.properties and data.train_half are for QM9 (EDM's halves and targets); "
+                         f"this run trains on {cfg.data.dataset}")
     if cfg.data.dataset != "qm9":
         from moldiff.data.sdf import load_sdf_dataset
 
@@ -76,7 +89,7 @@ def load_training_data(cfg: RunConfig) -> TrainingData:
         return TrainingData(train, valid, stats, own.elements, own.atomic_numbers)
     qm9 = load_qm9(cfg.data.cache_dir)
     split = edm_split(len(qm9))
-    train_idx = split["train"]
+    train_idx = split["train"] if half == "all" else getattr(edm_halves(split), half)
     if cfg.data.max_train_molecules is not None:
         train_idx = train_idx[: cfg.data.max_train_molecules]
     valid_idx = split["valid"][: cfg.data.max_valid_molecules]
@@ -87,15 +100,20 @@ def load_training_data(cfg: RunConfig) -> TrainingData:
         from moldiff.data.qm9_bonds import load_qm9_bonds
 
         bonds = load_qm9_bonds(qm9, cfg.data.cache_dir, progress=True)
-    train = MoleculeSet(qm9.ptr, qm9.atom_types, qm9.positions, z, train_idx, bonds=bonds)
-    valid = MoleculeSet(qm9.ptr, qm9.atom_types, qm9.positions, z, valid_idx, bonds=bonds)
+    targets = conditioning = None
+    if properties:
+        targets = edm_targets(qm9, properties)
+        conditioning = PropertyConditioning.from_data(properties, targets[train_idx], qm9.num_atoms[train_idx],
+                                                      targets[split["valid"]], subset=half)
+    train = MoleculeSet(qm9.ptr, qm9.atom_types, qm9.positions, z, train_idx, bonds=bonds, targets=targets)
+    valid = MoleculeSet(qm9.ptr, qm9.atom_types, qm9.positions, z, valid_idx, bonds=bonds, targets=targets)
     atom_types = np.concatenate([qm9.atom_types[qm9.ptr[i] : qm9.ptr[i + 1]] for i in train_idx])
     formal = orders = None  # with the labels, the statistics also count charges and bond classes
     if bonds is not None:
         formal = np.concatenate([bonds.charges[qm9.ptr[i] : qm9.ptr[i + 1]] for i in train_idx])
         orders = np.concatenate([bonds.orders[bonds.ptr[i] : bonds.ptr[i + 1]] for i in train_idx])
     stats = compute_statistics(QM9_ELEMENTS, train.num_atoms, atom_types, formal, orders)
-    return TrainingData(train, valid, stats, QM9_ELEMENTS, z)
+    return TrainingData(train, valid, stats, QM9_ELEMENTS, z, conditioning)
 
 
 def build_pipeline(cfg: RunConfig, data: TrainingData) -> MolDiffPipeline:
@@ -121,6 +139,11 @@ def build_pipeline(cfg: RunConfig, data: TrainingData) -> MolDiffPipeline:
                 else cfg.data.dataset}
     if d.known_types_prob > 0:  # the network also models p(positions | types): composition="data" works
         metadata["known_types_prob"] = d.known_types_prob
+    if model_cfg.properties:
+        if data.conditioning is None or list(data.conditioning.names) != list(model_cfg.properties):
+            raise ValueError(f"model.properties={model_cfg.properties} but the training data carries no targets for them")
+        metadata["conditioning"] = data.conditioning.to_dict() | {"property_dropout": d.property_dropout,
+                                                                  "uncond_prob": d.uncond_prob}
     return MolDiffPipeline(build_denoiser(model_cfg), schedule, features, data.statistics, data.atomic_numbers,
                            metadata=metadata)
 
@@ -153,6 +176,28 @@ def categorical_features(cfg: RunConfig, statistics: DatasetStatistics) -> Categ
     )
 
 
+def property_context(conditioning: PropertyConditioning, targets: torch.Tensor, generator: torch.Generator | None = None,
+                     property_dropout: float = 0.0, uncond_prob: float = 0.0) -> torch.Tensor:
+    """``(B, 2P)`` network context of molecules with EDM targets ``targets`` ``(B, P)``: normalised
+    values, then present bits (:class:`~moldiff.data.properties.PropertyConditioning`).
+
+    Classifier-free guidance training: with a ``generator``, each molecule's properties are dropped
+    (value 0, bit 0) independently with probability ``property_dropout``, and all of them together
+    with probability ``uncond_prob``. Draws, in order: ``(B,)`` uniforms for the all-drop coin, then
+    ``(B, P)`` for the single drops, both from ``generator``. Without one nothing is dropped."""
+    mean = torch.as_tensor(conditioning.mean, dtype=torch.float64, device=targets.device)
+    mad = torch.as_tensor(conditioning.mad, dtype=torch.float64, device=targets.device)
+    z = (targets.to(torch.float64) - mean) / mad
+    present = torch.ones_like(z, dtype=torch.bool)
+    if generator is not None:
+        b, p = z.shape
+        drop_all = torch.rand(b, generator=generator, device=generator.device) < uncond_prob
+        drop = torch.rand(b, p, generator=generator, device=generator.device) < property_dropout
+        present = ~(drop | drop_all.unsqueeze(-1)).to(targets.device)
+    z = torch.where(present, z, torch.zeros_like(z))
+    return torch.cat([z, present.to(z.dtype)], -1).to(torch.float32)
+
+
 def training_times(cfg: RunConfig, num: int, generator: torch.Generator, device) -> torch.Tensor:
     """``(num,)`` float64 training times as ``diffusion.time_sampling`` says (one uniform number per
     molecule from ``generator`` whatever the choice; "uniform" is EDM's ``torch.rand``)."""
@@ -167,7 +212,8 @@ PARITY_LOGIT_SCALE = 10.0
 def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor, generator, shard=None,
                    weighting: str = "uniform", pairing: str = "none", parity_weight: float = 0.0,
                    bond_weight: float = 1.0, known_types_prob: float = 0.0, type_weight: float = 1.0,
-                   charge_weight: float = 1.0, type_lag_prob: float = 0.0) -> torch.Tensor:
+                   charge_weight: float = 1.0, type_lag_prob: float = 0.0,
+                   context: torch.Tensor | None = None) -> torch.Tensor:
     """EDM's L2 loss on one batch at times ``t`` ``(B,)`` (optionally SNR-weighted, see ``loss_weight``).
 
     Categorical models (``pipe.features`` is :class:`CategoricalFeatures`): the coordinate noise MSE
@@ -196,9 +242,12 @@ def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor,
     ``t_h`` from :func:`~moldiff.diffusion.times.lagged_type_times` (``t_h >= t``; on a coin of
     probability ``q``, ``t + (1 - t) u``) instead of ``t``, with the same noise draw, and the network
     is told ``t_h``; the loss is unchanged in form (noise MSE of coordinates and features).
+
+    ``context`` ``(B, context_dim)``: per-molecule conditioning of a property-conditional model
+    (:func:`property_context`), for the whole batch (``shard`` slices it); ``None`` for others.
     """
     if isinstance(pipe.features, CategoricalFeatures):
-        terms = categorical_loss_terms(pipe, batch, t, generator, shard, weighting)
+        terms = categorical_loss_terms(pipe, batch, t, generator, shard, weighting, context=context)
         per_mol = terms["pos"] + type_weight * terms["types"]
         if "charges" in terms:
             per_mol = per_mol + charge_weight * terms["charges"]
@@ -227,20 +276,21 @@ def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor,
         known = None if known is None else known[keep]
         bvec, num_graphs, tt = bvec[keep] - lo, hi - lo, t[lo:hi]
         t_h = None if t_h is None else t_h[lo:hi]
+        context = None if context is None else context[lo:hi]
     cond = None
     # Self-conditioning (Chen et al. 2023): on a coin flip per batch, first estimate the clean
     # molecule without gradients and feed it back as an input. The coin comes from the training
     # generator (reproducible, identical on every data-parallel rank); plain models draw nothing.
     if pipe.self_condition and bool(torch.rand((), generator=generator, device=generator.device) < 0.5):
         with torch.no_grad():
-            e_pos, e_h = pipe.predict_noise(pos_t, h_t, tt.to(pos_t.dtype), bvec)
+            e_pos, e_h = pipe.predict_noise(pos_t, h_t, tt.to(pos_t.dtype), bvec, context=context)
             a, s = pipe.schedule.alpha_sigma(tt)
             a, s = a.to(pos_t.dtype)[bvec].unsqueeze(-1), s.to(pos_t.dtype)[bvec].unsqueeze(-1)
             cond = ((pos_t - s * e_pos) / a, (h_t - s * e_h) / a)
     weight = loss_weight(pipe.schedule.snr(tt), weighting)
     if pipe.bond_types:
-        return _bond_model_loss(pipe, batch, pos_t, h_t, eps_pos, eps_h, tt, weight, generator, bond_weight)
-    pred_pos, pred_h = pipe.predict_noise(pos_t, h_t, tt.to(pos_t.dtype), bvec, cond=cond,
+        return _bond_model_loss(pipe, batch, pos_t, h_t, eps_pos, eps_h, tt, weight, generator, bond_weight, context)
+    pred_pos, pred_h = pipe.predict_noise(pos_t, h_t, tt.to(pos_t.dtype), bvec, cond=cond, context=context,
                                           t_h=None if t_h is None else t_h.to(pos_t.dtype))
     if known is not None:  # given types: nothing to predict for them (zero error, no gradient)
         pred_h = torch.where(known, eps_h.to(pred_h.dtype), pred_h)
@@ -257,7 +307,7 @@ def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor,
 
 
 def categorical_loss_terms(pipe, batch: MoleculeBatch, t: torch.Tensor, generator, shard=None,
-                           weighting: str = "uniform") -> dict[str, torch.Tensor]:
+                           weighting: str = "uniform", context: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-molecule terms ``(B,)`` of a categorical model's loss at times ``t`` ``(B,)``.
 
     Coordinates get EDM's Gaussian noise; elements, charge classes and (bond models) the bond class
@@ -268,7 +318,7 @@ def categorical_loss_terms(pipe, batch: MoleculeBatch, t: torch.Tensor, generato
     ``"charges"``, cross-entropy of the clean class averaged over the molecule's atoms; ``"bonds"``,
     over its directed atom pairs (each pair twice, with equal labels and logits). Random draws, in
     order: position noise, types, charges, bonds, for the whole batch; ``shard=(lo, hi)`` then keeps
-    molecules ``lo:hi`` (data-parallel ranks).
+    molecules ``lo:hi`` (data-parallel ranks). ``context``: as in :func:`diffusion_loss`.
     """
     feats: CategoricalFeatures = pipe.features
     cat = CategoricalDiffusion.from_features(feats, pipe.schedule)
@@ -306,11 +356,13 @@ def categorical_loss_terms(pipe, batch: MoleculeBatch, t: torch.Tensor, generato
             on = keep[edge_index[0]]
             edge_index, bonds0, bonds_t = edge_index[:, on] - first, bonds0[on], bonds_t[on]
         bvec, num_graphs, tt = bvec[keep] - lo, hi - lo, t[lo:hi]
+        context = None if context is None else context[lo:hi]
     h_t = feats.encode(types_t, charges_t, dtype=dtype)
     if edge_index is None:
-        pred_pos, logits = pipe.predict_noise(pos_t, h_t, tt.to(dtype), bvec)[:2]
+        pred_pos, logits = pipe.predict_noise(pos_t, h_t, tt.to(dtype), bvec, context=context)[:2]
     else:
-        pred_pos, logits, bond_logits = pipe.predict_noise(pos_t, h_t, tt.to(dtype), bvec, edge_index=edge_index,
+        pred_pos, logits, bond_logits = pipe.predict_noise(pos_t, h_t, tt.to(dtype), bvec, context=context,
+                                                           edge_index=edge_index,
                                                            e_t=feats.encode_bonds(bonds_t, dtype), raw_bonds=True)
     atoms = num_nodes_per_graph(bvec, num_graphs).to(torch.float32)
     sq = ((pred_pos.float() - eps_pos.float()) ** 2).sum(-1)
@@ -350,7 +402,7 @@ def edge_bond_orders(bonds: torch.Tensor, edge_index: torch.Tensor, num_nodes: i
     return labels
 
 
-def _bond_model_loss(pipe, batch, pos_t, h_t, eps_pos, eps_h, t, weight, generator, bond_weight):
+def _bond_model_loss(pipe, batch, pos_t, h_t, eps_pos, eps_h, t, weight, generator, bond_weight, context=None):
     if batch.bonds is None:
         raise ValueError("this model generates bonds: its batches need bond orders (MoleculeSet(..., bonds=...))")
     n = batch.batch.shape[0]
@@ -362,7 +414,7 @@ def _bond_model_loss(pipe, batch, pos_t, h_t, eps_pos, eps_h, t, weight, generat
     alpha, sigma = pipe.schedule.alpha_sigma(t)
     e_t = alpha.to(e.dtype)[edge_batch].unsqueeze(-1) * e + sigma.to(e.dtype)[edge_batch].unsqueeze(-1) * eps_e
     pred_pos, pred_h, pred_e = pipe.predict_noise(pos_t, h_t, t.to(pos_t.dtype), batch.batch, edge_index=edge_index,
-                                                  e_t=e_t, raw_bonds=True)
+                                                  e_t=e_t, raw_bonds=True, context=context)
     atoms = epsilon_loss(pred_pos, eps_pos, pred_h, eps_h, batch.batch, batch.num_graphs, weight=weight)
     if pipe.bond_output == "logits":  # cross-entropy of the clean bond class, mean over each molecule's edges
         ce = torch.nn.functional.cross_entropy(pred_e.float(), labels, reduction="none")
@@ -526,6 +578,12 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         check_same_diffusion_mode(state.get("config", {}), self.cfg)
         saved_model = state.get("config", {}).get("model", {})
+        saved_props = [str(p).lower() for p in saved_model.get("properties") or []]
+        if saved_props != list(self.cfg.model.properties):
+            what = {True: "is unconditional", False: f"conditions on {', '.join(saved_props)}"}[not saved_props]
+            wanted = ", ".join(self.cfg.model.properties) or "nothing (model.properties=[])"
+            raise ValueError(f"this checkpoint {what}; it cannot continue conditioned on {wanted} "
+                             "(model.properties must stay as the run started)")
         saved_sc = bool(saved_model.get("self_condition", False))
         saved_bonds = int(saved_model.get("bond_types", 0))
         if saved_sc and not self.cfg.model.self_condition:
@@ -669,7 +727,8 @@ class Trainer:
                 break
             batch = batch.to(self.device)
             t = torch.rand(batch.num_graphs, generator=gen, dtype=torch.float64, device=self.device)
-            total += float(diffusion_loss(pipe, batch, t, gen, bond_weight=0.0, known_types_prob=given)) * batch.num_graphs
+            total += float(diffusion_loss(pipe, batch, t, gen, bond_weight=0.0, known_types_prob=given,
+                                          context=self._context(batch, dropout=False))) * batch.num_graphs
             count += batch.num_graphs
         return total / max(1, count)
 
@@ -684,7 +743,7 @@ class Trainer:
                 break
             batch = batch.to(self.device)
             t = torch.rand(batch.num_graphs, generator=gen, dtype=torch.float64, device=self.device)
-            for name, per_mol in categorical_loss_terms(pipe, batch, t, gen).items():
+            for name, per_mol in categorical_loss_terms(pipe, batch, t, gen, context=self._context(batch, False)).items():
                 sums[name] = sums.get(name, 0.0) + float(per_mol.sum())
             count += batch.num_graphs
         means = {name: total / max(1, count) for name, total in sums.items()}
@@ -704,6 +763,7 @@ class Trainer:
         self.model.train()
         b = batch.num_graphs
         t = training_times(self.cfg, b, self.generator, self.device)
+        context = self._context(batch, dropout=True)
         shard = None
         if self.world_size > 1:
             per = b // self.world_size
@@ -717,7 +777,7 @@ class Trainer:
                                   known_types_prob=self.cfg.diffusion.known_types_prob,
                                   type_weight=self.cfg.diffusion.type_weight,
                                   charge_weight=self.cfg.diffusion.charge_weight,
-                                  type_lag_prob=self.cfg.diffusion.type_lag_prob)
+                                  type_lag_prob=self.cfg.diffusion.type_lag_prob, context=context)
         if not self._all_ranks(bool(torch.isfinite(loss))):
             self.optimizer.zero_grad(set_to_none=True)
             return float(loss), float("nan"), False, True
@@ -743,6 +803,19 @@ class Trainer:
             loss /= self.world_size
         return float(loss.detach()), norm, clipped, False
 
+    def _context(self, batch: MoleculeBatch, dropout: bool) -> torch.Tensor | None:
+        """The network context of a property-conditional run's batch (``None`` for other runs):
+        with ``dropout``, properties hidden as ``diffusion.property_dropout`` / ``uncond_prob`` say,
+        drawn from the training generator; without, every property given (validation)."""
+        conditioning = self.data.conditioning
+        if not self.cfg.model.properties:
+            return None
+        if conditioning is None or batch.targets is None:
+            raise ValueError("a property-conditional model needs batches with targets (model.properties)")
+        d = self.cfg.diffusion
+        gen = self.generator if dropout else None
+        return property_context(conditioning, batch.targets.to(self.device), gen, d.property_dropout, d.uncond_prob)
+
     def _loss_pipe(self) -> MolDiffPipeline:
         if self.forward_model is self.model:
             return self.pipe
@@ -755,10 +828,11 @@ class Trainer:
             bond_output = self.pipe.bond_output
 
             @staticmethod
-            def predict_noise(pos_t, h_t, t, batch, cond=None, edge_index=None, e_t=None, raw_bonds=False, t_h=None):
+            def predict_noise(pos_t, h_t, t, batch, cond=None, edge_index=None, e_t=None, raw_bonds=False, t_h=None,
+                              context=None):
                 # training only: bond heads' raw output (the loss asks for it with raw_bonds=True)
                 extra = {} if t_h is None else {"t_h": t_h}
-                out = wrapper(pos_t, h_t, t, batch, cond=cond, edge_index=edge_index, e_t=e_t, **extra)
+                out = wrapper(pos_t, h_t, t, batch, cond=cond, edge_index=edge_index, e_t=e_t, context=context, **extra)
                 if e_t is not None:
                     out, eps_e = out
                     return out.pos, out.h, eps_e
