@@ -183,20 +183,41 @@ def _dataset_molecules(spec: str, cache_dir):
     return list(qm9.molecules(split[split_name])), qm9
 
 
-def _own_bonds_summary(records) -> dict | None:
+def _own_bonds_summary(records, charged: bool = False) -> dict | None:
     """Stability and validity of an SDF's molecules under the file's own bonds and formal charges
     (:func:`moldiff.chemistry.metrics.own_bonds_result`), over all readable records (records without
-    a usable bond block count as neither); ``None`` when no record has one."""
+    a usable bond block count as neither); ``None`` when no record has one. ``charged`` adds
+    ``mol_stable_charged``: the charge-aware rule on the same bonds and charges."""
     readable = [r for r in records if r.error is None]
     if not any(r.bonds is not None for r in readable):
         return None
     from moldiff.chemistry.metrics import own_bonds_result
 
     verdicts = [own_bonds_result(r.symbols, r.positions, r.bonds, r.formal_charges) for r in readable if r.bonds is not None]
-    return {"n": len(readable), "with_bonds": len(verdicts),
-            "validity": sum(v.valid for v in verdicts) / len(readable),
-            "mol_stable": sum(v.mol_stable for v in verdicts) / len(readable),
-            "protocol": "the file's own bonds and formal charges: RDKit sanitization, EDM's valence rule"}
+    out = {"n": len(readable), "with_bonds": len(verdicts),
+           "validity": sum(v.valid for v in verdicts) / len(readable),
+           "mol_stable": sum(v.mol_stable for v in verdicts) / len(readable)}
+    if charged:
+        out["mol_stable_charged"] = sum(bool(v.mol_stable_charged) for v in verdicts) / len(readable)
+    out["protocol"] = "the file's own bonds and formal charges: RDKit sanitization, EDM's valence rule"
+    return out
+
+
+def _charged_summary(summary: dict, charged, charges_source: str, n_unreadable: int) -> dict:
+    """``summary`` with the charge-aware stability keys placed right after EDM's ``mol_stable``
+    (unreadable records count as unstable, as they do for EDM's numbers)."""
+    n_ok = charged.n
+    scale = n_ok / (n_ok + n_unreadable)
+    extra = {"atom_stable_charged": charged.atom_stable, "mol_stable_charged": charged.mol_stable * scale,
+             "charged_stability": {"bonds": charged.bonds, "charges": charges_source,
+                                   "n_with_charges": charged.n_charged, "table": "moldiff.chemistry.elements."
+                                   "CHARGED_VALENCE (after MiDi's allowed_bonds; neutral atoms: EDM's valences)"}}
+    out = {}
+    for key, value in summary.items():
+        out[key] = value
+        if key == "mol_stable":
+            out |= extra
+    return out if "mol_stable" in summary else summary | extra
 
 
 def cmd_evaluate(args) -> int:
@@ -218,8 +239,10 @@ def cmd_evaluate(args) -> int:
     elif args.relaxed_sdf:
         raise UsageError("--relaxed-sdf goes with --relax mmff or --relax uff")
     qm9 = None
+    charges: list = []  # per molecule: formal charges from the file, or None (all neutral)
     if args.dataset:
         molecules, qm9 = _dataset_molecules(args.dataset, _cache_dir(args))
+        charges = [None] * len(molecules)
         unreadable = []
         source = args.dataset
         names = [f"{args.dataset} {k}" for k in range(len(molecules))]
@@ -227,6 +250,7 @@ def cmd_evaluate(args) -> int:
     else:
         records = read_molecules(args.path)
         molecules = [(r.symbols, r.positions) for r in records if r.error is None]
+        charges = [r.formal_charges for r in records if r.error is None]
         names = [r.name for r in records if r.error is None]
         indices = [k for k, r in enumerate(records) if r.error is None]  # record numbers in the file
         unreadable = [r for r in records if r.error is not None]
@@ -236,6 +260,7 @@ def cmd_evaluate(args) -> int:
 
         pick = np.sort(np.random.default_rng(args.seed).choice(len(molecules), args.subsample, replace=False)).tolist()
         molecules, names, indices = [molecules[k] for k in pick], [names[k] for k in pick], [indices[k] for k in pick]
+        charges = [charges[k] for k in pick]
         if args.path:
             chosen = set(indices)
             records = [r for k, r in enumerate(records) if k in chosen or r.error is not None]
@@ -252,14 +277,25 @@ def cmd_evaluate(args) -> int:
     # Records that could not be read count as invalid, unstable molecules of the set.
     if unreadable:
         summary = _add_unreadable(summary, report, len(unreadable))
+    charged = None
+    if args.charged_stability and molecules:
+        from moldiff.chemistry.metrics import evaluate_charged_stability
+
+        charged = evaluate_charged_stability([(s, p, q) for (s, p), q in zip(molecules, charges)], workers=args.workers)
+        charges_source = ("formal charges from the file" if any(q is not None for q in charges)
+                          else "none in the input: every atom neutral")
+        summary = _charged_summary(summary, charged, charges_source, len(unreadable))
     elapsed = time.monotonic() - t0
     print(f"evaluated {source}: {summary.get('n', 0)} molecules in {elapsed:.1f} s (EDM protocol)")
     if report is not None and not unreadable:
-        print(format_table(report))
+        print(format_table(report, charged=charged))
     else:
-        for k in ("n", "atom_stable", "mol_stable", "validity", "uniqueness", "valid_and_unique", "novelty"):
+        keys = [k for k in ("n", "atom_stable", "mol_stable", "atom_stable_charged", "mol_stable_charged", "validity",
+                            "uniqueness", "valid_and_unique", "novelty") if k in summary or not k.endswith("_charged")]
+        width = max(18, *map(len, keys))
+        for k in keys:
             v = summary.get(k)
-            print(f"{k:>18}: " + ("n/a" if v is None else (f"{100 * v:.2f}%" if k != "n" else str(v))))
+            print(f"{k:>{width}}: " + ("n/a" if v is None else (f"{100 * v:.2f}%" if k != "n" else str(v))))
     if molecules:
         from moldiff.chemistry.diagnostics import geometry_diagnostics
 
@@ -269,14 +305,19 @@ def cmd_evaluate(args) -> int:
         print(f"diagnostics{of}: {100 * diag['one_piece']:.2f}% in one piece, {100 * diag['close_contact']:.2f}% with atoms "
               f"closer than 0.9 Å, {100 * diag['odd_valence']:.2f}% with an odd valence sum (no geometry makes those stable), "
               f"{100 * diag['planar_six_ring']:.2f}% with a flat aromatic-like six-ring (QM9: 3%)")
+    if charged is not None:
+        print(f"charges allowed: valences per (element, formal charge) after MiDi's table, on EDM's distance-table "
+              f"bonds; charges: {summary['charged_stability']['charges']} ({charged.n_charged} molecules carry one)")
     for r in unreadable[:10]:
         print(f"unreadable record {r.name}: {r.error}")
-    own = _own_bonds_summary(records if args.dataset is None else [])
+    own = _own_bonds_summary(records if args.dataset is None else [], charged=args.charged_stability)
     if own is not None:
         summary["own_bonds"] = own
+        with_charges = ("" if "mol_stable_charged" not in own
+                        else f", molecule stable (charges allowed) {100 * own['mol_stable_charged']:.2f}%")
         print(f"with the file's own bonds ({own['with_bonds']} of {own['n']} records carry a bond block of single, "
-              f"double and triple bonds): molecule stable {100 * own['mol_stable']:.2f}%, valid {100 * own['validity']:.2f}% "
-              "(the table above: EDM's distance-table bonds)")
+              f"double and triple bonds): molecule stable {100 * own['mol_stable']:.2f}%{with_charges}, "
+              f"valid {100 * own['validity']:.2f}% (the table above: EDM's distance-table bonds)")
     per_molecule = report.per_molecule if report is not None else []
     valid = [(indices[k], molecules[k]) for k, res in enumerate(per_molecule) if res.valid]
     plausible, plausibility = _plausibility(valid, args)
@@ -297,6 +338,9 @@ def cmd_evaluate(args) -> int:
         for k, res in enumerate(per_molecule):
             row = {"index": indices[k], "name": names[k], "SMILES": res.smiles, "valid": int(res.valid),
                    "mol_stable": int(res.mol_stable), "reason": res.reason}
+            if charged is not None:
+                row = ({key: value for key, value in row.items() if key != "reason"}
+                       | {"mol_stable_charged": int(charged.per_molecule[k].mol_stable), "reason": res.reason})
             if indices[k] in plausible:
                 row.update(plausible[indices[k]].row(checks=args.posebusters))
             rows.append(row)
@@ -1166,6 +1210,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--subsample", type=int, metavar="N", help="score a random N of the molecules (seeded by --seed), "
                    "e.g. --dataset qm9:test --subsample 1000")
     e.add_argument("--seed", type=int, default=0, help="seed of --subsample (default 0)")
+    e.add_argument("--charged-stability", action="store_true", help="also report stability with charged atoms "
+                   "allowed (valences per element and formal charge, after MiDi's table; charges from the SDF, "
+                   "neutral for XYZ and datasets), beside EDM's numbers")
     _add_plausibility_options(e)
     e.add_argument("--relaxed-sdf", metavar="PATH", help="with --relax: where the relaxed molecules go "
                    "(default: FILE_relaxed.sdf beside FILE; none for --dataset unless given)")

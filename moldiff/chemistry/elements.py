@@ -4,6 +4,12 @@ The allowed valences are the facts of EDM's ``allowed_bonds`` table
 (Hoogeboom et al. 2022, github.com/ehoogeboom/e3_diffusion_for_molecules, ``qm9/bond_analyze.py``).
 An atom is "stable" when the sum of its bond orders equals its allowed valence (or is one of the
 allowed valences where EDM lists several).
+
+:data:`CHARGED_VALENCE` extends that rule to charged atoms (an option beside EDM's rule, never
+replacing it): allowed valences per (element, formal charge), after the charged-stability table of
+MiDi (Vignac et al. 2023, github.com/cvignac/MiDi, ``midi/analysis/rdkit_functions.py``
+``allowed_bonds``), which EQGAT-diff (``experiments/data/metrics.py``) and FlowMol reuse.
+See :data:`CHARGED_VALENCE` for where it deliberately differs from that table.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ __all__ = [
     "UnknownElementError",
     "to_symbols",
     "allowed_valences",
+    "CHARGED_VALENCE",
+    "allowed_valences_charged",
     "valence_sum_parity",
 ]
 
@@ -49,6 +57,58 @@ ALLOWED_VALENCE: MappingProxyType[str, int | frozenset[int]] = MappingProxyType(
         "Hg": frozenset({1, 2}), "Bi": frozenset({3, 5}),
     }
 )  # fmt: skip
+
+
+# Allowed valences of charged atoms, (element -> formal charge -> valences); the neutral row is added
+# from EDM's table below. From MiDi's ``allowed_bonds`` unless marked; see CHARGED_VALENCE.
+_CHARGED_ROWS: dict[str, dict[int, tuple[int, ...]]] = {
+    "H": {1: (0,), -1: (0,)},                    # a bare proton / hydride has no bonds
+    "B": {-1: (4,)},                             # added: borate, BF4-, BH4- (MiDi has no charged B)
+    "C": {1: (3,), -1: (3,)},                    # carbocation, carbanion
+    "N": {1: (4,), -1: (2,)},                    # MiDi lists N+ 2/3/4; here 4 only (ammonium, nitro)
+    "O": {1: (3,), -1: (1,)},                    # oxonium; alkoxide, nitro O-, carboxylate O-
+    "F": {-1: (0,)},                             # fluoride
+    "P": {1: (4,)},                              # phosphonium
+    "S": {1: (2, 3), 2: (4,), 3: (5,), -1: (1, 3)},  # S- 1 (thiolate) added beside MiDi's 3
+    "Cl": {-1: (0,)},                            # added: chloride
+    "Br": {1: (2,), -1: (0,)},                   # Br- added: bromide
+    "I": {1: (2,), -1: (0,)},                    # added: iodonium, iodide
+}  # fmt: skip
+
+
+def _charged_valence_table() -> MappingProxyType:
+    table = {}
+    for symbol in ALLOWED_VALENCE:
+        neutral = ALLOWED_VALENCE[symbol]
+        rows = {0: frozenset({neutral}) if isinstance(neutral, int) else neutral}
+        rows.update({charge: frozenset(v) for charge, v in _CHARGED_ROWS.get(symbol, {}).items()})
+        table[symbol] = MappingProxyType(dict(sorted(rows.items())))
+    return MappingProxyType(table)
+
+
+#: Allowed valences per (element, formal charge) for charge-aware stability:
+#: ``CHARGED_VALENCE["N"][1] == frozenset({4})``.
+#:
+#: Source: MiDi's ``allowed_bonds`` (github.com/cvignac/MiDi, ``midi/analysis/rdkit_functions.py``;
+#: the same table is EQGAT-diff's ``experiments/data/metrics.py`` and FlowMol's), with these
+#: deliberate differences:
+#:
+#: * charge 0 is EDM's :data:`ALLOWED_VALENCE` exactly (MiDi's neutral rows are looser: C 3/4, N 2/3,
+#:   S 2/6), so a neutral molecule gets the same verdict as under EDM's rule;
+#: * N+ allows 4 only (MiDi allows 2, 3 and 4, which its comment explains by NH+/NH2+ in QM9's
+#:   charge assignment), so an N+ with three bonds is unstable;
+#: * an (element, charge) pair not listed allows nothing, so that atom is unstable (MiDi falls back
+#:   to the neutral row, and ignores the charge of elements listed as a bare number such as Cl);
+#: * closed-shell ions MiDi lacks are added: B- 4, S- 1 (thiolate, beside MiDi's 3), Cl- 0, Br- 0,
+#:   I- 0, I+ 2.
+CHARGED_VALENCE: MappingProxyType[str, MappingProxyType[int, frozenset[int]]] = _charged_valence_table()
+
+
+def allowed_valences_charged(symbol: str, charge: int) -> frozenset[int]:
+    """Valences an atom of ``symbol`` with formal ``charge`` may have to count as stable under the
+    charge-aware rule (:data:`CHARGED_VALENCE`); empty when the pair is not listed. For charge 0 this
+    is :func:`allowed_valences` (EDM's rule)."""
+    return CHARGED_VALENCE.get(symbol, MappingProxyType({})).get(int(charge), frozenset())
 
 
 class UnknownElementError(ValueError):

@@ -13,6 +13,11 @@ github.com/ehoogeboom/e3_diffusion_for_molecules: ``qm9/analyze.py`` ``check_sta
   reference SMILES / unique valid. Reference SMILES (the training split) are built the same way
   but from the whole molecule, not its largest fragment, and failures are skipped.
 
+Beside EDM's rule, not replacing it, a charge-aware stability (:func:`charged_stability`,
+:func:`evaluate_charged_stability`): an atom is stable when its bond-order sum is allowed for its
+(element, formal charge) in :data:`~moldiff.chemistry.elements.CHARGED_VALENCE` (after MiDi's
+table); for neutral atoms that is EDM's rule, so neutral molecules get EDM's verdict.
+
 Deliberate differences from EDM, for malformed input only: a molecule with 0 or 1 atom, non-finite
 coordinates or an unknown element is counted invalid and unstable with a ``reason`` (EDM would
 call a lone atom, or a NaN molecule whose atoms are all unbonded, "valid").
@@ -28,7 +33,14 @@ import numpy as np
 from rdkit import Chem, rdBase
 
 from .bonds import edm_bond_matrix
-from .elements import ALLOWED_VALENCE, SYMBOL_TO_Z, UnknownElementError, allowed_valences, to_symbols
+from .elements import (
+    ALLOWED_VALENCE,
+    CHARGED_VALENCE,
+    SYMBOL_TO_Z,
+    UnknownElementError,
+    allowed_valences,
+    to_symbols,
+)
 from .rdkit import build_mol, edm_mol, mol_to_smiles_edm, sanitize_error
 
 __all__ = [
@@ -39,6 +51,10 @@ __all__ = [
     "MetricsReport",
     "check_stability",
     "bond_rows_stability",
+    "charged_stability",
+    "check_charged_stability",
+    "ChargedStabilityReport",
+    "evaluate_charged_stability",
     "validity_smiles",
     "reference_smiles",
     "reference_smiles_set",
@@ -150,14 +166,223 @@ def bond_rows_stability(symbols: Sequence[object], bonds: np.ndarray) -> Stabili
     """Atom and molecule stability, EDM's valence rule, under given bonds instead of EDM's distance
     table: ``bonds`` ``(P, 3)`` rows ``[i, j, order]`` (e.g. bonds a model generated with the atoms)."""
     elements = to_symbols(symbols)
-    n = len(elements)
+    return _stability(elements, _rows_to_matrix(len(elements), bonds))[0]
+
+
+def _rows_to_matrix(n: int, bonds: np.ndarray) -> np.ndarray:
+    """Symmetric (n, n) bond-order matrix of ``(P, 3)`` rows ``[i, j, order]`` (orders add up)."""
     matrix = np.zeros((n, n), dtype=np.int64)
     rows = np.asarray(bonds, dtype=np.int64).reshape(-1, 3)
     if len(rows) and (rows[:, :2].min() < 0 or rows[:, :2].max() >= n or (rows[:, 0] == rows[:, 1]).any()):
         raise ValueError(f"bond rows must join two different atoms among {n}")
     np.add.at(matrix, (rows[:, 0], rows[:, 1]), rows[:, 2])
     np.add.at(matrix, (rows[:, 1], rows[:, 0]), rows[:, 2])
-    return _stability(elements, matrix)[0]
+    return matrix
+
+
+# ------------------------------------------------------------------------ charge-aware stability
+
+# Charge-aware lookup: [z, charge + _MAX_CHARGE, valence] is True iff that valence is allowed for
+# that (element, charge) in CHARGED_VALENCE. Charges beyond +-_MAX_CHARGE allow nothing.
+_MAX_CHARGE = 3
+
+
+def _charged_allowed_table() -> np.ndarray:
+    table = np.zeros((max(SYMBOL_TO_Z.values()) + 1, 2 * _MAX_CHARGE + 1, _MAX_VALENCE + 1), dtype=bool)
+    for symbol, rows in CHARGED_VALENCE.items():
+        for charge, valences in rows.items():
+            if abs(charge) <= _MAX_CHARGE:
+                for valence in valences:
+                    table[SYMBOL_TO_Z[symbol], charge + _MAX_CHARGE, valence] = True
+    return table
+
+
+_CHARGED_ALLOWED = _charged_allowed_table()
+
+
+def _as_charges(formal_charges: Sequence[int] | np.ndarray | None, n: int) -> np.ndarray:
+    """Formal charges as an (n,) int64 array (``None`` = all neutral); raises on bad input."""
+    if formal_charges is None:
+        return np.zeros(n, dtype=np.int64)
+    try:
+        charges = np.asarray(formal_charges, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"formal charges are not numbers ({exc})") from None
+    if charges.shape != (n,):
+        raise ValueError(f"formal charges must hold one charge per atom: expected shape ({n},), got {charges.shape}")
+    if not np.isfinite(charges).all() or (charges != np.round(charges)).any():
+        raise ValueError("formal charges must be whole numbers")
+    return charges.astype(np.int64)
+
+
+def _charged_stable_atoms(elements: tuple[str, ...], bond_matrix: np.ndarray, charges: np.ndarray) -> np.ndarray:
+    """(n,) bool: atom i's bond-order sum is allowed for its (element, formal charge)."""
+    valence = np.asarray(bond_matrix).sum(axis=1)
+    whole = valence == np.round(valence)  # e.g. aromatic 1.5 orders summing to a fraction: unstable
+    valence = np.clip(np.round(valence), 0, _MAX_VALENCE).astype(np.intp)
+    z = np.fromiter((SYMBOL_TO_Z[s] for s in elements), dtype=np.intp, count=len(elements))
+    in_range = np.abs(charges) <= _MAX_CHARGE
+    column = np.clip(charges, -_MAX_CHARGE, _MAX_CHARGE).astype(np.intp) + _MAX_CHARGE
+    return _CHARGED_ALLOWED[z, column, valence] & in_range & whole
+
+
+def _charged_result(elements: tuple[str, ...], bond_matrix: np.ndarray, charges: np.ndarray) -> StabilityResult:
+    stable = _charged_stable_atoms(elements, bond_matrix, charges)
+    n_stable = int(stable.sum())
+    return StabilityResult(n_stable == len(elements), n_stable, len(elements))
+
+
+def charged_stability(
+    symbols: Sequence[object],
+    bond_matrix: np.ndarray,
+    formal_charges: Sequence[int] | np.ndarray | None = None,
+) -> StabilityResult:
+    """Charge-aware atom and molecule stability under given bonds.
+
+    An atom is stable when its bond-order sum is one of the valences
+    :data:`~moldiff.chemistry.elements.CHARGED_VALENCE` allows for its (element, formal charge); a
+    molecule when all its atoms are. For a neutral molecule this is EDM's rule on the same bonds.
+
+    Args:
+        symbols: n element symbols or atomic numbers.
+        bond_matrix: (n, n) symmetric bond orders (0 = no bond); an atom whose orders do not sum
+            to a whole number (aromatic 1.5s) is unstable.
+        formal_charges: (n,) whole-number formal charges; ``None`` means all atoms neutral.
+
+    Returns:
+        :class:`StabilityResult`.
+
+    Raises:
+        ValueError: a bond matrix or charges of the wrong shape, or charges that are not whole.
+    """
+    elements = to_symbols(symbols)
+    n = len(elements)
+    matrix = np.asarray(bond_matrix, dtype=np.float64)
+    if matrix.shape != (n, n):
+        raise ValueError(f"bond_matrix must have shape ({n}, {n}), got {matrix.shape}")
+    if not np.isfinite(matrix).all() or (matrix < 0).any():
+        raise ValueError("bond orders must be finite and non-negative")
+    return _charged_result(elements, matrix, _as_charges(formal_charges, n))
+
+
+def check_charged_stability(
+    symbols: Sequence[object],
+    positions: np.ndarray,
+    formal_charges: Sequence[int] | np.ndarray | None = None,
+) -> StabilityResult:
+    """Charge-aware stability (:func:`charged_stability`) on the bonds EDM's distance tables derive
+    from ``positions`` (the bonds :func:`check_stability` uses), so it differs from EDM's verdict
+    only where ``formal_charges`` are non-zero.
+
+    Args:
+        symbols: n element symbols or atomic numbers.
+        positions: (n, 3) coordinates in Å.
+        formal_charges: (n,) whole-number formal charges; ``None`` means all atoms neutral.
+    """
+    elements = to_symbols(symbols)
+    matrix = edm_bond_matrix(elements, positions, pair_order="index")
+    return _charged_result(elements, matrix, _as_charges(formal_charges, len(elements)))
+
+
+@dataclass(frozen=True)
+class ChargedStabilityReport:
+    """Charge-aware stability over a set of molecules (fractions in [0, 1]), reported beside EDM's.
+
+    ``bonds`` says which bonds were judged: ``"EDM table"`` (from the coordinates, as EDM's
+    stability) or ``"own"`` (bonds that came with each molecule). ``n_charged``: molecules with at
+    least one non-zero formal charge; ``n_failed``: molecules that could not be judged (malformed,
+    no own bonds, bad charges), counted as unstable.
+    """
+
+    n: int
+    atom_stable: float
+    mol_stable: float
+    n_charged: int
+    n_failed: int
+    bonds: str
+    per_molecule: list[StabilityResult] = field(repr=False)
+
+    def to_dict(self, per_molecule: bool = False) -> dict:
+        """JSON-ready dict (per-molecule records only with ``per_molecule=True``)."""
+        out = asdict(self)
+        if not per_molecule:
+            out.pop("per_molecule")
+        return out
+
+
+def _charged_parts(molecule) -> tuple[object, object, object, object]:
+    """(symbols, positions, formal charges or None, own bond rows or None) of one molecule."""
+    if hasattr(molecule, "symbols") and hasattr(molecule, "positions"):
+        if getattr(molecule, "error", None) is not None:  # an unreadable file record
+            raise ValueError(str(molecule.error))
+        bonds = getattr(molecule, "generated_bonds", None)  # a sampled molecule's own bonds
+        if bonds is None and not isinstance(getattr(molecule, "bonds", None), str):
+            bonds = getattr(molecule, "bonds", None)  # a file record's bond block
+        return molecule.symbols, molecule.positions, getattr(molecule, "formal_charges", None), bonds
+    if len(molecule) == 3:
+        symbols, positions, charges = molecule
+        return symbols, positions, charges, None
+    symbols, positions = molecule
+    return symbols, positions, None, None
+
+
+def _charged_one(molecule, own_bonds: bool = False) -> tuple[StabilityResult, bool, bool]:
+    """(verdict, carries a non-zero charge, could be judged) of one molecule; never raises."""
+    try:
+        symbols, positions, charges, bonds = _charged_parts(molecule)
+    except (TypeError, ValueError):
+        return StabilityResult(False, 0, 0), False, False
+    elements, pos, reason = _malformed(symbols, positions)
+    n = len(elements) or _count_atoms(symbols)
+    if reason is not None or pos is None or (own_bonds and bonds is None):
+        return StabilityResult(False, 0, n), False, False
+    try:
+        q = _as_charges(charges, n)
+        matrix = _rows_to_matrix(n, bonds) if own_bonds else edm_bond_matrix(elements, pos, pair_order="index")
+        return _charged_result(elements, matrix, q), bool(q.any()), True
+    except Exception:  # noqa: BLE001 - one odd molecule must not stop a 10k evaluation
+        return StabilityResult(False, 0, n), False, False
+
+
+def evaluate_charged_stability(
+    molecules: Iterable[object],
+    *,
+    own_bonds: bool = False,
+    workers: int = 1,
+) -> ChargedStabilityReport:
+    """Charge-aware stability (:func:`charged_stability`) over a set, pooled as EDM's.
+
+    Args:
+        molecules: ``(symbols, positions)`` pairs (all atoms neutral), ``(symbols, positions,
+            formal_charges)`` triples, or objects with ``symbols``, ``positions`` and
+            ``formal_charges`` attributes: records read from an SDF
+            (:class:`~moldiff.chemistry.io.MoleculeRecord`, charges from the file) or sampled
+            molecules (``moldiff.molecules.GeneratedMolecule``, charges the model generated;
+            ``None`` = neutral). Malformed entries count as unstable, never raised.
+        own_bonds: judge each molecule's own bonds (a record's ``bonds``, a sample's
+            ``generated_bonds``) instead of EDM's distance-table bonds; a molecule without them
+            counts as unstable (and in ``n_failed``).
+        workers: processes to use (1 = this process).
+
+    Returns:
+        :class:`ChargedStabilityReport`.
+    """
+    from functools import partial
+
+    outcomes = _map(partial(_charged_one, own_bonds=own_bonds), molecules, workers)
+    if not outcomes:
+        raise ValueError("no molecules to evaluate")
+    results = [r for r, _, _ in outcomes]
+    n = len(results)
+    return ChargedStabilityReport(
+        n=n,
+        atom_stable=_fraction(sum(r.n_stable_atoms for r in results), sum(r.n_atoms for r in results)),
+        mol_stable=_fraction(sum(r.mol_stable for r in results), n),
+        n_charged=sum(charged for _, charged, _ in outcomes),
+        n_failed=sum(not judged for _, _, judged in outcomes),
+        bonds="own" if own_bonds else "EDM table",
+        per_molecule=results,
+    )
 
 
 def _largest_fragment_smiles(mol: Chem.Mol) -> str | None:
@@ -396,12 +621,20 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
-def format_table(report: MetricsReport) -> str:
-    """Plain-text table of a report, fractions as percentages with 2 decimals."""
+def format_table(report: MetricsReport, charged: ChargedStabilityReport | None = None) -> str:
+    """Plain-text table of a report, fractions as percentages with 2 decimals; with ``charged``
+    (:func:`evaluate_charged_stability`) two more rows follow EDM's stability rows."""
     rows = [
         ("molecules", str(report.n)),
         ("atom stable", _percent(report.atom_stable)),
         ("molecule stable", _percent(report.mol_stable)),
+    ]
+    if charged is not None:
+        rows += [
+            ("atom stable (charges allowed)", _percent(charged.atom_stable)),
+            ("molecule stable (charges allowed)", _percent(charged.mol_stable)),
+        ]
+    rows += [
         ("validity", _percent(report.validity)),
         ("uniqueness (of valid)", _percent(report.uniqueness)),
         ("valid and unique", _percent(report.valid_and_unique)),
@@ -421,12 +654,15 @@ class OwnBondsResult:
     explicit atoms, the generated bond orders and formal charges, conformer from the coordinates;
     sanitized when ``valid``), ``valid`` (RDKit sanitizes it), ``smiles`` (largest fragment, as
     EDM's validity, ``None`` when invalid) and ``mol_stable`` (EDM's valence rule on these bonds;
-    like EDM's rule it reads neutral valences, so a charged atom counts as unstable)."""
+    like EDM's rule it reads neutral valences, so a charged atom counts as unstable);
+    ``mol_stable_charged``: the charge-aware rule (:func:`charged_stability`) on these bonds and
+    charges (no charges: all neutral, the same as ``mol_stable``)."""
 
     mol: Chem.Mol
     valid: bool
     smiles: str | None
     mol_stable: bool
+    mol_stable_charged: bool | None = None
 
 
 def own_bonds_result(symbols: Sequence[object], positions: np.ndarray, bonds: np.ndarray,
@@ -437,6 +673,10 @@ def own_bonds_result(symbols: Sequence[object], positions: np.ndarray, bonds: np
     n = len(elements)
     rows = np.asarray(bonds, dtype=np.int64).reshape(-1, 3)
     stable = bond_rows_stability(elements, rows).mol_stable
+    try:
+        charged = _charged_result(elements, _rows_to_matrix(n, rows), _as_charges(formal_charges, n)).mol_stable
+    except ValueError:  # charges of the wrong length or not whole numbers
+        charged = False
     matrix = np.zeros((n, n), dtype=np.int64)
     matrix[rows[:, 0], rows[:, 1]] = rows[:, 2]
     matrix[rows[:, 1], rows[:, 0]] = rows[:, 2]
@@ -446,5 +686,5 @@ def own_bonds_result(symbols: Sequence[object], positions: np.ndarray, bonds: np
     try:
         Chem.SanitizeMol(mol)
     except Exception:  # noqa: BLE001 - RDKit raises several exception types for chemistry it rejects
-        return OwnBondsResult(mol, False, None, bool(stable))
-    return OwnBondsResult(mol, True, _largest_fragment_smiles(mol), bool(stable))
+        return OwnBondsResult(mol, False, None, bool(stable), bool(charged))
+    return OwnBondsResult(mol, True, _largest_fragment_smiles(mol), bool(stable), bool(charged))
