@@ -30,12 +30,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from machine_info import cpu_flags, cpu_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine_info import cpu_flags, cpu_model  # noqa: E402 - this script's folder
 from moldiff.data.batching import MoleculeSet
 from moldiff.data.qm9 import edm_split, load_qm9
 from moldiff.diffusion import AncestralSampler, AtomFeatures, NoiseSchedule, add_noise, epsilon_loss

@@ -5,10 +5,16 @@ Standard library only at import, so a script that never touches torch does not p
 
     from machine_info import machine_record
     record = {"machine": machine_record(threads=1), ...}
+
+Run alone, it prints this machine's record as JSON:
+
+    python scripts/machine_info.py [--libraries torch,e3nn]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import sys
@@ -53,3 +59,18 @@ def machine_record(threads: int | None = None, *, libraries: tuple[str, ...] = (
         module = __import__(name)
         record[name] = getattr(module, "__version__", "unknown")
     return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Print this machine's benchmark record (CPU model and flags, cores, load) as JSON.")
+    p.add_argument("--libraries", default="", help="comma list of modules whose versions to add (e.g. torch,e3nn)")
+    args = p.parse_args(argv)
+    names = tuple(n for n in args.libraries.split(",") if n)
+    for name in names:  # torch imported here is then also described (cpu_capability)
+        __import__(name)
+    print(json.dumps(machine_record(libraries=names), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
