@@ -1009,6 +1009,9 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
             summary["conditioning"].update(formula_drawn=route.count("drawn"), formula_given=route.count("given"),
                                            formula_clamped=route.count("clamped"),
                                            formula_draws_used=int(arrays.extra["formula_draws_used"]))
+    if arrays.extra.get("type_lag"):  # elements behind the coordinates: what the sampler ran
+        summary.update(type_lag=float(arrays.extra["type_lag"]), type_steps=int(arrays.extra["type_steps"]),
+                       network_evaluations=int(arrays.extra["network_evaluations"]))
     if "condition" in arrays.extra:
         summary["condition"] = {"properties": dict(arrays.extra["condition"]), "units": dict(arrays.extra["condition_units"]),
                                 "guidance_scale": arrays.extra["guidance_scale"],

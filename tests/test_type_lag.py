@@ -175,6 +175,21 @@ def test_sampling_with_the_elements_behind_the_coordinates(lag_run):
     assert len(mols) == 3
 
 
+def test_cli_sample_with_a_lag_records_it_in_the_json(lag_run, tmp_path):
+    import json
+
+    run, _, lagged = lag_run
+    folder = lagged.export_pipeline().save_pretrained(tmp_path / "model")
+    out = tmp_path / "o"
+    assert main(["sample", "-n", "2", "--steps", "4", "--type-lag", "0.5", "--checkpoint", str(folder), "-o", str(out),
+                 "--no-novelty"]) == 0
+    summary = json.loads((out / "samples.json").read_text())
+    assert summary["type_lag"] == 0.5 and summary["type_steps"] == 2 and summary["network_evaluations"] == 4 + 2 + 1
+    assert main(["sample", "-n", "2", "--steps", "4", "--checkpoint", str(folder), "-o", str(tmp_path / "p"),
+                 "--no-novelty"]) == 0
+    assert "type_lag" not in json.loads((tmp_path / "p" / "samples.json").read_text())
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(type_lag=1.5), "type_lag must be in"),
     (dict(type_lag=0.2, type_steps=0), "type_steps must be a positive"),
