@@ -26,6 +26,7 @@ from moldiff.chemistry.plausibility import (
     FORCE_FIELDS,
     Plausibility,
     assess_plausibility,
+    check_energy_conformers,
     require_posebusters,
 )
 from moldiff.molecules import GeneratedMolecule, interpret
@@ -252,8 +253,7 @@ def sample_passing(
     forcefield = keep.forcefield if keep.max_strain is not None else relax
     if forcefield is not None and forcefield not in FORCE_FIELDS:
         raise ValueError(f"relax must be {' or '.join(FORCE_FIELDS)}, got {forcefield!r}")
-    if not isinstance(energy_conformers, (int, np.integer)) or isinstance(energy_conformers, bool) or energy_conformers < 0:
-        raise ValueError(f"energy_conformers must be an integer >= 0, got {energy_conformers!r}")
+    check_energy_conformers(energy_conformers)
     if run_checks:
         require_posebusters()
     seed = options.pop("seed", 0)

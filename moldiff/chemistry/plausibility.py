@@ -31,6 +31,7 @@ from rdkit.Chem import rdForceFieldHelpers, rdMolAlign
 __all__ = [
     "CHECKS_EXTRA",
     "ENERGY_CONFORMERS",
+    "check_energy_conformers",
     "FORCE_FIELDS",
     "MissingExtraError",
     "posebusters_available",
@@ -77,7 +78,8 @@ def posebusters_available() -> bool:
     return True
 
 
-def _check_conformers(energy_conformers) -> int:
+def check_energy_conformers(energy_conformers) -> int:
+    """``energy_conformers`` as an int, or :class:`ValueError` (one line) unless it is an integer >= 0."""
     if not isinstance(energy_conformers, (int, np.integer)) or isinstance(energy_conformers, bool) \
             or energy_conformers < 0:
         raise ValueError(f"energy_conformers must be an integer >= 0, got {energy_conformers!r}")
@@ -117,7 +119,7 @@ def posebusters_checks(mol: Chem.Mol, energy_conformers: int = ENERGY_CONFORMERS
         ``{check name: passed}`` in PoseBusters' order, e.g. ``bond_lengths``,
         ``internal_steric_clash``, ``internal_energy``.
     """
-    buster = _buster(_check_conformers(energy_conformers))
+    buster = _buster(check_energy_conformers(energy_conformers))
     with rdBase.BlockLogs():
         table = buster.bust([Chem.Mol(mol)], None, None, full_report=False)
     row = table.iloc[0]
@@ -296,7 +298,7 @@ def assess_plausibility(
         progress: called with 1 after each molecule.
         energy_conformers: PoseBusters' internal-energy ensemble size (see :func:`posebusters_checks`).
     """
-    conformers = _check_conformers(energy_conformers)
+    conformers = check_energy_conformers(energy_conformers)
     if checks:
         require_posebusters()
     if forcefield is not None and forcefield not in FORCE_FIELDS:
