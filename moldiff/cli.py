@@ -883,6 +883,7 @@ def cmd_sample(args) -> int:
     with _progress_bar(args.n, "bonds + RDKit", "mol") as bar:
         molecules = interpret(arrays, fragment=fragment, progress=bar.update)
     report = evaluate_molecules(molecules, reference=reference)
+    charged = _sample_charged(molecules, args)
     t2 = time.monotonic()
     valid = [(k, m.mol if m.mol is not None else (m.symbols, m.positions)) for k, m in enumerate(molecules) if m.valid]
     plausibility = _plausibility(valid, args)
@@ -890,9 +891,23 @@ def cmd_sample(args) -> int:
     if args.posebusters or args.relax:
         timing["seconds_plausibility"] = round(time.monotonic() - t2, 3)
     summary = _write_samples(folder, files, molecules, report, arrays, request, args, pipe, checkpoint, timing,
-                             plausibility)
-    _print_sample_summary(summary, report, arrays, files, args, t2 - t0, t1 - t0)
+                             plausibility, charged=charged)
+    _print_sample_summary(summary, report, arrays, files, args, t2 - t0, t1 - t0, charged=charged)
     return 0
+
+
+def _sample_charged(molecules, args):
+    """Charge-aware stability of sampled molecules, ``(on EDM's table bonds, on the model's own bonds
+    or None)``, when ``--charged-stability`` asks for it or the model generates formal charges;
+    ``None`` otherwise. Positions in the reports follow ``molecules``."""
+    if not molecules or not (args.charged_stability or any(m.formal_charges is not None for m in molecules)):
+        return None
+    from moldiff.chemistry.metrics import evaluate_charged_stability
+
+    table = evaluate_charged_stability(molecules)
+    own = (evaluate_charged_stability(molecules, own_bonds=True)
+           if any(m.generated_bonds is not None for m in molecules) else None)
+    return table, own
 
 
 def _sample_filtered(pipe, request, keep, args, reference, folder, files, checkpoint, t0) -> int:
@@ -926,6 +941,7 @@ def _sample_filtered(pipe, request, keep, args, reference, folder, files, checkp
         raise UsageError(str(exc)) from None
     t1 = time.monotonic()
     report = evaluate_molecules(outcome.drawn, reference=reference)  # the model's metrics: every draw
+    charged = _sample_charged(outcome.drawn, args)
     plausible = {i: outcome.plausibility[i] for i in outcome.kept_indices if i in outcome.plausibility}
     plausibility = (plausible, summarize_plausibility(list(plausible.values()), checks=args.posebusters,
                                                       forcefield=args.relax, energy_conformers=args.pb_conformers)
@@ -933,9 +949,10 @@ def _sample_filtered(pipe, request, keep, args, reference, folder, files, checkp
     timing = {"seconds": round(time.monotonic() - t0, 3), "seconds_sampling_and_filtering": round(t1 - t0, 3)}
     summary = _write_samples(folder, files, outcome.kept, report, outcome.arrays[0], request, args, pipe, checkpoint,
                              timing, plausibility, indices=outcome.kept_indices,
-                             extra={"filter": outcome.to_dict(), "metrics_over": f"all {len(outcome.drawn)} drawn samples"})
+                             extra={"filter": outcome.to_dict(), "metrics_over": f"all {len(outcome.drawn)} drawn samples"},
+                             charged=charged)
     _print_sample_summary(summary, report, outcome.arrays[0], files, args, time.monotonic() - t0, t1 - t0,
-                          drawn=len(outcome.drawn))
+                          drawn=len(outcome.drawn), charged=charged)
     print(outcome.describe())
     if not outcome.reached:
         print(f"warning: only {len(outcome.kept)} of {outcome.requested} molecules passed within the budget of "
@@ -944,11 +961,11 @@ def _sample_filtered(pipe, request, keep, args, reference, folder, files, checkp
 
 
 def _write_samples(folder, files, molecules, report, arrays, request, args, pipe, checkpoint, timing,
-                   plausibility=({}, {}), indices=None, extra=None) -> dict:
+                   plausibility=({}, {}), indices=None, extra=None, charged=None) -> dict:
     """Write the SDF, CSV, PNG and JSON (and with ``--relax`` the relaxed SDF) of a sampling run, all
     together and atomically; returns the JSON summary. ``indices``: each molecule's sample number
     (default its position; a filtered run passes the draw numbers of the kept molecules); ``extra``:
-    more JSON fields."""
+    more JSON fields; ``charged``: :func:`_sample_charged`'s reports, indexed by sample number."""
     indices = list(range(len(molecules))) if indices is None else list(indices)
     from moldiff.chemistry.io import write_csv, write_json, write_sdf
     from moldiff.chemistry.report import SA_SCORE_NOTE, descriptor_row, display_smiles, grid_image, sa_score_available, sd_record, write_png
@@ -971,6 +988,10 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
         if m.own_valid is not None:
             row.update(own_bonds_valid=int(m.own_valid), own_bonds_mol_stable=int(m.own_mol_stable),
                        own_bonds_SMILES=m.own_smiles)
+        if charged is not None:
+            row["mol_stable_charged"] = int(charged[0].per_molecule[k].mol_stable)
+            if charged[1] is not None:
+                row["own_bonds_mol_stable_charged"] = int(charged[1].per_molecule[k].mol_stable)
         if k in plausible:
             row.update(plausible[k].row(checks=args.posebusters))
         rows.append(row)
@@ -1026,6 +1047,12 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
             "protocol": "the model's own bonds and formal charges: RDKit sanitization, EDM's valence rule; "
                         "every sample counted",
         }
+    if charged is not None:
+        generated = any(m.formal_charges is not None for m in molecules)
+        summary = _charged_summary(summary, charged[0], "generated by the model" if generated else
+                                   "none (the model generates neutral atoms)", 0)
+        if charged[1] is not None and "own_bonds" in summary:
+            summary["own_bonds"]["mol_stable_charged"] = charged[1].mol_stable
     summary |= plausibility
     writers = {
         "sdf": lambda path: write_sdf(path, records),
@@ -1053,7 +1080,8 @@ def _condition_columns(arrays, k: int) -> dict:
     return out | {"guidance_scale": arrays.extra["guidance_scale"]}
 
 
-def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds_sampling, drawn=None) -> None:
+def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds_sampling, drawn=None,
+                          charged=None) -> None:
     from moldiff.chemistry.metrics import format_table
     from moldiff.chemistry.report import SA_SCORE_NOTE
 
@@ -1061,7 +1089,10 @@ def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds
           f"{summary['time_power']:g}, noise scale {summary['noise_scale']:g}, "
           f"{'compositions from the training data, ' if summary['composition'] == 'data' else ''}seed {summary['seed']}, "
           f"device {summary['device']}; denoising {seconds_sampling:.1f} s)")
-    print(format_table(report))
+    print(format_table(report, charged=None if charged is None else charged[0]))
+    if charged is not None:
+        print(f"charges allowed: valences per (element, formal charge) after MiDi's table, on EDM's distance-table "
+              f"bonds; charges: {summary['charged_stability']['charges']} ({charged[0].n_charged} molecules carry one)")
     if "condition" in summary:
         c = summary["condition"]
         asked = ", ".join(f"{k} = {v:g} {c['units'][k]}" if not isinstance(v, list) else f"{k} per molecule"
@@ -1075,7 +1106,9 @@ def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds
               f"{c['formula_given']} sampled with the elements given to the network, {c['formula_clamped']} clamped (RePaint)")
     if "own_bonds" in summary:
         own = summary["own_bonds"]
-        print(f"with the model's own bonds: molecule stable {100 * own['mol_stable']:.2f}%, "
+        with_charges = ("" if "mol_stable_charged" not in own
+                        else f", molecule stable (charges allowed) {100 * own['mol_stable_charged']:.2f}%")
+        print(f"with the model's own bonds: molecule stable {100 * own['mol_stable']:.2f}%{with_charges}, "
               f"valid {100 * own['validity']:.2f}% (the table above: EDM's distance-table bonds)")
     print(f"numerical faults: {summary['n_faults']}; coordinates-only records (no bonds): {summary['n_coordinates_only']}")
     if summary["sa_score"] == SA_SCORE_NOTE:
@@ -1292,6 +1325,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip novelty (otherwise compared with the cached QM9 training SMILES)")
     s.add_argument("--threads", type=int, metavar="T", help="torch CPU threads (default: torch's choice)")
     s.add_argument("--cache-dir", metavar="DIR", help="processed-data cache for the novelty reference")
+    s.add_argument("--charged-stability", action="store_true", help="also report stability with charged atoms "
+                   "allowed (valences per element and formal charge, after MiDi's table), beside EDM's numbers; "
+                   "on by itself for models that generate formal charges")
     s.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto",
                    help="network arithmetic: auto (default: bf16 autocast on CPUs with native bf16, AMX or "
                    "AVX512-BF16, else fp32; same quality, docs/experiments.md), fp32 or bf16")
