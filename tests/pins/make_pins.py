@@ -1,7 +1,9 @@
 """Record what every sampling route produces for fixed seeds, so that a rewrite of the sampling code
 can be checked to give the same molecules (tests/test_sampling_pins.py compares against the file).
 The pins were recorded at commit 3e91c0e, before the reverse loop was rewritten as one loop with
-hooks; the routes are called through today's API.
+hooks; the routes are called through today's API. They were recorded again when the shipped `qm9`
+weights changed (step 82,308 -> 86,308), with code that reproduced the earlier pins exactly on the
+earlier weights (tests/test_sampling_pins.py passed on a clean clone just before).
 
     python tests/pins/make_pins.py            # writes tests/pins/sampling_pins.npz
 
