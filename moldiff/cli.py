@@ -306,15 +306,13 @@ def cmd_evaluate(args) -> int:
               f"closer than 0.9 Å, {100 * diag['odd_valence']:.2f}% with an odd valence sum (no geometry makes those stable), "
               f"{100 * diag['planar_six_ring']:.2f}% with a flat aromatic-like six-ring (QM9: 3%)")
     if charged is not None:
-        print(f"charges allowed: valences per (element, formal charge) after MiDi's table, on EDM's distance-table "
-              f"bonds; charges: {summary['charged_stability']['charges']} ({charged.n_charged} molecules carry one)")
+        print(_charged_line(summary, charged.n_charged))
     for r in unreadable[:10]:
         print(f"unreadable record {r.name}: {r.error}")
     own = _own_bonds_summary(records if args.dataset is None else [], charged=args.charged_stability)
     if own is not None:
         summary["own_bonds"] = own
-        with_charges = ("" if "mol_stable_charged" not in own
-                        else f", molecule stable (charges allowed) {100 * own['mol_stable_charged']:.2f}%")
+        with_charges = _own_charged_clause(own)
         print(f"with the file's own bonds ({own['with_bonds']} of {own['n']} records carry a bond block of single, "
               f"double and triple bonds): molecule stable {100 * own['mol_stable']:.2f}%{with_charges}, "
               f"valid {100 * own['validity']:.2f}% (the table above: EDM's distance-table bonds)")
@@ -1080,6 +1078,19 @@ def _condition_columns(arrays, k: int) -> dict:
     return out | {"guidance_scale": arrays.extra["guidance_scale"]}
 
 
+def _charged_line(summary: dict, n_charged: int) -> str:
+    """The line under a metrics table that says how charge-aware stability was scored."""
+    return (f"charges allowed: valences per (element, formal charge) after MiDi's table, on EDM's distance-table "
+            f"bonds; charges: {summary['charged_stability']['charges']} ({n_charged} molecules carry one)")
+
+
+def _own_charged_clause(own: dict) -> str:
+    """', molecule stable (charges allowed) X%' for an own-bonds summary that has it, else ''."""
+    if "mol_stable_charged" not in own:
+        return ""
+    return f", molecule stable (charges allowed) {100 * own['mol_stable_charged']:.2f}%"
+
+
 def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds_sampling, drawn=None,
                           charged=None) -> None:
     from moldiff.chemistry.metrics import format_table
@@ -1091,8 +1102,7 @@ def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds
           f"device {summary['device']}; denoising {seconds_sampling:.1f} s)")
     print(format_table(report, charged=None if charged is None else charged[0]))
     if charged is not None:
-        print(f"charges allowed: valences per (element, formal charge) after MiDi's table, on EDM's distance-table "
-              f"bonds; charges: {summary['charged_stability']['charges']} ({charged[0].n_charged} molecules carry one)")
+        print(_charged_line(summary, charged[0].n_charged))
     if "condition" in summary:
         c = summary["condition"]
         asked = ", ".join(f"{k} = {v:g} {c['units'][k]}" if not isinstance(v, list) else f"{k} per molecule"
@@ -1106,8 +1116,7 @@ def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds
               f"{c['formula_given']} sampled with the elements given to the network, {c['formula_clamped']} clamped (RePaint)")
     if "own_bonds" in summary:
         own = summary["own_bonds"]
-        with_charges = ("" if "mol_stable_charged" not in own
-                        else f", molecule stable (charges allowed) {100 * own['mol_stable_charged']:.2f}%")
+        with_charges = _own_charged_clause(own)
         print(f"with the model's own bonds: molecule stable {100 * own['mol_stable']:.2f}%{with_charges}, "
               f"valid {100 * own['validity']:.2f}% (the table above: EDM's distance-table bonds)")
     print(f"numerical faults: {summary['n_faults']}; coordinates-only records (no bonds): {summary['n_coordinates_only']}")
