@@ -852,7 +852,7 @@ def cmd_sample(args) -> int:
                             formula=args.formula, resample=args.resample, time_power=args.time_power,
                             noise_scale=args.noise_scale, valence_guidance=args.valence_guidance,
                             formula_draws=args.formula_draws, type_lag=args.type_lag, type_steps=args.type_steps,
-                            condition=args.condition, guidance_scale=args.guidance)
+                            condition=args.condition, guidance_scale=args.guidance, even_valence=args.even_valence)
     try:
         request = request.resolved(pipe)  # bad values and combinations fail here, before any sampling
     except ValueError as exc:  # say it with the option's name: "time_power ..." -> "--time-power ..."
@@ -1028,6 +1028,9 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
             summary["conditioning"].update(formula_drawn=route.count("drawn"), formula_given=route.count("given"),
                                            formula_clamped=route.count("clamped"),
                                            formula_draws_used=int(arrays.extra["formula_draws_used"]))
+    if "even_valence" in arrays.extra:  # compositions kept even: how many molecules it changed
+        summary["even_valence"] = {"t_start": arrays.extra["even_valence"],
+                                   "molecules_steered": int((arrays.extra["even_valence_steered"] > 0).sum())}
     if arrays.extra.get("type_lag"):  # elements behind the coordinates: what the sampler ran
         summary.update(type_lag=float(arrays.extra["type_lag"]), type_steps=int(arrays.extra["type_steps"]),
                        network_evaluations=int(arrays.extra["network_evaluations"]))
@@ -1108,6 +1111,10 @@ def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds
         asked = ", ".join(f"{k} = {v:g} {c['units'][k]}" if not isinstance(v, list) else f"{k} per molecule"
                           for k, v in c["properties"].items())
         print(f"conditioned on {asked}; guidance scale {c['guidance_scale']:g}; atom counts {c['num_atoms']}")
+    if "even_valence" in summary:
+        ev = summary["even_valence"]
+        print(f"even valence sums kept from t = {ev['t_start']:g}: {ev['molecules_steered']} of {len(arrays.positions)} "
+              f"molecules steered (the metrics above score a constrained sampler, not EDM's)")
     if "fragment_retention" in summary:
         print(f"fragment retained (substructure match): {100 * summary['fragment_retention']:.2f}%")
     if "formula_route" in arrays.extra:
@@ -1322,6 +1329,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "geometry (models trained with model.type_time; docs/experiments.md session 13; default 0: off)")
     s.add_argument("--type-steps", type=int, default=None, metavar="M",
                    help="with --type-lag: steps the elements take alone at the end (default: steps x D)")
+    s.add_argument("--even-valence", type=float, default=None, metavar="T",
+                   help="from noise time T in [0, 1] down, keep each molecule's elements to an even valence sum "
+                   "(an odd one can never be stable): its cheapest atom moves to an element of the other parity "
+                   "(0: at the final decode only; docs/experiments.md session 16; default: off, EDM's sampler)")
     s.add_argument("--seed", type=int, default=0, help="same seed, same molecules (default 0)")
     s.add_argument("--num-atoms", type=int, metavar="N", help="atoms per molecule (default: drawn from the training sizes)")
     s.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder, a `moldiff train` run folder, or the "

@@ -35,7 +35,7 @@ from moldiff.geometry import num_nodes_per_graph, remove_mean
 from moldiff.chemistry import fragments as chem_fragments
 from moldiff.inpainting import DEFAULT_INPAINT_NOISE_SCALE, DEFAULT_INPAINT_TIME_POWER, inpaint_arrays, plan_conditioning
 from moldiff.molecules import GeneratedMolecule, evaluate_molecules, interpret, molecules_from_arrays
-from moldiff.sampling import (DEFAULT_NOISE_SCALE, DEFAULT_TIME_POWER, GivenTypes, SampledArrays, batch_ticker,
+from moldiff.sampling import (DEFAULT_NOISE_SCALE, DEFAULT_TIME_POWER, EvenValence, GivenTypes, SampledArrays, batch_ticker,
                               denoise_batch)
 from moldiff.models import DenoiserConfig, build_denoiser
 from moldiff.runtime import choose_arithmetic, resolve_device
@@ -138,6 +138,10 @@ class SampleRequest:
         guidance_scale: classifier-free guidance ``w >= 0`` with a condition:
             ``eps_uncond + w (eps_cond - eps_uncond)``; 0 is the unconditional model, 1 (the
             default, ``None``) the plain conditional one, above 1 pushes harder toward the condition.
+        even_valence: a time in [0, 1]: from it down, every molecule's element estimate is kept to an
+            even valence sum by moving its cheapest atom to an element of the other parity
+            (:class:`moldiff.sampling.EvenValence`); 0 steers the final decode only. Plain sampling
+            of a model with Gaussian element features; ``None``: off (EDM's sampler).
     """
 
     n: int
@@ -158,6 +162,7 @@ class SampleRequest:
     type_steps: int | None = None
     condition: Mapping[str, float | str] | None = None
     guidance_scale: float | None = None
+    even_valence: float | None = None
     #: the time grid and noise of plain sampling within a formula's route (drawing, given types)
     plain_time_power: float = field(default=DEFAULT_TIME_POWER, repr=False)
     plain_noise_scale: float = field(default=DEFAULT_NOISE_SCALE, repr=False)
@@ -205,6 +210,17 @@ class SampleRequest:
             if r.route != "plain" or r.composition == "data" or r.type_lag > 0:
                 raise ValueError("condition is for plain sampling (no fragment, formula, composition='data' or type_lag)")
             r.guidance_scale = 1.0 if r.guidance_scale is None else r.guidance_scale
+        if r.even_valence is not None:
+            if isinstance(r.even_valence, bool) or not isinstance(r.even_valence, (int, float, np.number)) \
+                    or not (math.isfinite(r.even_valence) and 0.0 <= r.even_valence <= 1.0):
+                raise ValueError(f"even_valence must be a time in [0, 1], got {r.even_valence}")
+            if r.route != "plain" or r.composition == "data" or r.type_lag > 0:
+                raise ValueError("even_valence steers the model's own elements in plain sampling "
+                                 "(no fragment, formula, composition='data' or type_lag)")
+            pipe.require_gaussian_types("even_valence")
+            pipe.require_type_generation("even_valence")
+            EvenValence(pipe, r.even_valence)  # the model's elements must have valences of both parities
+            r.even_valence = float(r.even_valence)
         if r.type_lag > 0:
             if r.route != "plain" or r.composition == "data":
                 raise ValueError("type_lag is for plain sampling (no fragment, formula or composition='data')")
@@ -512,6 +528,7 @@ class MolDiffPipeline(torch.nn.Module):
         type_steps: int = 0,
         condition: Mapping[str, float] | None = None,
         guidance_scale: float | None = None,
+        even_valence: float | None = None,
     ) -> SampledArrays:
         """Sample ``n`` molecules; returns raw arrays (see :class:`SampledArrays`).
 
@@ -535,8 +552,15 @@ class MolDiffPipeline(torch.nn.Module):
         ``num_atoms`` the sizes are drawn from the training molecules nearest to the condition
         (:meth:`~moldiff.data.properties.PropertyConditioning.draw_sizes`); ``extra["condition"]``
         records the condition, ``extra["guidance_scale"]`` the scale.
+        ``even_valence``: from this time down, keep each molecule's element estimate to an even valence
+        sum (:class:`~moldiff.sampling.EvenValence`; ``None``: off); ``extra["even_valence_steered"]``
+        counts, per molecule, the network calls at which it was changed.
         Same ``seed``, same output (on the same device and torch version).
         """
+        if even_valence is not None:
+            EvenValence(self, even_valence)  # refuses a bad time or model before any work
+            if types is not None or composition == "data" or type_lag > 0:
+                raise ValueError("even valence sums steer the model's own elements: not with given ones or type_lag")
         if composition is None:
             composition = self.default_composition if types is None else "model"
         if composition not in COMPOSITIONS:
@@ -602,6 +626,7 @@ class MolDiffPipeline(torch.nn.Module):
             out.extra.update(condition={k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in condition.items()},
                              condition_units={k: CONDITION_UNITS[k] for k in condition}, guidance_scale=scale)
         self.denoiser.eval()
+        steered = []
         for start in range(0, n, batch_size):
             chunk = sizes[start : start + batch_size]
             tick = batch_ticker(on_step, start, len(chunk))
@@ -609,12 +634,18 @@ class MolDiffPipeline(torch.nn.Module):
             if flat is not None:
                 known = torch.as_tensor(flat[offsets[start] : offsets[start + len(chunk)]], dtype=torch.long, device=device)
                 hooks.append(GivenTypes(known))
+            if even_valence is not None:
+                hooks.append(EvenValence(self, even_valence))
             result = denoise_batch(self, chunk, steps, sampler_obj, gen, hooks=hooks, tick=tick, type_lag=type_lag,
                                    type_steps=type_steps, guidance_scale=guidance_scale,
                                    context=None if context is None else context[start : start + len(chunk)])
             out.add_batch(start, chunk, *result)
+            if even_valence is not None:
+                steered.append(hooks[-1].steered.cpu().numpy())
             if progress is not None:
                 progress(len(chunk))
+        if even_valence is not None:
+            out.extra.update(even_valence=float(even_valence), even_valence_steered=np.concatenate(steered))
         return out
 
     def generate(self, request: "SampleRequest", *, on_step: Callable[[float], None] | None = None,
@@ -641,7 +672,7 @@ class MolDiffPipeline(torch.nn.Module):
                                   batch_size=req.batch_size, progress=progress, on_step=on_step,
                                   time_power=req.time_power, noise_scale=req.noise_scale, composition=req.composition,
                                   type_lag=req.type_lag, type_steps=req.type_steps or 0, condition=req.condition,
-                                  guidance_scale=req.guidance_scale)
+                                  guidance_scale=req.guidance_scale, even_valence=req.even_valence)
 
     def _formula_arrays(self, req: "SampleRequest", on_step, progress) -> SampledArrays:
         """A formula alone: draw unconditional molecules of its size and keep exact matches (the model's
