@@ -735,7 +735,7 @@ class MolDiffPipeline(torch.nn.Module):
         ``options`` are the fields of :class:`SampleRequest` (``steps``, ``sampler``, ``seed``,
         ``num_atoms``, ``batch_size``, ``composition``, ``fragment``, ``formula``, ``resample``,
         ``time_power``, ``noise_scale``, ``valence_guidance``, ``formula_draws``, ``type_lag``,
-        ``type_steps``, ``condition``, ``guidance_scale``), documented there;
+        ``type_steps``, ``condition``, ``guidance_scale``, ``even_valence``), documented there;
         ``None`` means the default of the route taken. ``on_step(done)`` is called after every network
         evaluation with the molecules denoised so far (progress bars), ``progress(k)`` after each batch.
 
