@@ -18,6 +18,7 @@ from moldiff.geometry import (
     knn_edges,
     parse_graph,
     radius_edges,
+    remove_mean,
 )
 from moldiff.models import DenoiserConfig, EGNNDenoiser, build_denoiser
 from moldiff.models.egnn import EquivariantUpdate
@@ -203,12 +204,37 @@ def test_sparse_self_conditioned_denoiser_is_equivariant():
 
 def test_full_graph_is_unchanged_and_a_huge_radius_computes_the_same_function():
     pos, h, t, batch = inputs(seed=4)
-    full, wide = tiny("full", seed=4), tiny("radius:1000", seed=4)
+    full, wide = tiny("full", seed=4), tiny("radius:1000", seed=4, centre_skip=False)
     wide.load_state_dict(full.state_dict())
     a, b = full(pos, h, t, batch), wide(pos, h, t, batch)
     assert torch.equal(a.pos, b.pos) and torch.equal(a.h, b.h)
     c = full(pos, h, t, batch, edge_index=fully_connected_edges(batch))
     assert torch.equal(a.pos, c.pos) and torch.equal(a.h, c.h)
+
+
+def test_sparse_egnn_can_return_its_input_as_the_noise_as_t_1_asks():
+    """Near t = 1 the noise to predict is the input itself. Local messages cannot produce it; the
+    centre skip can: with every coordinate update off, its output is c (x_i - centroid) exactly."""
+    assert DenoiserConfig(graph="knn:3").centre_skip is True
+    assert DenoiserConfig().centre_skip is False and "centre_skip" not in DenoiserConfig().to_dict()
+    assert DenoiserConfig(graph="knn:3", arch="e3nn").centre_skip is False
+    with pytest.raises(ValueError, match="centre_skip"):
+        DenoiserConfig(centre_skip=True)
+    saved = DenoiserConfig(graph="knn:3").to_dict()
+    assert DenoiserConfig.from_dict(saved).centre_skip is True
+    saved.pop("centre_skip")  # a sparse model saved before the option: loads as it was built
+    assert DenoiserConfig.from_dict(saved).centre_skip is False
+    net = tiny("knn:3", seed=8)
+    pos, h, t, batch = inputs(seed=8)
+    shifted = pos + torch.tensor([0.5, -1.0, 2.0], dtype=pos.dtype)  # not centred: the skip centres it
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, EquivariantUpdate):
+                m.out.weight.zero_()
+        net.centre_skip.weight.zero_()
+        net.centre_skip.bias.fill_(1.0)
+    out = net(shifted, h, t, batch)
+    torch.testing.assert_close(out.pos, remove_mean(pos, batch, len(SIZES)), atol=1e-12, rtol=0)
 
 
 def test_sparse_denoiser_builds_its_own_edges_from_the_input_positions():

@@ -73,6 +73,13 @@ class DenoiserConfig:
     #: network's input positions ``pos_t`` on every call (a passed ``edge_index`` is ignored); ``knn``
     #: has O(N) edges per molecule instead of N(N-1). Not with ``bond_types`` (every pair needed).
     graph: str = "full"
+    #: EGNN on a sparse graph: also add ``c_i (x_i - centroid)`` to each atom's coordinate output,
+    #: ``c_i`` a linear function of the atom's final features. Local messages cannot say where an atom
+    #: lies in the whole molecule, yet near t = 1 the noise to predict is the input itself (alpha_1 is
+    #: about 0.003), and any error there is multiplied by 1 / alpha on the first reverse step; without
+    #: this term knn models trained well and sampled clouds that flew apart (docs/drug_sized.md).
+    #: ``None``: on for EGNN with a sparse graph, off otherwise (left out of :meth:`to_dict` when off).
+    centre_skip: bool | None = None
     #: property conditioning (docs/properties.md, "Conditional generation"): the names of the
     #: per-molecule properties the context holds, in order. The context is a value and a present bit
     #: per property, so ``context_dim`` is ``2 x len(properties)`` (set from it when left at 0). Empty:
@@ -99,7 +106,12 @@ class DenoiserConfig:
             raise ValueError(f"bond_output must be 'eps' or 'logits', got {self.bond_output!r}")
         if self.arch not in ("egnn", "e3nn"):
             raise ValueError(f"arch must be 'egnn' or 'e3nn', got {self.arch!r}")
-        if parse_graph(self.graph)[0] != "full" and self.bond_types:
+        sparse = parse_graph(self.graph)[0] != "full"
+        if self.centre_skip is None:
+            self.centre_skip = sparse and self.arch == "egnn"
+        elif self.centre_skip and not (sparse and self.arch == "egnn"):
+            raise ValueError("model.centre_skip is for EGNN models on a sparse graph (model.graph radius:R or knn:K)")
+        if sparse and self.bond_types:
             raise ValueError(f"model.graph={self.graph!r} cannot be used with model.bond_types={self.bond_types}: "
                              "bond models predict a class for every atom pair and need graph 'full'")
 
@@ -109,13 +121,17 @@ class DenoiserConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown DenoiserConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        # a saved model without the key has no centre skip (to_dict leaves it out when off, and
+        # sparse models saved before the option existed were built without one)
+        return cls(**{"centre_skip": False, **d})
 
     def to_dict(self) -> dict:
         """The fields as a dict (``properties`` only when there are some)."""
         out = asdict(self)
         if not out["properties"]:
             del out["properties"]
+        if not out["centre_skip"]:
+            del out["centre_skip"]
         return out
 
 
@@ -235,6 +251,7 @@ class EGNNDenoiser(nn.Module):
         # Registered last: its parameters come after the plain model's, so a plain checkpoint's
         # optimiser state still lines up when bond features are switched on mid-run.
         self.bond_head = BondHead(c.hidden, c.bond_types) if c.bond_types else None
+        self.centre_skip = nn.Linear(c.hidden, 1) if c.centre_skip else None
 
     def forward(
         self,
@@ -283,7 +300,10 @@ class EGNNDenoiser(nn.Module):
         for block in self.blocks if blocks is None else blocks:
             h, pos = block(h, pos, edge_index, static)
         h_out = self.embedding_out(h)[:, : self.config.num_features]
-        vel = remove_mean(pos - pos_t, batch, num_graphs)
+        vel = pos - pos_t
+        if self.centre_skip is not None:
+            vel = vel + self.centre_skip(h).to(pos_t.dtype) * remove_mean(pos_t, batch, num_graphs)
+        vel = remove_mean(vel, batch, num_graphs)
         if self.bond_head is None:
             return DenoiserOutput(vel, h_out)
         radial, _ = coord_features(pos, edge_index, self.config.norm_constant)
