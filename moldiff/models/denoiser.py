@@ -76,8 +76,8 @@ class DenoiserConfig:
     #: EGNN on a sparse graph: also add ``c_i (x_i - centroid)`` to each atom's coordinate output,
     #: ``c_i`` a linear function of the atom's final features. Local messages cannot say where an atom
     #: lies in the whole molecule, yet near t = 1 the noise to predict is the input itself (alpha_1 is
-    #: about 0.003), and any error there is multiplied by 1 / alpha on the first reverse step; without
-    #: this term knn models trained well and sampled clouds that flew apart (docs/drug_sized.md).
+    #: about 0.003), and the first reverse step multiplies any error there by 24 or more; early knn
+    #: exports without this term sampled clouds that flew apart (docs/drug_sized.md).
     #: ``None``: on for EGNN with a sparse graph, off otherwise (left out of :meth:`to_dict` when off).
     centre_skip: bool | None = None
     #: property conditioning (docs/properties.md, "Conditional generation"): the names of the
