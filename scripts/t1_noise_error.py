@@ -2,7 +2,7 @@
 
 At t = 1 EDM's polynomial schedule has alpha = 0.0032, so the noise to predict is the input itself,
 and the first reverse step multiplies the prediction's error by 1 / a_ts (24 for 50 steps on the t^2
-grid). This prints the rms of ``eps_hat - z`` for positions and features on random centred clouds
+grid). This prints alpha at t = 1, the factor for 50 and 20 steps, and the rms of ``eps_hat - z`` for positions and features on random centred clouds
 (16 molecules of ``--atoms`` atoms, seed 0) at t = 1, 0.95 and 0.9, with the raw or the EMA weights.
 
     python scripts/t1_noise_error.py runs/druglike_small/checkpoint.pt --weights ema
@@ -26,14 +26,22 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
 
     from moldiff.geometry import remove_mean
-    from moldiff.models import DenoiserConfig, build_denoiser
+    from moldiff.pipeline import MolDiffPipeline
+    from moldiff.sampling import DEFAULT_TIME_POWER
 
     for path in args.checkpoints:
         state = torch.load(path, weights_only=False, map_location="cpu")
-        cfg = DenoiserConfig.from_dict(dict(state["pipeline_config"]["denoiser"]))
-        net = build_denoiser(cfg)
+        pipe = MolDiffPipeline.from_config(state["pipeline_config"])
+        net, cfg = pipe.denoiser, pipe.denoiser.config
         net.load_state_dict(state[args.weights])
         net.eval()
+        alpha_1 = float(pipe.schedule.alpha_sigma(torch.ones(1, dtype=torch.float64))[0])
+        factors = []
+        for steps in (50, 20):  # the first reverse step of the default grid t_k = (k / K)^P
+            second = torch.tensor([((steps - 1) / steps) ** DEFAULT_TIME_POWER], dtype=torch.float64)
+            alpha_2 = float(pipe.schedule.alpha_sigma(second)[0])
+            factors.append(f"{steps} steps: alpha {alpha_2:.4f} at the second time, 1 / a_ts = {alpha_2 / alpha_1:.1f}")
+        print(f"{path}: alpha at t = 1 is {alpha_1:.4f}; " + "; ".join(factors))
         g = torch.Generator().manual_seed(0)
         batch = torch.repeat_interleave(torch.arange(16), args.atoms)
         z = remove_mean(torch.randn(len(batch), 3, generator=g), batch, 16)
