@@ -478,8 +478,12 @@ def _sampled_metrics(pipe, cfg) -> dict:
 
     t = cfg.train
     arrays = pipe.sample_arrays(t.sample_n, steps=t.sample_steps, sampler=t.sample_sampler, seed=0)
+    from moldiff.chemistry.diagnostics import geometry_diagnostics
+
     mols = [(arrays.symbols(k), arrays.positions[k]) for k in range(t.sample_n)]
-    return evaluate_molecules(mols).to_dict()
+    metrics = evaluate_molecules(mols).to_dict()
+    metrics["one_piece"] = geometry_diagnostics(mols)["one_piece"]
+    return metrics
 
 
 # ---------------------------------------------------------------------------- sample

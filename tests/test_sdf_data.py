@@ -344,6 +344,7 @@ def test_the_druglike_config_trains_on_knn_graphs_with_in_training_samples(sdf_f
     header, *rows = (run / "log.csv").read_text().splitlines()
     last = dict(zip(header.split(","), rows[-1].split(",")))
     assert last["step"] == "2" and last["validity"] != "" and 0.0 <= float(last["validity"]) <= 1.0
+    assert last["one_piece"] != "" and 0.0 <= float(last["one_piece"]) <= 1.0  # connectivity beside validity
 
 
 def test_cli_bad_inputs_are_one_line_errors_and_write_nothing(sdf_files, tmp_path, capsys, monkeypatch):

@@ -290,6 +290,29 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, debug_data):
     assert torch.equal(resumed.generator.get_state(), straight.generator.get_state())
 
 
+def test_resume_gives_a_log_from_before_a_new_column_the_new_header(tmp_path, debug_data):
+    """A run logged before ``one_piece`` existed: the resume rewrites its log with today's header,
+    keeps every old value, drops the rows past the checkpoint, and appends aligned rows."""
+    Trainer(load_config(DEBUG, ["train.max_steps=10"]), tmp_path, data=debug_data, log=quiet).train()
+    rows = read_log(tmp_path)
+    old_fields = [f for f in LOG_FIELDS if f != "one_piece"]
+    with open(tmp_path / "log.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=old_fields)
+        w.writeheader()
+        w.writerows([{k: r[k] for k in old_fields} for r in rows])
+        w.writerow({**{k: "" for k in old_fields}, "step": "99", "loss": "1.0"})  # past the checkpoint
+    resumed = Trainer(load_config(DEBUG, ["train.max_steps=15"]), tmp_path, data=debug_data, log=quiet)
+    assert resumed.resume() and resumed.step == 10
+    with open(tmp_path / "log.csv", newline="") as fh:
+        assert next(csv.reader(fh)) == LOG_FIELDS
+    assert not (tmp_path / "log.csv.tmp").exists()
+    resumed.train()
+    after = read_log(tmp_path)
+    assert [int(r["step"]) for r in after] == [5, 10, 15]
+    assert [r["loss"] for r in after[:2]] == [r["loss"] for r in rows] and after[0]["one_piece"] == ""
+    assert float(after[2]["loss"]) > 0 and after[2]["val_loss"] == ""
+
+
 def test_resume_without_checkpoint_returns_false(tmp_path, debug_data):
     trainer = Trainer(load_config(DEBUG), tmp_path, data=debug_data, log=quiet)
     assert trainer.resume() is False and trainer.step == 0

@@ -16,6 +16,7 @@ an uninterrupted run with the same seed (tested).
 from __future__ import annotations
 
 import csv
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -49,7 +50,10 @@ __all__ = ["Trainer", "TrainingData", "load_training_data", "build_pipeline", "N
            "property_context"]
 
 LOG_FIELDS = ["step", "epoch", "hours", "loss", "grad_norm", "clipped", "skipped", "val_loss",
-              "atom_stable", "mol_stable", "validity", "uniqueness"]
+              "atom_stable", "mol_stable", "validity", "uniqueness", "one_piece"]
+# The sampled columns: EDM's four, then the share of molecules in one piece. EDM's validity counts a
+# cloud whose atoms flew apart as valid (every lone atom sanitizes), so read validity beside it.
+SAMPLED_FIELDS = ("atom_stable", "mol_stable", "validity", "uniqueness", "one_piece")
 
 
 class NumericalFaultError(RuntimeError):
@@ -696,9 +700,20 @@ class Trainer:
         self._tb.flush()
 
     def _write_log_rows(self, rows, mode="a") -> None:
+        """Append rows, or (``mode="w"``) replace the log through a temporary file renamed into place,
+        so that an interrupted rewrite leaves the old log whole. A log written before a column was
+        added gets the new header on its first rewrite (every resume), its old rows blank there."""
         path = self._log_path()
-        new = mode == "w" or not path.is_file()
-        with open(path, mode, newline="") as fh:
+        if mode == "w":
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
+                w.writeheader()
+                w.writerows(rows)
+            os.replace(tmp, path)
+            return
+        new = not path.is_file()
+        with open(path, "a", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
             if new:
                 w.writeheader()
@@ -924,7 +939,7 @@ class Trainer:
             row["val_loss"] = f"{self.validation_loss():.6f}"
         if at_sample and self.evaluate is not None and self.rank == 0:
             metrics = self.evaluate(self.export_pipeline(), self.cfg)
-            row.update({k: f"{metrics[k]:.4f}" for k in ("atom_stable", "mol_stable", "validity", "uniqueness") if k in metrics})
+            row.update({k: f"{metrics[k]:.4f}" for k in SAMPLED_FIELDS if k in metrics})
         if self.rank == 0:
             self._write_log_rows([row])
             self._write_tensorboard(row)
