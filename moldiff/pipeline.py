@@ -37,7 +37,7 @@ from moldiff.inpainting import DEFAULT_INPAINT_NOISE_SCALE, DEFAULT_INPAINT_TIME
 from moldiff.molecules import GeneratedMolecule, evaluate_molecules, interpret, molecules_from_arrays
 from moldiff.sampling import (DEFAULT_NOISE_SCALE, DEFAULT_TIME_POWER, EvenValence, GivenTypes, SampledArrays, batch_ticker,
                               denoise_batch)
-from moldiff.models import DenoiserConfig, build_denoiser
+from moldiff.models import DenoiserConfig, DenoiserOutput, build_denoiser
 from moldiff.runtime import choose_arithmetic, resolve_device
 
 __all__ = [
@@ -471,6 +471,8 @@ class MolDiffPipeline(torch.nn.Module):
                                 e_t=e_t, **extra)
         if self.bond_types:
             out, eps_e = out
+        out = self._with_pos_skip(out, pos_t, t, batch)
+        if self.bond_types:
             eps_e = eps_e.to(e_t.dtype)
             as_noise = not raw_bonds and not isinstance(self.features, CategoricalFeatures)  # categorical: logits
             if self.denoiser.config.bond_output == "logits" and as_noise:
@@ -480,6 +482,19 @@ class MolDiffPipeline(torch.nn.Module):
                 eps_e = (e_t - alpha * e0) / sigma
             return out.pos.to(pos_t.dtype), out.h.to(h_t.dtype), eps_e
         return out.pos.to(pos_t.dtype), out.h.to(h_t.dtype)
+
+    def _with_pos_skip(self, out: DenoiserOutput, pos_t: torch.Tensor, t: torch.Tensor, batch: torch.Tensor) -> DenoiserOutput:
+        """``out`` with the coordinates' Gaussian skip of ``model.pos_skip_std`` applied (unchanged when
+        it is 0): ``c_skip(t) (x_t - centroid) + c_out(t) F`` (:class:`~moldiff.models.DenoiserConfig`)."""
+        s = float(getattr(self.denoiser.config, "pos_skip_std", 0.0))
+        if not s:
+            return out
+        alpha, sigma = self.schedule.alpha_sigma(t.to(torch.float64))
+        var = alpha.square() * s * s + sigma.square()
+        c_skip = (sigma / var).to(pos_t.dtype)[batch].unsqueeze(-1)
+        c_out = (alpha * s / var.sqrt()).to(pos_t.dtype)[batch].unsqueeze(-1)
+        centred = remove_mean(pos_t, batch, t.shape[0])
+        return out._replace(pos=c_skip * centred + c_out * out.pos.to(pos_t.dtype))
 
     # ------------------------------------------------------------------ likelihood
     @torch.no_grad()
