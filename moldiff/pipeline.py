@@ -281,6 +281,14 @@ def _formula_extra(formula_text: str, route: list[str], drawn: int) -> dict:
             "valence_guidance": 0.0, "formula_route": route, "formula_draws_used": drawn}
 
 
+def _skip_coefficients(schedule: NoiseSchedule, t: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``c_skip, c_out`` of the Gaussian skip at times ``t`` ``(B,)`` for data variance ``var`` (a
+    scalar: ``(B, 1)`` results; ``(F,)`` per channel: ``(B, F)``), in float64."""
+    alpha, sigma = (x.unsqueeze(-1) for x in schedule.alpha_sigma(t.to(torch.float64)))
+    total = alpha.square() * var + sigma.square()
+    return sigma / total, alpha * torch.sqrt(var / total)
+
+
 class MolDiffPipeline(torch.nn.Module):
     """Everything needed to sample: ``denoiser``, ``schedule``, atom ``features`` and ``statistics``."""
 
@@ -307,6 +315,8 @@ class MolDiffPipeline(torch.nn.Module):
                 raise ValueError(f"the categorical features have {features.bond_types} bond classes, the denoiser {bonds}")
             if bonds and denoiser.config.bond_output != "logits":
                 raise ValueError("a categorical bond model's bond head gives clean-bond logits: bond_output must be 'logits'")
+            if getattr(denoiser.config, "h_skip", False):
+                raise ValueError("model.h_skip is for EDM's Gaussian element features, not categorical ones")
         self.denoiser = denoiser
         self.schedule = schedule
         self.features = features
@@ -471,7 +481,7 @@ class MolDiffPipeline(torch.nn.Module):
                                 e_t=e_t, **extra)
         if self.bond_types:
             out, eps_e = out
-        out = self._with_pos_skip(out, pos_t, t, batch)
+        out = self._with_skips(out, pos_t, h_t, t, batch, t_h)
         if self.bond_types:
             eps_e = eps_e.to(e_t.dtype)
             as_noise = not raw_bonds and not isinstance(self.features, CategoricalFeatures)  # categorical: logits
@@ -483,18 +493,44 @@ class MolDiffPipeline(torch.nn.Module):
             return out.pos.to(pos_t.dtype), out.h.to(h_t.dtype), eps_e
         return out.pos.to(pos_t.dtype), out.h.to(h_t.dtype)
 
-    def _with_pos_skip(self, out: DenoiserOutput, pos_t: torch.Tensor, t: torch.Tensor, batch: torch.Tensor) -> DenoiserOutput:
-        """``out`` with the coordinates' Gaussian skip of ``model.pos_skip_std`` applied (unchanged when
-        it is 0): ``c_skip(t) (x_t - centroid) + c_out(t) F`` (:class:`~moldiff.models.DenoiserConfig`)."""
-        s = float(getattr(self.denoiser.config, "pos_skip_std", 0.0))
-        if not s:
-            return out
-        alpha, sigma = self.schedule.alpha_sigma(t.to(torch.float64))
-        var = alpha.square() * s * s + sigma.square()
-        c_skip = (sigma / var).to(pos_t.dtype)[batch].unsqueeze(-1)
-        c_out = (alpha * s / var.sqrt()).to(pos_t.dtype)[batch].unsqueeze(-1)
-        centred = remove_mean(pos_t, batch, t.shape[0])
-        return out._replace(pos=c_skip * centred + c_out * out.pos.to(pos_t.dtype))
+    def _with_skips(self, out: DenoiserOutput, pos_t, h_t, t, batch, t_h=None) -> DenoiserOutput:
+        """``out`` with the Gaussian skips of ``model.pos_skip_std`` (coordinates) and ``model.h_skip``
+        (element features; at ``t_h`` when given) applied; unchanged when both are off.
+        The skip of data with mean m and variance v: ``c_skip (x_t - alpha m) + c_out F`` with
+        ``c_skip = sigma / (alpha^2 v + sigma^2)`` and ``c_out = alpha sqrt(v / (alpha^2 v + sigma^2))``
+        (:class:`~moldiff.models.DenoiserConfig`); the coordinates' mean is the centroid."""
+        cfg = self.denoiser.config
+        s = float(getattr(cfg, "pos_skip_std", 0.0))
+        if s:
+            c_skip, c_out = _skip_coefficients(self.schedule, t, torch.tensor(s * s, dtype=torch.float64, device=t.device))
+            centred = remove_mean(pos_t, batch, t.shape[0])
+            pos = c_skip.to(pos_t.dtype)[batch] * centred + c_out.to(pos_t.dtype)[batch] * out.pos.to(pos_t.dtype)
+            out = out._replace(pos=pos)
+        if getattr(cfg, "h_skip", False):
+            mean, var = (torch.tensor(x, dtype=torch.float64, device=t.device) for x in self.feature_moments())
+            times = t if t_h is None else t_h
+            c_skip, c_out = _skip_coefficients(self.schedule, times, var)  # (B, F)
+            alpha = self.schedule.alpha_sigma(times.to(torch.float64))[0].unsqueeze(-1)
+            offset = (alpha * mean).to(h_t.dtype)[batch]
+            h = c_skip.to(h_t.dtype)[batch] * (h_t - offset) + c_out.to(h_t.dtype)[batch] * out.h.to(h_t.dtype)
+            out = out._replace(h=h)
+        return out
+
+    def feature_moments(self) -> tuple[list[float], list[float]]:
+        """Mean and variance of each channel of the encoded training atoms (EDM's Gaussian features),
+        from the statistics' element counts: one-hots ``scale p_k`` and ``scale^2 p_k (1 - p_k)``, the
+        atomic-number channel from the elements' atomic numbers."""
+        f = self.features
+        counts = np.asarray(self.statistics.element_counts, dtype=np.float64)
+        p = counts / counts.sum()
+        mean = list(f.type_scale * p)
+        var = list(f.type_scale**2 * p * (1 - p))
+        if f.include_charges:
+            z = f.charge_scale * np.asarray(self.atomic_numbers, dtype=np.float64)
+            m = float(p @ z)
+            mean.append(m)
+            var.append(float(p @ (z - m) ** 2))
+        return [float(x) for x in mean], [float(x) for x in var]
 
     # ------------------------------------------------------------------ likelihood
     @torch.no_grad()

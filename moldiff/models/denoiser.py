@@ -91,6 +91,12 @@ class DenoiserConfig:
     #: (it needs the schedule), so training, sampling and the likelihood see the same function.
     #: 0: off (EDM's plain output; left out of :meth:`to_dict`). docs/drug_sized.md
     pos_skip_std: float = 0.0
+    #: the same skip for EDM's Gaussian element features, per channel, with the mean m and variance v
+    #: of the encoded training atoms (from the pipeline's statistics): ``eps_h = sigma (h_t - alpha m)
+    #: / (alpha^2 v + sigma^2) + c_out F_h``. The features' variance is small (one-hots times 0.25), so
+    #: the network's share stays small until late, and the 24-fold first step cannot blow them up.
+    #: Not for categorical models (their element output is logits). False: off (left out of to_dict).
+    h_skip: bool = False
     #: property conditioning (docs/properties.md, "Conditional generation"): the names of the
     #: per-molecule properties the context holds, in order. The context is a value and a present bit
     #: per property, so ``context_dim`` is ``2 x len(properties)`` (set from it when left at 0). Empty:
@@ -143,7 +149,7 @@ class DenoiserConfig:
         out = asdict(self)
         if not out["properties"]:
             del out["properties"]
-        for key in ("centre_skip", "pos_skip_std"):  # off: as saved before the option existed
+        for key in ("centre_skip", "pos_skip_std", "h_skip"):  # off: as saved before the option existed
             if not out[key]:
                 del out[key]
         return out

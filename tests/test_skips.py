@@ -1,6 +1,7 @@
-"""The coordinates' Gaussian skip (``model.pos_skip_std``): the closed form on top of the network,
-its optimality for Gaussian data, the input returned at t = 1, E(3) equivariance, the config and
-the CLI end to end."""
+"""The Gaussian skips of the coordinates (``model.pos_skip_std``) and of the element features
+(``model.h_skip``): the closed forms on top of the network, optimality for Gaussian data, the input
+returned at t = 1, the features' moments against the encoded atoms, E(3) equivariance, the config
+and the CLI end to end."""
 
 from __future__ import annotations
 
@@ -25,15 +26,19 @@ SIZES = [5, 9, 12]
 S = 1.7  # the skip's data standard deviation in these tests (Å)
 
 
-def pipeline(skip: float, seed: int = 0, graph: str = "full") -> MolDiffPipeline:
+TYPES = np.array([0, 0, 1, 1, 1, 2, 3, 0, 0, 4, 1, 0, 0, 2, 0, 0, 3, 1, 0, 0, 0, 1, 0, 0, 1, 0])  # 26 atoms
+
+
+def pipeline(skip: float, seed: int = 0, graph: str = "full", h_skip: bool = False) -> MolDiffPipeline:
     torch.manual_seed(seed)
-    net = EGNNDenoiser(DenoiserConfig(num_features=6, hidden=16, n_layers=2, graph=graph, pos_skip_std=skip))
+    net = EGNNDenoiser(DenoiserConfig(num_features=6, hidden=16, n_layers=2, graph=graph, pos_skip_std=skip,
+                                      h_skip=h_skip))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # the coordinate heads start at gain 0.001: make the network's share visible
         for m in net.modules():
             if isinstance(m, EquivariantUpdate):
                 m.out.weight.copy_(0.3 * torch.randn(m.out.weight.shape, generator=g))
-    stats = compute_statistics(("H", "C", "N", "O", "F"), np.array(SIZES), np.zeros(sum(SIZES), dtype=np.int64))
+    stats = compute_statistics(("H", "C", "N", "O", "F"), np.array(SIZES), TYPES)
     pipe = MolDiffPipeline(net.double().eval(), NoiseSchedule.polynomial(), AtomFeatures(5), stats, [1, 6, 7, 8, 9])
     return pipe
 
@@ -113,9 +118,51 @@ def test_the_skip_alone_is_the_best_linear_guess_for_gaussian_data():
             assert (scale * pred - eps).square().mean().item() > mse
 
 
+def test_the_feature_moments_are_those_of_the_encoded_training_atoms():
+    pipe = pipeline(0.0, h_skip=True)
+    z = torch.tensor(pipe.atomic_numbers)[torch.as_tensor(TYPES)]
+    h = pipe.features.encode(torch.as_tensor(TYPES), z, dtype=torch.float64)
+    mean, var = pipe.feature_moments()
+    torch.testing.assert_close(torch.tensor(mean, dtype=torch.float64), h.mean(0), atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.tensor(var, dtype=torch.float64), h.var(0, unbiased=False), atol=1e-12, rtol=0)
+
+
+def test_the_feature_skip_is_the_closed_form_and_leaves_the_coordinates_alone():
+    plain, skipped = pipeline(0.0), pipeline(0.0, h_skip=True)
+    skipped.denoiser.load_state_dict(plain.denoiser.state_dict())
+    pos, h, batch = inputs(seed=7)
+    t = torch.tensor([0.02, 0.5, 1.0], dtype=torch.float64)
+    with torch.no_grad():
+        f_pos, f_h = plain.predict_noise(pos, h, t, batch)
+        e_pos, e_h = skipped.predict_noise(pos, h, t, batch)
+    assert torch.equal(e_pos, f_pos)
+    z = torch.tensor(plain.atomic_numbers)[torch.as_tensor(TYPES)]
+    data = plain.features.encode(torch.as_tensor(TYPES), z, dtype=torch.float64)
+    m, v = data.mean(0), data.var(0, unbiased=False)
+    for k, tk in enumerate(t.tolist()):
+        alpha, sigma = (float(x) for x in NoiseSchedule.polynomial().alpha_sigma(torch.tensor([tk], dtype=torch.float64)))
+        total = alpha**2 * v + sigma**2
+        rows = batch == k
+        want = sigma / total * (h[rows] - alpha * m) + alpha * torch.sqrt(v / total) * f_h[rows]
+        torch.testing.assert_close(e_h[rows], want, atol=1e-12, rtol=0)
+    # at t = 1 the features' noise is the input less alpha m, whatever the network says
+    last = batch == 2
+    assert (e_h[last] - (h[last] - 0.0032 * m)).abs().max() < 0.01 * f_h[last].abs().max()
+
+
+def test_the_feature_skip_refuses_categorical_models():
+    from moldiff.diffusion.categorical import CategoricalFeatures
+
+    features = CategoricalFeatures(5, (0.5, 0.35, 0.06, 0.08, 0.01))
+    net = EGNNDenoiser(DenoiserConfig(num_features=features.dim, hidden=8, n_layers=1, h_skip=True))
+    stats = compute_statistics(("H", "C", "N", "O", "F"), np.array(SIZES), TYPES)
+    with pytest.raises(ValueError, match="h_skip"):
+        MolDiffPipeline(net, NoiseSchedule.polynomial(), features, stats, [1, 6, 7, 8, 9])
+
+
 @pytest.mark.parametrize("graph", ["full", "knn:4"])
 def test_the_skipped_noise_is_e3_equivariant(graph):
-    pipe = pipeline(S, seed=4, graph=graph)
+    pipe = pipeline(S, seed=4, graph=graph, h_skip=True)
     _, h, batch = inputs(seed=4)
     pos, _, _ = inputs(seed=5, spread=1.5)
     t = torch.tensor([0.2, 0.6, 0.99], dtype=torch.float64)
@@ -128,7 +175,8 @@ def test_the_skipped_noise_is_e3_equivariant(graph):
 
 
 def test_config_saves_the_skip_only_when_on_and_refuses_bad_values():
-    assert "pos_skip_std" not in DenoiserConfig().to_dict()  # models saved before the option load unchanged
+    assert "pos_skip_std" not in DenoiserConfig().to_dict()  # models saved before the options load unchanged
+    assert "h_skip" not in DenoiserConfig().to_dict() and DenoiserConfig.from_dict(DenoiserConfig(h_skip=True).to_dict()).h_skip
     d = DenoiserConfig(pos_skip_std=2.5).to_dict()
     assert d["pos_skip_std"] == 2.5 and DenoiserConfig.from_dict(d).pos_skip_std == 2.5
     for bad in (-1.0, float("nan"), float("inf")):
@@ -144,10 +192,10 @@ def moldiff(*args: str) -> subprocess.CompletedProcess:
 def test_cli_trains_saves_and_samples_a_model_with_the_skip(tmp_path):
     run = tmp_path / "run"
     out = moldiff("train", "--config", ROOT / "configs" / "debug_tiny.yaml", "--run-dir", run,
-                  "--set", "model.pos_skip_std=1.4", "--set", "train.max_steps=2", "--threads", "1")
+                  "--set", "model.pos_skip_std=1.4", "--set", "model.h_skip=true", "--set", "train.max_steps=2", "--threads", "1")
     assert out.returncode == 0, out.stderr
     saved = MolDiffPipeline.from_pretrained(run / "pipeline")
-    assert saved.denoiser.config.pos_skip_std == 1.4
+    assert saved.denoiser.config.pos_skip_std == 1.4 and saved.denoiser.config.h_skip is True
     got = moldiff("sample", "--checkpoint", run / "pipeline", "-n", "3", "--steps", "4", "--no-novelty",
                   "-o", tmp_path / "samples", "--threads", "1")
     assert got.returncode == 0, got.stderr
