@@ -1023,6 +1023,10 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
         "records": len(records),
         **(extra or {}),
     }
+    if molecules:  # EDM's validity counts a cloud that fell apart into lone atoms as valid: say how many hold together
+        from moldiff.chemistry.diagnostics import geometry_diagnostics
+
+        summary["one_piece"] = geometry_diagnostics([(m.symbols, m.positions) for m in molecules])["one_piece"]
     if request.route != "plain":
         summary["conditioning"] = {"fragment": args.fragment or args.fragment_smiles, "formula": args.formula,
                                    "resample": int(arrays.extra["resample"]),
@@ -1130,6 +1134,9 @@ def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds
         with_charges = _own_charged_clause(own)
         print(f"with the model's own bonds: molecule stable {100 * own['mol_stable']:.2f}%{with_charges}, "
               f"valid {100 * own['validity']:.2f}% (the table above: EDM's distance-table bonds)")
+    if "one_piece" in summary:
+        print(f"in one piece: {100 * summary['one_piece']:.2f}% (EDM's table bonds; its validity also counts a molecule "
+              "that fell apart into lone atoms)")
     print(f"numerical faults: {summary['n_faults']}; coordinates-only records (no bonds): {summary['n_coordinates_only']}")
     if summary["sa_score"] == SA_SCORE_NOTE:
         print(f"note: {SA_SCORE_NOTE}")

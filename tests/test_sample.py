@@ -283,6 +283,11 @@ def test_cli_sample_writes_sdf_csv_png_json(checkpoint, tmp_path):
     metrics = json.loads(out.with_suffix(".json").read_text())
     assert set(METRICS) <= set(metrics) and metrics["n"] == 3 and metrics["novelty"] is None
     assert metrics["time_power"] == DEFAULT_TIME_POWER
+    from moldiff.chemistry.diagnostics import geometry_diagnostics
+
+    written = [([a.GetSymbol() for a in m.GetAtoms()], m.GetConformer().GetPositions()) for m in records]
+    assert metrics["one_piece"] == pytest.approx(geometry_diagnostics(written)["one_piece"])
+    assert f"in one piece: {100 * metrics['one_piece']:.2f}%" in r.stdout
     assert metrics["compile"] is False  # a short run: no compilation by default
     from moldiff.pipeline import auto_precision
 
