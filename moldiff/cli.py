@@ -103,6 +103,12 @@ def _cmd_data_sdf(args) -> int:
                              progress=True)
     for line in data.report.lines():
         print(line)
+    train = data.split_indices("train")
+    if len(train):
+        from moldiff.data.statistics import coordinate_spread
+
+        print(f"coordinate spread of the training molecules: {coordinate_spread(data.ptr, data.positions, train):.2f} Å "
+              "(per-coordinate standard deviation about each centroid; model.pos_skip_std for this set)")
     state = "loaded from" if data.from_cache else "written to"
     print(f"dataset {data.name!r} {state} {sdf_cache_path(data.name, _cache_dir(args))} "
           f"({time.monotonic() - t0:.1f} s); train on it with `moldiff train --data {data.name}`")

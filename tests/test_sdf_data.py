@@ -328,8 +328,10 @@ def test_the_druglike_config_trains_on_knn_graphs_with_in_training_samples(sdf_f
     """configs/druglike_small.yaml as the README runs it, shrunk: --data overrides its dataset, the
     network uses k-nearest-neighbour graphs, and the sampled metrics land in the log."""
     monkeypatch.setenv("MOLDIFF_CACHE", str(tmp_path / "cache"))
-    code, _, err = run_cli(capsys, "data", "sdf", sdf_files["mixed"], "--name", "mini", "--max-atoms", "60")
+    code, out, err = run_cli(capsys, "data", "sdf", sdf_files["mixed"], "--name", "mini", "--max-atoms", "60")
     assert code == 0, err
+    spread = float(out.split("coordinate spread of the training molecules: ")[1].split(" Å")[0])
+    assert 0.5 < spread < 5.0  # drug-like molecules: about 1-3 Å per coordinate
     run = tmp_path / "druglike"
     code, out, err = run_cli(capsys, "train", "--config", ROOT / "configs" / "druglike_small.yaml", "--data", "mini",
                              "--run-dir", run, "--set", "model.hidden=16", "--set", "model.n_layers=2",

@@ -204,3 +204,16 @@ def test_cli_trains_saves_and_samples_a_model_with_the_skip(tmp_path):
                   "--set", "model.pos_skip_std=-2")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "pos_skip_std" in bad.stderr
     assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+
+
+def test_coordinate_spread_is_the_pooled_deviation_about_each_centroid():
+    from moldiff.data.statistics import coordinate_spread
+
+    a = [[1.0, 0, 0], [-1.0, 0, 0]]  # centred already: squares 2 over 6 numbers
+    b = [[5.0, 0, 0], [5.0, 3, 0], [5.0, 0, 3]]  # centroid (5, 1, 1): squares 2 + 5 + 5 over 9
+    ptr, pos = np.array([0, 2, 5]), np.array(a + b)
+    assert coordinate_spread(ptr, pos) == pytest.approx((14 / 15) ** 0.5, abs=1e-12)
+    assert coordinate_spread(ptr, pos, np.array([1])) == pytest.approx((12 / 9) ** 0.5, abs=1e-12)
+    assert coordinate_spread(ptr, pos + 7.0) == pytest.approx((14 / 15) ** 0.5, abs=1e-12)  # translations do not count
+    with pytest.raises(ValueError, match="no molecules"):
+        coordinate_spread(ptr, pos, np.array([], dtype=np.int64))

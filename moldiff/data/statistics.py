@@ -158,6 +158,24 @@ def compute_statistics(elements, num_atoms: np.ndarray, atom_types: np.ndarray, 
     return DatasetStatistics(tuple(elements), sizes.tolist(), counts.tolist(), formulas, charge_counts, bond_counts)
 
 
+def coordinate_spread(ptr: np.ndarray, positions: np.ndarray, indices: np.ndarray | None = None) -> float:
+    """Per-coordinate standard deviation (Å) of the molecules' positions about each molecule's
+    centroid, pooled over atoms, for molecules ``indices`` (all when ``None``) of a flat store
+    (``ptr`` offsets, ``positions`` ``(A, 3)``): the ``model.pos_skip_std`` of a model trained on them."""
+    ptr = np.asarray(ptr, dtype=np.int64)
+    sizes = np.diff(ptr)
+    which = np.arange(len(sizes)) if indices is None else np.asarray(indices, dtype=np.int64)
+    if not len(which):
+        raise ValueError("no molecules to measure the coordinate spread of")
+    mol = np.repeat(which, sizes[which])
+    rows = np.concatenate([np.arange(ptr[m], ptr[m + 1]) for m in which])
+    pos = np.asarray(positions, dtype=np.float64)[rows]
+    sums = np.zeros((len(sizes), 3))
+    np.add.at(sums, mol, pos)
+    centred = pos - (sums / np.maximum(sizes, 1)[:, None])[mol]
+    return float(np.sqrt(np.mean(centred**2)))
+
+
 def reference_smiles_cached(path: Path, build) -> set[str]:
     """Load a cached SMILES set from ``path`` (JSON list) or build it with ``build()`` and cache it."""
     path = Path(path)
