@@ -200,6 +200,13 @@ def test_cli_trains_saves_and_samples_a_model_with_the_skip(tmp_path):
                   "-o", tmp_path / "samples", "--threads", "1")
     assert got.returncode == 0, got.stderr
     assert (tmp_path / "samples" / "samples.sdf").read_text().count("$$$$") == 3
+    trace = subprocess.run([sys.executable, ROOT / "scripts" / "first_steps_trace.py", run / "checkpoint.pt",
+                            "--atoms", "6", "--molecules", "2", "--steps", "5", "--show", "2"],
+                           capture_output=True, text=True, timeout=300)
+    assert trace.returncode == 0, trace.stderr
+    lines = trace.stdout.splitlines()
+    assert "pos_skip_std=1.4 h_skip=True" in lines[0] and len(lines) == 4 and lines[-1].strip().startswith("final:")
+    assert "non-finite" not in trace.stdout
     bad = moldiff("train", "--config", ROOT / "configs" / "debug_tiny.yaml", "--run-dir", tmp_path / "bad",
                   "--set", "model.pos_skip_std=-2")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "pos_skip_std" in bad.stderr
