@@ -86,7 +86,16 @@ def cmd_data(args) -> int:
     counts = np.bincount(qm9.atom_types, minlength=len(qm9.elements))
     print("elements: " + ", ".join(f"{e} {c} ({100 * c / counts.sum():.2f}%)" for e, c in zip(qm9.elements, counts)))
     print("properties: " + ", ".join(f"{k} [{u}]" for k, (_, u) in QM9_PROPERTIES.items()))
+    _print_coordinate_spread(qm9.ptr, qm9.positions, split["train"])
     return 0
+
+
+def _print_coordinate_spread(ptr, positions, train) -> None:
+    """The training molecules' coordinate spread, the ``model.pos_skip_std`` of a model of that set."""
+    from moldiff.data.statistics import coordinate_spread
+
+    print(f"coordinate spread of the training molecules: {coordinate_spread(ptr, positions, train):.2f} Å "
+          "(per-coordinate standard deviation about each centroid; model.pos_skip_std for this set)")
 
 
 def _cmd_data_sdf(args) -> int:
@@ -105,10 +114,7 @@ def _cmd_data_sdf(args) -> int:
         print(line)
     train = data.split_indices("train")
     if len(train):
-        from moldiff.data.statistics import coordinate_spread
-
-        print(f"coordinate spread of the training molecules: {coordinate_spread(data.ptr, data.positions, train):.2f} Å "
-              "(per-coordinate standard deviation about each centroid; model.pos_skip_std for this set)")
+        _print_coordinate_spread(data.ptr, data.positions, train)
     state = "loaded from" if data.from_cache else "written to"
     print(f"dataset {data.name!r} {state} {sdf_cache_path(data.name, _cache_dir(args))} "
           f"({time.monotonic() - t0:.1f} s); train on it with `moldiff train --data {data.name}`")

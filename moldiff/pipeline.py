@@ -519,7 +519,14 @@ class MolDiffPipeline(torch.nn.Module):
     def feature_moments(self) -> tuple[list[float], list[float]]:
         """Mean and variance of each channel of the encoded training atoms (EDM's Gaussian features),
         from the statistics' element counts: one-hots ``scale p_k`` and ``scale^2 p_k (1 - p_k)``, the
-        atomic-number channel from the elements' atomic numbers."""
+        atomic-number channel from the elements' atomic numbers. Computed once per pipeline (every
+        network call of an ``h_skip`` model reads them)."""
+        cached = self.__dict__.get("_feature_moments")
+        if cached is None:
+            cached = self.__dict__["_feature_moments"] = self._compute_feature_moments()
+        return cached
+
+    def _compute_feature_moments(self) -> tuple[list[float], list[float]]:
         f = self.features
         counts = np.asarray(self.statistics.element_counts, dtype=np.float64)
         p = counts / counts.sum()

@@ -120,6 +120,8 @@ def test_data_summary():
     r = run("data", "qm9")
     assert r.returncode == 0, r.stderr
     assert "train 100000, valid 17748, test 13083" in r.stdout
+    spread = float(r.stdout.split("coordinate spread of the training molecules: ")[1].split(" Å")[0])
+    assert 1.2 < spread < 1.6  # QM9's small molecules: about 1.4 Å per coordinate about the centroid
 
 
 def test_evaluate_reports_the_files_own_bonds_next_to_the_edm_protocol(tmp_path, capsys):

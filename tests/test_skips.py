@@ -211,6 +211,11 @@ def test_cli_trains_saves_and_samples_a_model_with_the_skip(tmp_path):
                   "--set", "model.pos_skip_std=-2")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "pos_skip_std" in bad.stderr
     assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+    categorical = moldiff("train", "--config", ROOT / "configs" / "debug_tiny.yaml", "--run-dir", tmp_path / "cat",
+                          "--set", "diffusion.categorical=true", "--set", "model.num_features=8",
+                          "--set", "model.h_skip=true", "--set", "train.max_steps=1")
+    assert categorical.returncode == 2 and "h_skip" in categorical.stderr
+    assert len(categorical.stderr.strip().splitlines()) == 1 and not (tmp_path / "cat").exists()
 
 
 def test_coordinate_spread_is_the_pooled_deviation_about_each_centroid():
