@@ -192,7 +192,8 @@ def moldiff(*args: str) -> subprocess.CompletedProcess:
 def test_cli_trains_saves_and_samples_a_model_with_the_skip(tmp_path):
     run = tmp_path / "run"
     out = moldiff("train", "--config", ROOT / "configs" / "debug_tiny.yaml", "--run-dir", run,
-                  "--set", "model.pos_skip_std=1.4", "--set", "model.h_skip=true", "--set", "train.max_steps=2", "--threads", "1")
+                  "--set", "model.pos_skip_std=1.4", "--set", "model.h_skip=true", "--set", "train.max_steps=2", "--threads", "1",
+                  "--set", "model.graph=knn:3")
     assert out.returncode == 0, out.stderr
     saved = MolDiffPipeline.from_pretrained(run / "pipeline")
     assert saved.denoiser.config.pos_skip_std == 1.4 and saved.denoiser.config.h_skip is True
@@ -207,6 +208,12 @@ def test_cli_trains_saves_and_samples_a_model_with_the_skip(tmp_path):
     lines = trace.stdout.splitlines()
     assert "pos_skip_std=1.4 h_skip=True" in lines[0] and len(lines) == 4 and lines[-1].strip().startswith("final:")
     assert "non-finite" not in trace.stdout
+    pieces = subprocess.run([sys.executable, ROOT / "scripts" / "graph_components.py", run / "checkpoint.pt",
+                             "--molecules", "3", "--steps", "4", "--data", "--data-times", "0,1"],
+                            capture_output=True, text=True, timeout=300)
+    assert pieces.returncode == 0, pieces.stderr
+    assert "graph knn:3" in pieces.stdout and "element shares, samples (training set): H " in pieces.stdout
+    assert pieces.stdout.count("3 real validation molecules") == 1 and "t = 1.00:" in pieces.stdout
     bad = moldiff("train", "--config", ROOT / "configs" / "debug_tiny.yaml", "--run-dir", tmp_path / "bad",
                   "--set", "model.pos_skip_std=-2")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "pos_skip_std" in bad.stderr
@@ -229,3 +236,27 @@ def test_coordinate_spread_is_the_pooled_deviation_about_each_centroid():
     assert coordinate_spread(ptr, pos + 7.0) == pytest.approx((14 / 15) ** 0.5, abs=1e-12)  # translations do not count
     with pytest.raises(ValueError, match="no molecules"):
         coordinate_spread(ptr, pos, np.array([], dtype=np.int64))
+
+
+def _components_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("moldiff_script_graph_components", ROOT / "scripts" / "graph_components.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pieces_counts_the_connected_parts_of_each_molecule():
+    script = _components_script()
+    # molecule 0: a triangle 0-1-2 and an edge 3-4 (2 pieces); molecule 1: a path 5-6-7 and a lone 8 (2);
+    # molecule 2: atoms 9, 10, 11 all linked through 10 (1)
+    edges = np.array([[0, 1], [1, 2], [2, 0], [3, 4], [5, 6], [6, 7], [9, 10], [11, 10]]).T
+    edges = np.concatenate([edges, edges[::-1]], axis=1)
+    batch = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+    assert script.pieces(edges, batch).tolist() == [2, 2, 1]
+    methane = np.array([[0, 0, 0], [0.63, 0.63, 0.63], [-0.63, -0.63, 0.63], [-0.63, 0.63, -0.63], [0.63, -0.63, -0.63]])
+    assert script.bond_pieces(["C", "H", "H", "H", "H"], methane) == 1
+    two = np.concatenate([methane, methane + [8.0, 0, 0]])
+    assert script.bond_pieces(["C", "H", "H", "H", "H"] * 2, two) == 2
+    assert script.bond_pieces(["H", "H", "H"], np.array([[0, 0, 0], [1.2, 0, 0], [2.4, 0, 0]])) == 3  # H-H at 1.2 Å: no bond
