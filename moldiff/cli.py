@@ -396,6 +396,10 @@ def cmd_train(args) -> int:
         if (run_dir / "checkpoint.pt").exists() and not args.overwrite:
             raise UsageError(f"{run_dir} already holds a run; use --resume to continue it or --overwrite")
         cfg = load_config(args.config, args.set)
+    if args.init_from is not None:
+        if args.resume:
+            raise UsageError("--init-from starts a new run from another model's weights; not with --resume")
+        cfg.train.init_from = args.init_from
     if args.data is not None:
         wanted = _dataset_spec(args.data)
         if args.resume and wanted != cfg.data.dataset:
@@ -427,6 +431,8 @@ def cmd_train(args) -> int:
                       log=lambda m: print(m, flush=True), device=device)
     if args.resume:
         trainer.resume()
+    elif cfg.train.init_from:
+        trainer.warm_start(cfg.train.init_from)
     total = cfg.train.max_steps - trainer.step if cfg.train.max_steps is not None else None
     with _progress_bar(total, "training", "step", enabled=rank == 0, log_lines=False) as bar:  # the log has lines
         trainer.train(progress=lambda step, loss: bar.set_postfix(loss=f"{loss:.4f}", refresh=False) or bar.update(1))
@@ -1301,6 +1307,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", required=True, help="where checkpoints and logs go")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     t.add_argument("--overwrite", action="store_true", help="start afresh even if --run-dir holds a run")
+    t.add_argument("--init-from", metavar="MODEL", help="start from this model's weights instead of random ones: a "
+                   "shipped name (qm9), a pipeline or run folder, or a checkpoint.pt; elements are matched by symbol "
+                   "(sets train.init_from; docs/own_data.md)")
     t.add_argument("--threads", type=int, help="torch CPU threads (default: train.num_threads)")
     t.set_defaults(func=cmd_train)
 

@@ -185,6 +185,9 @@ class TrainConfig:
     sample_sampler: str = "ancestral"
     checkpoint_minutes: float = 10.0
     tensorboard: bool = False  #: also write the log rows as TensorBoard scalars to RUN/tensorboard (needs tensorboard)
+    #: start a new run from this model's weights (a shipped name, a pipeline or run folder, or a
+    #: checkpoint.pt; moldiff.training.warmstart); null: random initialisation. Read once, at step 0.
+    init_from: str | None = None
 
     def __post_init__(self):
         import re

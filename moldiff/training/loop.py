@@ -559,6 +559,23 @@ class Trainer:
         self._stop_signal = None
         self._tb = self._open_tensorboard()
 
+    def warm_start(self, spec: str) -> None:
+        """Replace the freshly initialised weights by those of the model ``spec`` (``train.init_from``;
+        :mod:`moldiff.training.warmstart`) before the first step; the EMA starts from them too.
+
+        Raises:
+            ValueError / CheckpointError: the model cannot be read or does not fit this run (one line).
+        """
+        from moldiff.training.warmstart import load_source, warm_start
+
+        if self.step:
+            raise ValueError(f"init_from starts a new run; this one is already at step {self.step}")
+        source, name = load_source(spec)
+        report = warm_start(self.pipe, source, name)
+        if self.ema is not None:
+            self.ema = EMA(self.model, self.cfg.optim.ema_decay)
+        self.log(report.summary())
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {
