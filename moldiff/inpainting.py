@@ -56,7 +56,7 @@ import torch
 from moldiff.chemistry import fragments as chem_fragments
 from moldiff.chemistry.elements import to_symbols
 from moldiff.diffusion import DDIMSampler, make_sampler
-from moldiff.geometry import remove_mean, scatter_mean
+from moldiff.geometry import remove_mean, reverse_edges, scatter_mean
 from moldiff.sampling import SampledArrays, SamplingHook, batch_ticker, denoise_batch
 
 #: RePaint rounds per step unless asked otherwise. Measured on 20 QM9 fragments (docs/results/inpainting/reports.jsonl runs
@@ -203,6 +203,10 @@ class _Plan:
     rest_types: np.ndarray | None
     formula: str | None
     frag_slots: np.ndarray | None = None  #: new neighbours per fragment atom (open-valence guidance)
+    #: categorical models: bond classes 0-3 between fragment atoms ``(k, k)`` (Kekulé form) and the
+    #: fragment atoms' charge classes ``(k,)``, each ``None`` where the fragment does not say (XYZ)
+    frag_bonds: np.ndarray | None = None
+    frag_charge_classes: np.ndarray | None = None
 
     @property
     def num_known(self) -> int:
@@ -288,7 +292,23 @@ def plan_conditioning(
     if len(bad):
         raise ValueError(f"num_atoms must be between 2 and {max_atoms} (the largest training molecule), got {int(bad[0])}")
     slots = None if fragment is None else fragment.open_valences()
-    return _Plan(sizes, frag_types, frag_pos, rest_types, formula_text, slots)
+    frag_bonds = frag_charge_classes = None
+    cat = pipe.categorical
+    if fragment is not None and fragment.mol is not None and cat is not None:
+        if cat.bonds is not None:
+            frag_bonds = chem_fragments.kekule_orders(fragment.mol)
+            if frag_bonds is not None and frag_bonds.max(initial=0) >= cat.bonds.num_classes:
+                raise ValueError(f"the fragment has a bond of order {int(frag_bonds.max())}; the model knows "
+                                 f"orders below {cat.bonds.num_classes}")
+        if cat.charges is not None:
+            charges = chem_fragments.formal_charges(fragment.mol)
+            allowed = pipe.features.charge_values
+            bad = [int(c) for c in charges if int(c) not in allowed]
+            if bad:
+                raise ValueError(f"the fragment has an atom of formal charge {bad[0]:+d}; the model knows "
+                                 f"{', '.join(f'{v:+d}' for v in allowed)}")
+            frag_charge_classes = np.array([allowed.index(int(c)) for c in charges], dtype=np.int64)
+    return _Plan(sizes, frag_types, frag_pos, rest_types, formula_text, slots, frag_bonds, frag_charge_classes)
 
 
 # ---------------------------------------------------------------------------------------- sampling
@@ -392,8 +412,8 @@ def inpaint_arrays(
         raise ValueError(f"number of molecules must be positive, got {n}")
     if batch_size <= 0:
         raise ValueError(f"batch size must be positive, got {batch_size}")
-    pipe.require_no_bonds("fragment- or formula-conditioned sampling")
-    pipe.require_gaussian_types("fragment- or formula-conditioned sampling (RePaint)")
+    if pipe.categorical is None:  # categorical models clamp the fragment's bonds with its atoms
+        pipe.require_no_bonds("fragment- or formula-conditioned sampling")
     pipe.require_type_generation("RePaint-conditioned sampling" if fragment is None else "fragment-conditioned sampling")
     if resample is None:
         resample = DEFAULT_RESAMPLE
@@ -516,8 +536,24 @@ class Clamp(SamplingHook):
         if plan.rest_types is not None:
             known_types[~self.known_pos] = torch.as_tensor(plan.rest_types, device=device)[local[~self.known_pos] - self.k]
         self.known_h = known_types >= 0
-        numbers = torch.as_tensor(ctx.pipe.atomic_numbers, device=device)
-        self.h_x = ctx.pipe.features.encode(known_types[self.known_h], numbers[known_types[self.known_h]], dtype=ctx.dtype)
+        self.cat = ctx.pipe.categorical
+        if self.cat is None:
+            numbers = torch.as_tensor(ctx.pipe.atomic_numbers, device=device)
+            self.h_x = ctx.pipe.features.encode(known_types[self.known_h], numbers[known_types[self.known_h]],
+                                                dtype=ctx.dtype)
+        else:  # the known classes: elements, the fragment's charges, the bonds between fragment atoms
+            self.known_classes = {"types": (self.known_h, known_types[self.known_h])}
+            if plan.frag_charge_classes is not None and "charges" in state.classes:
+                charges = torch.as_tensor(plan.frag_charge_classes, device=device)[local[self.known_pos]]
+                self.known_classes["charges"] = (self.known_pos, charges)
+            self.edge_rows = None
+            if plan.frag_bonds is not None and "bonds" in state.classes:
+                src, dst = ctx.edge_index
+                self.edge_rows = self.known_pos[src] & self.known_pos[dst]
+                orders = torch.as_tensor(plan.frag_bonds, device=device)
+                self.edge_x = torch.zeros(src.shape[0], dtype=torch.long, device=device)
+                self.edge_x[self.edge_rows] = orders[local[src[self.edge_rows]], local[dst[self.edge_rows]]]
+                self.rev = reverse_edges(ctx.edge_index, ctx.num_atoms)
         self._impose(ctx, state, t)
 
     def _impose(self, ctx, state, time):
@@ -537,11 +573,32 @@ class Clamp(SamplingHook):
             pos = state.pos.clone()
             pos[rows] = centroid + _column(alpha, idx, ctx.dtype) * self.frag.to(ctx.dtype) + _column(sigma, idx, ctx.dtype) * e
             state.pos = remove_mean(pos, ctx.batch, num_graphs)
-        if self.known_h.any():
+        if self.cat is not None:
+            self._impose_classes(ctx, state, time)
+        elif self.known_h.any():
             rows = ctx.batch[self.known_h]
             h = state.h.clone()
             h[self.known_h] = _column(alpha, rows, ctx.dtype) * self.h_x + _column(sigma, rows, ctx.dtype) * e_h[self.known_h]
             state.h = h
+
+    def _impose_classes(self, ctx, state, time, exact: bool = False):
+        """Categorical models: the known classes replaced by draws of q(x_t | x_0) at ``time`` (B,),
+        or set to the clean classes (``exact``); the network's one-hot inputs re-encoded."""
+        gen, batch = ctx.generator, ctx.batch
+        for name, (rows, x0) in self.known_classes.items():
+            if not bool(rows.any()):
+                continue
+            new = state.classes[name].clone()
+            new[rows] = x0 if exact else getattr(self.cat, name).sample_forward(x0, time[batch[rows]], gen)
+            state.classes[name] = new
+        if self.edge_rows is not None and bool(self.edge_rows.any()):
+            x = self.edge_x if exact else self.cat.bonds.sample_forward_edges(
+                self.edge_x, time[batch[ctx.edge_index[0]]], ctx.edge_index, self.rev, gen)
+            state.classes["bonds"] = torch.where(self.edge_rows, x, state.classes["bonds"])
+        features = ctx.pipe.features
+        state.h = features.encode(state.classes["types"], state.classes.get("charges"), dtype=ctx.dtype)
+        if "bonds" in state.classes:
+            state.e = features.encode_bonds(state.classes["bonds"], dtype=ctx.dtype)
 
     def after_step(self, ctx, state, s, final=False):
         if not final:
@@ -553,7 +610,9 @@ class Clamp(SamplingHook):
             pos = state.pos.clone()
             pos[rows] = scatter_mean(pos[rows], idx, ctx.num_graphs)[idx] + self.frag
             state.pos = remove_mean(pos, ctx.batch, ctx.num_graphs)
-        if self.known_h.any():
+        if self.cat is not None:
+            self._impose_classes(ctx, state, None, exact=True)
+        elif self.known_h.any():
             h = state.h.clone()
             h[self.known_h] = self.h_x
             state.h = h

@@ -247,8 +247,8 @@ class SampleRequest:
             r.valence_guidance = default_valence_guidance(r.fragment) if r.valence_guidance is None else r.valence_guidance
             return r
         r.valence_guidance = 0.0
-        pipe.require_no_bonds("formula-conditioned sampling")
-        pipe.require_gaussian_types("formula-conditioned sampling")
+        if pipe.categorical is None:  # categorical models: bonds and charges are drawn with the atoms
+            pipe.require_no_bonds("formula-conditioned sampling")
         if r.formula_draws is None:
             r.formula_draws = DEFAULT_FORMULA_DRAWS
         if pipe.known_types_prob >= 1.0:
@@ -264,11 +264,16 @@ def _joined(kept, made, drawn: int, formula_text: str) -> SampledArrays:
                         np.array([a.fault_step[j] for a, j in kept], dtype=np.int64), first.elements, first.steps,
                         first.sampler, first.seed, first.time_power, first.noise_scale)
     out.extra = {"resample": 1, "network_evaluations": first.steps + 1} if made is None else dict(made.extra)
+    # bond and categorical models: the model's own bonds and formal charges travel with each molecule
+    out.bonds = [a.bonds[j] for a, j in kept if a.bonds]
+    out.formal_charges = [a.formal_charges[j] for a, j in kept if a.formal_charges]
     route = ["drawn"] * len(kept)
     if made is not None:
         out.positions += made.positions
         out.types += made.types
         out.charges += made.charges
+        out.bonds += made.bonds
+        out.formal_charges += made.formal_charges
         out.fault_step = np.concatenate([out.fault_step, made.fault_step])
         route += list(made.extra.get("formula_route", ["clamped"] * len(made.positions)))
     out.extra.update(_formula_extra(formula_text, route, drawn))

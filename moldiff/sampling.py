@@ -431,6 +431,19 @@ class CategoricalStep:
             c["bonds"] = self.cat.bonds.sample_reverse_edges(c["bonds"], logits_e, se, te, self.edge_index, self.rev, gen)
         self.encode(state)
 
+    def renoise(self, state: LoopState, s: torch.Tensor, t: torch.Tensor) -> None:
+        """Push the classes from ``s`` back up to ``t > s`` (per-molecule ``(B,)``) with draws of
+        ``q(x_t | x_s)`` (RePaint's resampling)."""
+        gen, batch = self.ctx.generator, self.ctx.batch
+        c = state.classes
+        c["types"] = self.cat.types.sample_transition(c["types"], s[batch], t[batch], gen)
+        if "charges" in c:
+            c["charges"] = self.cat.charges.sample_transition(c["charges"], s[batch], t[batch], gen)
+        if "bonds" in c:
+            edge = batch[self.edge_index[0]]
+            c["bonds"] = self.cat.bonds.sample_transition_edges(c["bonds"], s[edge], t[edge], self.edge_index, self.rev, gen)
+        self.encode(state)
+
     def decode(self, state: LoopState, logits_h, logits_e, step_index: int) -> None:
         """The clean classes at the end: argmax of the last logits."""
         logits_h, logits_e = self._finite(state, logits_h, logits_e, step_index)
@@ -444,8 +457,10 @@ class CategoricalStep:
         self.encode(state)
 
 
-def _renoise(ctx: BatchContext, state: LoopState, s: torch.Tensor, t: torch.Tensor) -> None:
-    """Push the state from ``s`` back to ``t > s`` with a draw of q(z_t | z_s) (EDM eq. 3)."""
+def _renoise(ctx: BatchContext, state: LoopState, s: torch.Tensor, t: torch.Tensor,
+             categorical: CategoricalStep | None = None) -> None:
+    """Push the state from ``s`` back to ``t > s`` with a draw of q(z_t | z_s) (EDM eq. 3; a
+    categorical model's classes by their own transition, :meth:`CategoricalStep.renoise`)."""
     schedule = ctx.pipe.schedule
     alpha_t, sigma_t = schedule.alpha_sigma(t)
     alpha_s, sigma_s = schedule.alpha_sigma(s)
@@ -455,6 +470,8 @@ def _renoise(ctx: BatchContext, state: LoopState, s: torch.Tensor, t: torch.Tens
     noise_h = torch.randn(state.h.shape, generator=ctx.generator, dtype=ctx.dtype, device=ctx.device)
     a, sd = ctx.per_atom(a_ts), ctx.per_atom(std)
     state.pos, state.h = a * state.pos + sd * noise_pos, a * state.h + sd * noise_h
+    if categorical is not None:
+        categorical.renoise(state, s, t)
 
 
 def split_bonds(orders: torch.Tensor, edge_index: torch.Tensor, batch: torch.Tensor, num_graphs: int) -> list[np.ndarray]:
@@ -539,8 +556,6 @@ def denoise_batch(
         edge_batch, rev = batch[edge_index[0]], reverse_edges(edge_index, num_atoms)
     categorical = None
     if pipe.categorical is not None:  # classes instead of Gaussian features (the h noise above is unused)
-        if resample != 1:
-            raise ValueError("RePaint resampling is not available for categorical models")
         categorical = CategoricalStep(pipe, ctx, edge_index, rev)
         categorical.begin(state)
     elif bonded:
@@ -609,7 +624,7 @@ def denoise_batch(
                 hook.after_step(ctx, state, s)
             record_faults(state.fault, state.pos, state.h, batch, num_graphs, i)
             if r < resample - 1:
-                _renoise(ctx, state, s, t)
+                _renoise(ctx, state, s, t, categorical)
             if tick is not None:
                 tick(i * resample + r + 1, evaluations)
     # Final decode at t = 0: x = (z_0 - sigma_0 eps_hat) / alpha_0 (mean of p(x | z_0), EDM eq. 9-10).
@@ -619,8 +634,6 @@ def denoise_batch(
     if categorical is not None:
         categorical.decode(state, eps_h, eps_e, steps)
         state.pos, _ = sampler.clean_estimate(state.pos, state.h, eps_pos, torch.zeros_like(state.h), t0, batch)
-        if bonded:
-            bonds = split_bonds(state.classes["bonds"], edge_index, batch, num_graphs)
     else:
         if bonded:
             alpha0, sigma0 = (x.to(dtype)[edge_batch].unsqueeze(-1) for x in pipe.schedule.alpha_sigma(t0))
@@ -635,7 +648,9 @@ def denoise_batch(
     state.pos = state.pos.double()
     for hook in hooks:
         hook.finish(ctx, state)
-    if categorical is not None:
+    if categorical is not None:  # the classes as the hooks left them (a fragment's bonds set exactly)
+        if bonded:
+            bonds = split_bonds(state.classes["bonds"], edge_index, batch, num_graphs)
         formal = None
         if "charges" in state.classes:
             formal = pipe.features.charge_values_of(state.classes["charges"]).cpu().numpy()

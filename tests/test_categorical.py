@@ -564,17 +564,19 @@ def test_non_finite_logits_are_a_recorded_fault_not_a_crash():
     assert not np.isfinite(arrays.positions[1]).any() and np.isfinite(arrays.positions[0]).all()
 
 
-def test_categorical_models_refuse_routes_that_need_gaussian_types():
+def test_categorical_models_take_formulas_and_fragments_but_refuse_data_compositions():
     from moldiff.inpainting import Fragment
     from moldiff.pipeline import SampleRequest
 
     pipe = categorical_pipeline(seed=5)
-    for request in (SampleRequest(2, formula="CH4", steps=2),
-                    SampleRequest(2, fragment=Fragment(["C", "O"], np.array([[0.0, 0, 0], [1.2, 0, 0]])), num_atoms=4, steps=2),
-                    SampleRequest(2, composition="data", steps=2)):
-        with pytest.raises(ValueError) as exc:
-            pipe.generate(request)
-        assert "\n" not in str(exc.value)
+    made = pipe.generate(SampleRequest(2, formula="CH2O", steps=2))  # this model's molecules have at most 4 atoms
+    assert all(sorted(made.symbols(j)) == ["C", "H", "H", "O"] for j in range(2)) and len(made.bonds) == 2
+    grown = pipe.generate(SampleRequest(2, fragment=Fragment(["C", "O"], np.array([[0.0, 0, 0], [1.2, 0, 0]])),
+                                        num_atoms=4, steps=2))
+    assert all(grown.symbols(j)[:2] == ["C", "O"] for j in range(2))
+    with pytest.raises(ValueError) as exc:
+        pipe.generate(SampleRequest(2, composition="data", steps=2))
+    assert "\n" not in str(exc.value)
 
 
 def test_periodic_sampling_during_training_scores_categorical_models(tmp_path, cat_data):

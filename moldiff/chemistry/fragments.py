@@ -221,6 +221,29 @@ def open_valences(mol: Chem.Mol) -> np.ndarray:
     return np.array([atom.GetTotalNumHs() for atom in mol.GetAtoms()], dtype=np.int64)
 
 
+def kekule_orders(mol: Chem.Mol) -> np.ndarray | None:
+    """``(k, k)`` bond orders 0-3 between the atoms of ``mol``, aromatic bonds in a Kekulé form;
+    ``None`` when RDKit cannot kekulize it (the bonds are then left to the model)."""
+    work = Chem.RWMol(mol)
+    try:
+        Chem.Kekulize(work, clearAromaticFlags=True)
+    except Exception:  # RDKit raises KekulizeException (and others) for impossible forms
+        return None
+    orders = np.zeros((work.GetNumAtoms(), work.GetNumAtoms()), dtype=np.int64)
+    for bond in work.GetBonds():
+        order = int(round(bond.GetBondTypeAsDouble()))
+        if not 1 <= order <= 3:
+            return None
+        i, j = bond.GetBeginAtomIdx(), bond.GetEndAtomIdx()
+        orders[i, j] = orders[j, i] = order
+    return orders
+
+
+def formal_charges(mol: Chem.Mol) -> np.ndarray:
+    """``(k,)`` formal charge of each atom of ``mol``."""
+    return np.array([atom.GetFormalCharge() for atom in mol.GetAtoms()], dtype=np.int64)
+
+
 def fragment_query(symbols: Sequence[object], positions: np.ndarray) -> Chem.Mol:
     """A substructure query for a fragment known only by coordinates: connectivity from covalent
     radii (RDKit ``DetermineConnectivity``), every bond generic (matches any bond order)."""

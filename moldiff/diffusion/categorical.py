@@ -172,6 +172,19 @@ class MarginalTransition:
         """A draw of ``x_t ~ q(x_t | x_0)``: ``(n,)`` long."""
         return sample_classes(self.forward_probs(x0, t), generator)
 
+    def transition_probs(self, x_s: torch.Tensor, s, t) -> torch.Tensor:
+        """``q(x_t | x_s)`` ``(n, K)`` for ``t >= s``: ``a [x_s = j] + (1 - a) m_j`` with
+        ``a = alpha_bar_t / alpha_bar_s``, so that ``q(x_t | x_0) = sum_i q(x_t | x_s = i) q(x_s = i | x_0)``
+        (used to push a state back up, RePaint's resampling)."""
+        p = self._probs_of(x_s)
+        n, device = p.shape[0], p.device
+        a = self._ab(t, n, device) / self._ab(s, n, device).clamp(min=torch.finfo(torch.float64).tiny)
+        return a * p + (1.0 - a) * self._m(device)
+
+    def sample_transition(self, x_s: torch.Tensor, s, t, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A draw of ``x_t ~ q(x_t | x_s)`` (``t >= s``): ``(n,)`` long."""
+        return sample_classes(self.transition_probs(x_s, s, t), generator)
+
     def prior_probs(self, n: int, device=None) -> torch.Tensor:
         """``(n, K)`` rows of the marginal ``m``: the distribution of ``x_1`` sampling starts from."""
         return self._m(device).expand(n, self.num_classes)
@@ -232,6 +245,11 @@ class MarginalTransition:
         """``x_t ~ q(x_t | x_0)`` on the directed edges ``edge_index`` ``(2, E)`` of symmetric ``x0``
         ``(E,)``: one draw per atom pair, equal on ``i -> j`` and ``j -> i``; ``(E,)`` long."""
         return symmetric_sample(self.forward_probs(x0, t), edge_index, rev, generator)
+
+    def sample_transition_edges(self, x_s: torch.Tensor, s, t, edge_index: torch.Tensor, rev: torch.Tensor,
+                                generator: torch.Generator | None = None) -> torch.Tensor:
+        """``x_t ~ q(x_t | x_s)`` per atom pair (``t >= s``), equal on both directions: ``(E,)`` long."""
+        return symmetric_sample(self.transition_probs(x_s, s, t), edge_index, rev, generator)
 
     def sample_prior_edges(self, edge_index: torch.Tensor, rev: torch.Tensor,
                            generator: torch.Generator | None = None) -> torch.Tensor:
