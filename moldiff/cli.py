@@ -864,6 +864,7 @@ def cmd_sample(args) -> int:
     from moldiff.pipeline import SampleRequest, evaluate_molecules, interpret
 
     make_sampler(args.sampler, pipe.schedule)  # a bad sampler fails here, not after loading data
+    predictors = _sample_predictors(args, pipe)
     fragment = None
     if args.fragment or args.fragment_smiles:
         from moldiff.inpainting import Fragment
@@ -893,7 +894,7 @@ def cmd_sample(args) -> int:
               file=sys.stderr, flush=True)
     t0 = time.monotonic()
     if keep is not None:
-        return _sample_filtered(pipe, request, keep, args, reference, folder, files, checkpoint, t0)
+        return _sample_filtered(pipe, request, keep, args, reference, folder, files, checkpoint, t0, predictors)
     with _progress_bar(args.n, "sampling", "mol") as bar:
         def advance(done):  # after every network evaluation: move the bar to the molecules done
             bar.update(int(done) - bar.n)
@@ -910,10 +911,62 @@ def cmd_sample(args) -> int:
     timing = {"seconds": round(t2 - t0, 3), "seconds_sampling": round(t1 - t0, 3)}
     if args.posebusters or args.relax:
         timing["seconds_plausibility"] = round(time.monotonic() - t2, 3)
+    predicted = _sample_predictions(predictors, molecules, arrays)
     summary = _write_samples(folder, files, molecules, report, arrays, request, args, pipe, checkpoint, timing,
-                             plausibility, charged=charged)
+                             plausibility, charged=charged, predicted=predicted)
     _print_sample_summary(summary, report, arrays, files, args, t2 - t0, t1 - t0, charged=charged)
     return 0
+
+
+def _sample_predictors(args, pipe):
+    """``--predictor`` folders loaded and checked against the model before any sampling: every element
+    the model places must be one the predictor reads."""
+    if not args.predictor:
+        return []
+    predictors = _load_predictors(args.predictor, pipe.device)
+    for p in predictors:
+        unknown = p.unknown_elements([str(e) for e in pipe.elements])
+        if unknown:
+            raise UsageError(f"--predictor {p.folder} does not know element(s) {', '.join(unknown)} that this model "
+                             f"places (it knows {', '.join(p.model.config.elements)})")
+    return predictors
+
+
+def _sample_predictions(predictors, molecules, arrays, indices=None) -> dict | None:
+    """The predictors' estimates for sampled ``molecules``: ``{"columns": {sample number: {column:
+    value}}, "summary": JSON fields}``, or ``None`` without ``--predictor``. Values are in the units a
+    condition is given in; with a condition, the MAE between target and estimate over the samples a
+    predictor can read (finite coordinates), in those units and in EDM's Table 3 units."""
+    if not predictors:
+        return None
+    import numpy as np
+
+    from moldiff.data.properties import EDM_UNITS, condition_unit_factor
+    from moldiff.prediction import condition_unit_values, estimate, mae_statement
+
+    indices = list(range(len(molecules))) if indices is None else list(indices)
+    columns = {k: {} for k in indices}
+    summary = {"predictors": [mae_statement(p) for p in predictors], "mean": {}, "units": {}}
+    condition = arrays.extra.get("condition") or {}
+    for p in predictors:
+        values, units = condition_unit_values(p, estimate(p, molecules), [len(m.symbols) for m in molecules])
+        for j, (name, unit) in enumerate(zip(p.properties, units)):
+            column = values[:, j]
+            key = f"predicted_{name}_{_unit_slug(unit)}" if unit else f"predicted_{name}"
+            for k, v in zip(indices, column.tolist()):
+                columns[k][key] = "" if not math.isfinite(v) else float(f"{v:.6g}")
+            scored = np.isfinite(column)
+            summary["units"][name] = unit
+            summary["mean"][name] = float(column[scored].mean()) if scored.any() else None
+            if name in condition and scored.any():
+                asked = condition[name]
+                target = np.array([asked[k] if isinstance(asked, list) else asked for k in indices], dtype=np.float64)
+                mae = float(np.abs(column - target)[scored].mean())
+                entry = {"mae": mae, "unit": unit, "n_scored": int(scored.sum()), "n_unscored": int((~scored).sum())}
+                if p.edm_targets:
+                    entry.update(mae_edm_units=mae * condition_unit_factor(name), edm_unit=EDM_UNITS[name])
+                summary.setdefault("mae_vs_target", {})[name] = entry
+    return {"columns": columns, "summary": summary}
 
 
 def _sample_charged(molecules, args):
@@ -930,7 +983,7 @@ def _sample_charged(molecules, args):
     return table, own
 
 
-def _sample_filtered(pipe, request, keep, args, reference, folder, files, checkpoint, t0) -> int:
+def _sample_filtered(pipe, request, keep, args, reference, folder, files, checkpoint, t0, predictors=()) -> int:
     """``moldiff sample --keep ... / --max-strain``: draw in rounds until ``-n`` molecules pass or the
     budget is spent; write only the kept molecules, report the EDM metrics of every draw."""
     from dataclasses import fields
@@ -970,7 +1023,9 @@ def _sample_filtered(pipe, request, keep, args, reference, folder, files, checkp
     summary = _write_samples(folder, files, outcome.kept, report, outcome.arrays[0], request, args, pipe, checkpoint,
                              timing, plausibility, indices=outcome.kept_indices,
                              extra={"filter": outcome.to_dict(), "metrics_over": f"all {len(outcome.drawn)} drawn samples"},
-                             charged=charged)
+                             charged=charged,
+                             predicted=_sample_predictions(predictors, outcome.kept, outcome.arrays[0],
+                                                           outcome.kept_indices))
     _print_sample_summary(summary, report, outcome.arrays[0], files, args, time.monotonic() - t0, t1 - t0,
                           drawn=len(outcome.drawn), charged=charged)
     print(outcome.describe())
@@ -981,11 +1036,12 @@ def _sample_filtered(pipe, request, keep, args, reference, folder, files, checkp
 
 
 def _write_samples(folder, files, molecules, report, arrays, request, args, pipe, checkpoint, timing,
-                   plausibility=({}, {}), indices=None, extra=None, charged=None) -> dict:
+                   plausibility=({}, {}), indices=None, extra=None, charged=None, predicted=None) -> dict:
     """Write the SDF, CSV, PNG and JSON (and with ``--relax`` the relaxed SDF) of a sampling run, all
     together and atomically; returns the JSON summary. ``indices``: each molecule's sample number
     (default its position; a filtered run passes the draw numbers of the kept molecules); ``extra``:
-    more JSON fields; ``charged``: :func:`_sample_charged`'s reports, indexed by sample number."""
+    more JSON fields; ``charged``: :func:`_sample_charged`'s reports, indexed by sample number;
+    ``predicted``: :func:`_sample_predictions`' estimates (SD tags, CSV columns, JSON)."""
     indices = list(range(len(molecules))) if indices is None else list(indices)
     from moldiff.chemistry.io import write_csv, write_json, write_sdf
     from moldiff.chemistry.report import SA_SCORE_NOTE, descriptor_row, display_smiles, grid_image, sa_score_available, sd_record, write_png
@@ -994,7 +1050,9 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
     plausible, plausibility = plausibility
     tags = {"sampler": request.sampler, "steps": request.steps, "time_power": arrays.time_power,
             "noise_scale": arrays.noise_scale, "seed": request.seed}
-    records = [sd_record(m.mol, m.symbols, m.positions, _sample_tags(m, k, tags | _condition_columns(arrays, k)),
+    estimates = predicted["columns"] if predicted else {}
+    records = [sd_record(m.mol, m.symbols, m.positions,
+                         _sample_tags(m, k, tags | _condition_columns(arrays, k) | estimates.get(k, {})),
                          f"moldiff sample {k}")
                for k, m in zip(indices, molecules)]
     rows = []
@@ -1003,6 +1061,7 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
         row.update(descriptor_row(m.mol if m.valid else None))
         row.update(num_atoms=m.num_atoms, formula=m.formula, rdkit_SMILES=m.rdkit_smiles, bonds=m.bonds, reason=m.reason)
         row.update(_condition_columns(arrays, k))  # property-conditional sampling: the values asked for
+        row.update(estimates.get(k, {}))  # --predictor: the properties estimated for this molecule
         if fragment is not None:
             row.update(fragment_retained=int(bool(m.fragment_retained)), fragment_rmsd=m.fragment_rmsd)
         if m.own_valid is not None:
@@ -1065,6 +1124,8 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
                                 "guidance_scale": arrays.extra["guidance_scale"],
                                 "num_atoms": "given (--num-atoms)" if args.num_atoms is not None else
                                 "drawn from the sizes of the training molecules nearest to the condition"}
+    if predicted:
+        summary["predicted"] = predicted["summary"]
     if fragment is not None and molecules:
         summary["fragment_retention"] = sum(bool(m.fragment_retained) for m in molecules) / len(molecules)
     if molecules and any(m.own_valid is not None for m in molecules):  # a model that generates bonds: judged on them too
@@ -1137,6 +1198,16 @@ def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds
         asked = ", ".join(f"{k} = {v:g} {c['units'][k]}" if not isinstance(v, list) else f"{k} per molecule"
                           for k, v in c["properties"].items())
         print(f"conditioned on {asked}; guidance scale {c['guidance_scale']:g}; atom counts {c['num_atoms']}")
+    if "predicted" in summary:
+        pr = summary["predicted"]
+        for line in pr["predictors"]:
+            print(line)
+        for name, e in pr.get("mae_vs_target", {}).items():
+            edm = f" ({e['mae_edm_units']:.4g} {e['edm_unit']}, EDM's Table 3 unit)" if "mae_edm_units" in e else ""
+            print(f"{name}: MAE between target and predicted {e['mae']:.4g} {e['unit']}{edm} over {e['n_scored']} "
+                  f"samples" + (f" ({e['n_unscored']} unreadable: non-finite coordinates)" if e["n_unscored"] else ""))
+        means = ", ".join(f"{k} {v:.4g} {pr['units'][k]}" for k, v in pr["mean"].items() if v is not None)
+        print(f"predicted properties, mean over the samples: {means}")
     if "even_valence" in summary:
         ev = summary["even_valence"]
         print(f"even valence sums kept from t = {ev['t_start']:g}: {ev['molecules_steered']} of {len(arrays.positions)} "
@@ -1181,13 +1252,8 @@ def _unit_slug(unit: str) -> str:
 
 def cmd_predict(args) -> int:
     """``moldiff predict FILE``: property estimates per molecule (CSV), each predictor's test MAE first."""
-    import numpy as np
-    import torch
-
     from moldiff.chemistry.io import read_molecules, write_csv
-    from moldiff.data.properties import from_edm_target
-    from moldiff.geometry import remove_mean
-    from moldiff.models.property import load_predictor
+    from moldiff.prediction import estimate, mae_statement, molecule_values
     from moldiff.runtime import resolve_device
 
     if not args.predictor:
@@ -1196,15 +1262,7 @@ def cmd_predict(args) -> int:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.csv and Path(args.csv).is_dir():
         raise UsageError(f"--csv {args.csv}: it is a folder; give a file name")
-    device = resolve_device(args.device)
-    predictors, seen = [], {}
-    for folder in args.predictor:
-        model, meta = load_predictor(folder, device)
-        for name in model.config.properties:
-            if name in seen:
-                raise UsageError(f"property {name!r} is predicted by both {seen[name]} and {folder}; give one of them")
-            seen[name] = folder
-        predictors.append((folder, model, meta))
+    predictors = _load_predictors(args.predictor, resolve_device(args.device))
     records = read_molecules(args.file)
     bad = [(k, r) for k, r in enumerate(records) if r.error is not None or not r.symbols]
     if bad:
@@ -1212,38 +1270,19 @@ def cmd_predict(args) -> int:
         why = r.error or "it has no atoms"
         raise UsageError(f"{args.file}: {len(bad)} of {len(records)} records cannot be used; first, record {k} ({r.name!r}): {why}")
     rows = [{"index": k, "name": r.name, "num_atoms": len(r.symbols)} for k, r in enumerate(records)]
-    num_atoms = np.array([len(r.symbols) for r in records])
-    for folder, model, meta in predictors:
-        vocab = {e: i for i, e in enumerate(model.config.elements)}
+    num_atoms = [len(r.symbols) for r in records]
+    for p in predictors:
         for k, r in enumerate(records):
-            unknown = sorted(set(r.symbols) - set(vocab))
+            unknown = p.unknown_elements(r.symbols)
             if unknown:
                 raise UsageError(f"{args.file}: record {k} ({r.name!r}) has element(s) {', '.join(unknown)}, which the "
-                                 f"predictor {folder} does not know (it knows {', '.join(model.config.elements)})")
-        dtype = next(model.parameters()).dtype
-        out = []
-        for lo in range(0, len(records), args.batch_size):
-            chunk = records[lo:lo + args.batch_size]
-            counts = torch.tensor([len(r.symbols) for r in chunk])
-            batch = torch.repeat_interleave(torch.arange(len(chunk)), counts).to(device)
-            types = torch.tensor([vocab[s] for r in chunk for s in r.symbols], device=device)
-            pos = torch.from_numpy(np.concatenate([r.positions for r in chunk])).to(device, dtype)
-            pos = remove_mean(pos, batch, len(chunk))
-            out.append(model.predict(pos, types, batch, len(chunk)).double().cpu().numpy())
-        values = np.concatenate(out)
-        edm = bool(model.config.notes.get("edm_targets"))
-        for j, (name, unit) in enumerate(zip(model.config.properties, model.config.units)):
-            column = values[:, j]
-            if edm:  # EDM's targets (Cv less the free atoms' share) -> the molecule's property
-                column = from_edm_target(name, column, num_atoms)
-            for row, v in zip(rows, column.tolist()):
+                                 f"predictor {p.folder} does not know (it knows {', '.join(p.model.config.elements)})")
+        values = molecule_values(p, estimate(p, records, args.batch_size), num_atoms)
+        for j, (name, unit) in enumerate(zip(p.properties, p.units)):
+            for row, v in zip(rows, values[:, j].tolist()):
                 row[f"{name}_{_unit_slug(unit)}" if unit else name] = f"{v:.6g}"
-    for folder, model, meta in predictors:
-        mae = meta.get("test_mae") or {}
-        stated = ", ".join(f"{k} {mae[k]:.4g} {u}" for k, u in zip(model.config.properties, model.config.units) if k in mae)
-        where = f" on {meta['test_set']}, {meta['n_test']:,} molecules" if meta.get("test_set") and meta.get("n_test") else ""
-        print(f"# predictor {folder}: test MAE{where}: {stated}" if stated else
-              f"# predictor {folder}: test MAE not recorded in its folder (not evaluated by scripts/train_predictor.py)")
+    for p in predictors:
+        print(f"# {mae_statement(p)}")
     if args.csv:
         write_csv(args.csv, rows)
         print(f"# wrote {args.csv}: {len(rows)} molecules, {len(rows[0]) - 3} properties")
@@ -1254,6 +1293,17 @@ def cmd_predict(args) -> int:
         writer.writeheader()
         writer.writerows(rows)
     return 0
+
+
+def _load_predictors(folders, device):
+    """:func:`moldiff.prediction.load_predictors`, its errors as one-line usage errors."""
+    from moldiff.models.property import PredictorError
+    from moldiff.prediction import load_predictors
+
+    try:
+        return load_predictors(folders, device)
+    except (PredictorError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------- parser
@@ -1412,6 +1462,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale W >= 0 with --condition: eps_uncond + W (eps_cond - eps_uncond); "
                    "0 = the unconditional model, 1 = the plain conditional model (default 1), above 1 steers harder "
                    "(one network call on a doubled batch, ~2x the time)")
+    c.add_argument("--predictor", action="append", metavar="DIR",
+                   help="a property predictor folder (as for `moldiff predict`; repeatable): each molecule's estimated "
+                   "properties go into the SD tags and CSV as predicted_<property>_<unit> (in --condition's units), and "
+                   "with --condition the JSON and the summary give the MAE between target and estimate")
     _add_plausibility_options(s)
     s.add_argument("--workers", type=int, default=1, metavar="W",
                    help="processes for --posebusters / --relax / --keep posebusters / --max-strain (default 1)")

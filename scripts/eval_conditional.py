@@ -233,27 +233,13 @@ def draw_pool(conditioning: PropertyConditioning, qm9, generator_half: np.ndarra
                                     "generator half)")
 
 
-def predict(model, molecules, name: str, device: str, batch_size: int = 512) -> np.ndarray:
+def predict(model, meta, molecules, name: str) -> np.ndarray:
     """The predictor's estimate of ``name`` (EDM's target and unit) for each molecule; NaN where the
     coordinates are not finite (a numerical fault) or there are no atoms."""
-    import torch
+    from moldiff.prediction import LoadedPredictor, estimate
 
-    from moldiff.geometry import remove_mean
-
-    column = model.config.properties.index(name)
-    vocab = {e: i for i, e in enumerate(model.config.elements)}
-    out = np.full(len(molecules), np.nan)
-    readable = [j for j, m in enumerate(molecules) if len(m.symbols) and np.isfinite(m.positions).all()]
-    dtype = next(model.parameters()).dtype
-    for lo in range(0, len(readable), batch_size):
-        chunk = readable[lo:lo + batch_size]
-        counts = torch.tensor([len(molecules[j].symbols) for j in chunk])
-        batch = torch.repeat_interleave(torch.arange(len(chunk)), counts).to(device)
-        types = torch.tensor([vocab[s] for j in chunk for s in molecules[j].symbols], device=device)
-        pos = torch.from_numpy(np.concatenate([molecules[j].positions for j in chunk])).to(device, dtype)
-        pos = remove_mean(pos, batch, len(chunk))
-        out[chunk] = model.predict(pos, types, batch, len(chunk))[:, column].double().cpu().numpy()
-    return out
+    scorer = LoadedPredictor("--predictor", model, meta)
+    return estimate(scorer, molecules)[:, scorer.properties.index(name)]
 
 
 def write_json(path: Path, doc: dict) -> None:
@@ -374,7 +360,7 @@ def run(args, argv) -> int:
             mols = pipe.sample(args.n, condition={name: v.tolist()}, num_atoms=n_atoms.tolist(), guidance_scale=w,
                                steps=args.steps, seed=args.seed, batch_size=args.batch_size)
             t1 = time.monotonic()
-            pred = predict(model, mols, name, device)
+            pred = predict(model, meta, mols, name)
             t2 = time.monotonic()
             scored = np.isfinite(pred)
             err = np.abs(pred - y)[scored]

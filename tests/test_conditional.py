@@ -294,3 +294,73 @@ def test_bad_conditions_are_one_line_errors_and_write_nothing(conditional_run, t
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("moldiff: error:")
     assert message in err
     assert not out.exists()
+
+
+def _predictor(folder, elements=QM9_ELEMENTS, seed=0):
+    """A small untrained predictor of EDM's six targets (meV for the orbital energies), saved as
+    scripts/train_predictor.py saves one: its outputs are arbitrary but fixed, which is all the
+    bookkeeping below needs."""
+    from moldiff.data.properties import EDM_PROPERTIES, EDM_UNITS
+    from moldiff.models.property import PredictorConfig, PropertyPredictor, save_predictor
+
+    torch.manual_seed(seed)
+    cfg = PredictorConfig(elements=tuple(elements), properties=EDM_PROPERTIES,
+                          units=tuple(EDM_UNITS[k] for k in EDM_PROPERTIES),
+                          target_mean=(75.0, 6900.0, -6500.0, 300.0, 2.7, -22.0),
+                          target_mad=(6.0, 1000.0, 450.0, 1000.0, 1.2, 2.5), hidden=16, n_layers=2,
+                          notes={"edm_targets": True})
+    save_predictor(folder, PropertyPredictor(cfg), {"test_mae": {"gap": 64.0}, "test_set": "the generator half",
+                                                    "n_test": 50000})
+    return folder
+
+
+def test_sample_with_a_predictor_writes_estimates_beside_the_targets(conditional_run, tmp_path, capsys):
+    from rdkit import Chem
+
+    from moldiff.data.properties import CV_ATOM_REFERENCE
+    from moldiff.models.property import load_predictor
+
+    folder = _predictor(tmp_path / "predictor")
+    out = tmp_path / "cond"
+    code = main(["sample", "--checkpoint", str(conditional_run / "run"), "-n", "4", "--steps", "3", "--seed", "1",
+                 "--condition", "gap=7.0eV", "--predictor", str(folder), "-o", str(out), "--no-novelty",
+                 "--device", "cpu", "--precision", "fp32", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert f"predictor {folder}: test MAE on the generator half, 50,000 molecules: gap 64 meV" in printed
+    # every estimate is the predictor's own output for the written molecule, in the condition's units
+    model, _ = load_predictor(folder)
+    records = list(Chem.SDMolSupplier(str(out / "samples.sdf"), sanitize=False, removeHs=False))
+    gaps, cvs = [], []
+    for mol in records:
+        symbols = [a.GetSymbol() for a in mol.GetAtoms()]
+        pos = torch.tensor(mol.GetConformer().GetPositions(), dtype=torch.float32)
+        types = torch.tensor([QM9_ELEMENTS.index(s) for s in symbols])
+        want = model.predict(pos - pos.mean(0), types, torch.zeros(len(symbols), dtype=torch.long), 1)[0].double()
+        gaps.append(float(mol.GetProp("predicted_gap_eV")))
+        cvs.append(float(mol.GetProp("predicted_cv_cal_mol_K")))
+        assert gaps[-1] == pytest.approx(float(want[1]) / 1000, rel=1e-4)  # meV -> eV
+        assert cvs[-1] == pytest.approx(float(want[5]) + CV_ATOM_REFERENCE * len(symbols), rel=1e-4)  # whole Cv
+        assert float(mol.GetProp("target_gap_eV")) == 7.0
+    with open(out / "samples.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [float(r["predicted_gap_eV"]) for r in rows] == pytest.approx(gaps)
+    summary = json.loads((out / "samples.json").read_text())["predicted"]
+    mae = float(np.mean(np.abs(np.array(gaps) - 7.0)))
+    entry = summary["mae_vs_target"]["gap"]
+    assert entry["mae"] == pytest.approx(mae, rel=1e-4) and entry["unit"] == "eV" and entry["n_scored"] == 4
+    assert entry["mae_edm_units"] == pytest.approx(1000 * mae, rel=1e-4) and entry["edm_unit"] == "meV"
+    assert set(summary["mae_vs_target"]) == {"gap"}  # only what was asked for has a target
+    assert summary["mean"]["mu"] == pytest.approx(float(np.mean([float(r["predicted_mu_D"]) for r in rows])), rel=1e-4)
+    assert f"gap: MAE between target and predicted {mae:.4g} eV" in printed
+
+
+def test_sample_refuses_a_predictor_that_cannot_read_the_models_elements(conditional_run, tmp_path, capsys):
+    folder = _predictor(tmp_path / "no_fluorine", elements=("H", "C", "N", "O"))
+    out = tmp_path / "never"
+    code = main(["sample", "--checkpoint", str(conditional_run / "run"), "-n", "2", "--steps", "2",
+                 "--predictor", str(folder), "-o", str(out), "--no-novelty", "--device", "cpu", "--precision", "fp32"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"--predictor {folder} does not know element(s) F that this model places" in err
+    assert not out.exists()

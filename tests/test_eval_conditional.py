@@ -112,8 +112,8 @@ def test_scores_every_cell_beside_the_baselines(models, tmp_path, monkeypatch, c
 
     pipe = load_pretrained(models["generator"]).configure_inference("fp32")
     plain = pipe.sample(6, num_atoms=drawn["num_atoms"], steps=3, seed=0)
-    predictor, _ = load_predictor(models["predictor"])
-    again = script.predict(predictor, plain, "gap", "cpu")
+    predictor, meta = load_predictor(models["predictor"])
+    again = script.predict(predictor, meta, plain, "gap")
     assert np.allclose(again, drawn["predicted"], rtol=1e-6)
     assert [m.valid for m in plain] == drawn["valid"]
     assert not np.allclose(doc["cells"][1]["molecules"]["predicted"], drawn["predicted"])  # w = 2 is not

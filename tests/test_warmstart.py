@@ -27,13 +27,14 @@ Z = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9, "S": 16, "Cl": 17}
 SIZES = [4, 7]
 
 
-def pipeline(elements, seed, *, categorical=False, bond_types=0, hidden=16, perturb=True, graph="full") -> MolDiffPipeline:
+def pipeline(elements, seed, *, categorical=False, bond_types=0, hidden=16, perturb=True, graph="full",
+             properties=()) -> MolDiffPipeline:
     torch.manual_seed(seed)
     k = len(elements)
     features = (CategoricalFeatures(k, tuple([1.0 / k] * k), (-1, 0, 1), (0.1, 0.8, 0.1), bond_types,
                                     (0.7, 0.2, 0.05, 0.05)[:bond_types]) if categorical else AtomFeatures(k))
     cfg = DenoiserConfig(num_features=features.dim, hidden=hidden, n_layers=2, bond_types=bond_types,
-                         bond_output="logits" if bond_types else "eps", graph=graph)
+                         bond_output="logits" if bond_types else "eps", graph=graph, properties=list(properties))
     net = EGNNDenoiser(cfg)
     if perturb:  # the coordinate heads start near zero: make them matter, and every bias non-zero
         g = torch.Generator().manual_seed(seed)
@@ -102,6 +103,29 @@ def test_a_categorical_bond_model_starts_with_the_sources_geometry():
     # folded into the element columns), and the bond inputs start at zero: the same coordinates
     torch.testing.assert_close(out_t.pos, out_s.pos, rtol=1e-10, atol=1e-12)
     assert bonds.shape == (edges.shape[1], 4)
+
+
+def test_a_conditional_model_starts_as_the_unconditional_source_for_every_condition():
+    # the property-conditional generator (issue 21) can start from the shipped unconditional model:
+    # its context columns start at zero, so at step 0 it is the source whatever it is asked for
+    source = pipeline(QM9, 0)
+    target = pipeline(QM9, 6, properties=("gap", "mu"))
+    report = warm_start(target, source, "source")
+    assert report.outputs and report.matched_elements == list(QM9) and not report.fresh
+    weight = target.denoiser.state_dict()["embedding.weight"]
+    k = len(QM9) + 2  # the features (five elements and the atomic number), then the time
+    assert weight.shape[1] == k + 4 and torch.count_nonzero(weight[:, k:]) == 0
+    pos, _, batch, t = molecule([])
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(batch.numel(), k - 1, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        out_s = source.denoiser(pos, h, t, batch)
+        for context in (torch.zeros(2, 4, dtype=torch.float64), torch.tensor([[1.5, -0.3, 1, 1], [0.0, 2.0, 0, 1]],
+                                                                            dtype=torch.float64)):
+            out_t = target.denoiser(pos, h, t, batch, context=context)
+            torch.testing.assert_close(out_t.pos, out_s.pos, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(out_t.h, out_s.h, rtol=1e-12, atol=1e-12)
+    assert out_s.pos.abs().max() > 1e-3
 
 
 def test_the_same_model_is_copied_exactly_and_other_widths_are_refused():

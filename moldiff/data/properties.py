@@ -59,6 +59,7 @@ __all__ = [
     "mean_pair_difference",
     "data_baselines",
     "CONDITION_UNITS",
+    "condition_unit_factor",
     "CONDITION_SUFFIXES",
     "DEFAULT_SIZE_NEIGHBOURS",
     "PropertyConditioning",
@@ -254,6 +255,12 @@ _TARGET_PER_CONDITION_UNIT: dict[str, float] = {"alpha": 1.0, "gap": 1000.0, "ho
 
 #: Training molecules nearest to a condition whose sizes a conditional sample's atom count is drawn from.
 DEFAULT_SIZE_NEIGHBOURS = 50
+
+
+def condition_unit_factor(name: str) -> float:
+    """How many of EDM's target units (:data:`EDM_UNITS`) make one condition unit (:data:`CONDITION_UNITS`):
+    1000 meV per eV for the orbital energies, 1 otherwise."""
+    return _TARGET_PER_CONDITION_UNIT[canonical_property(name)]
 
 
 def canonical_property(name: str) -> str:
