@@ -49,3 +49,22 @@ def test_script_imports_without_running_and_answers_help(path, monkeypatch, caps
 def test_shell_script_parses(path):
     result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_val_loss_by_step_lines_up_runs_at_shared_steps(tmp_path, monkeypatch, capsys):
+    module = load(SCRIPTS / "val_loss_by_step.py", monkeypatch)
+    head = "step,epoch,hours,loss,grad_norm,clipped,skipped,val_loss\n"
+    a, b = tmp_path / "a" / "log.csv", tmp_path / "b" / "log.csv"
+    a.parent.mkdir(), b.parent.mkdir()
+    a.write_text(head + "50,0,0.01,1.0,1,0,0,\n100,0,0.02,0.9,1,0,0,0.40\n200,0,0.04,0.8,1,0,0,0.20\n")
+    b.write_text(head + "100,0,0.03,0.9,1,0,0,0.50\n150,0,0.05,0.8,1,0,0,0.45\n200,0,0.06,0.7,1,0,0,0.30\n")
+    out = tmp_path / "table.csv"
+    assert module.main([str(a), str(b), "--out", str(out)]) == 0
+    rows = out.read_text().splitlines()
+    assert rows[0] == "step,a_hours,b_hours,a_val_loss,b_val_loss,b_ratio"
+    assert [r.split(",")[0] for r in rows[1:]] == ["100", "200"]  # 50 has no validation, 150 is b's only
+    assert [float(r.split(",")[-1]) for r in rows[1:]] == [1.25, 1.5]
+    assert module.main([str(a), str(b), "--names", "only_one"]) == 2
+    (tmp_path / "bad.csv").write_text("step,loss\n1,2\n")
+    assert module.main([str(a), str(tmp_path / "bad.csv")]) == 2
+    assert "not a moldiff training log" in capsys.readouterr().err
