@@ -799,12 +799,19 @@ def _keep_spec(args):
 
 
 def _sampling_pipeline(args):
-    """The model ``moldiff sample`` runs (``--formula`` alone: the given-types model unless
-    ``--checkpoint`` names one), configured for inference; returns ``(pipe, checkpoint folder)``."""
+    """The model ``moldiff sample`` runs (``--formula`` alone: the given-types model, ``--condition``:
+    the conditional model, unless ``--checkpoint`` names one), configured for inference; returns
+    ``(pipe, checkpoint folder)``."""
     import torch
 
-    from moldiff.pipeline import FORMULA_MODEL, PRETRAINED_DIR, CheckpointError, load_pretrained, resolve_checkpoint, shipped_models
+    from moldiff.pipeline import (CONDITIONAL_MODEL, FORMULA_MODEL, PRETRAINED_DIR, CheckpointError, load_pretrained,
+                                  resolve_checkpoint, shipped_models)
 
+    if args.checkpoint is None and args.condition:
+        if CONDITIONAL_MODEL not in shipped_models():
+            raise UsageError("--condition needs a property-conditional model and none ships yet; give --checkpoint RUN "
+                             "(train one: moldiff train --config configs/qm9_conditional_small.yaml --run-dir RUN)")
+        args.checkpoint = CONDITIONAL_MODEL
     if args.checkpoint is None and args.formula and not (args.fragment or args.fragment_smiles) \
             and FORMULA_MODEL in shipped_models():
         args.checkpoint = FORMULA_MODEL  # isomers: the given-types model is more often valid and ~10x faster
@@ -1419,7 +1426,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-atoms", type=int, metavar="N", help="atoms per molecule (default: drawn from the training sizes)")
     s.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder, a `moldiff train` run folder, or the "
                    "name of a model shipped with moldiff (moldiff.pipeline.shipped_models(); default: qm9, and "
-                   "qm9-given for --formula without a fragment)")
+                   "qm9-given for --formula without a fragment, qm9-cond for --condition once it ships)")
     s.add_argument("--device", default="auto", help="auto (default: cuda when a CUDA GPU is available, else cpu), "
                    "cpu, cuda or cuda:N")
     s.add_argument("--batch-size", type=int, default=1000, metavar="B", help="molecules denoised together (default 1000)")

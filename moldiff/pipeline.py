@@ -74,6 +74,9 @@ PRETRAINED_DIR = PRETRAINED_ROOT / "qm9"
 #: (50 steps) it gave 70.3% valid / 41.3% stable molecules in 133 s, the default joint model (drawing,
 #: then RePaint clamping) 51.7% / 34.7% in 1,353 s (docs/experiments.md, session 11).
 FORMULA_MODEL = "qm9-given"
+#: The shipped model ``moldiff sample --condition`` uses when no checkpoint is named: one network
+#: conditioned on EDM's six QM9 properties (docs/properties.md). Not shipped until it is trained.
+CONDITIONAL_MODEL = "qm9-cond"
 #: Defaults of :meth:`MolDiffPipeline.sample` and ``moldiff sample``.
 DEFAULT_STEPS = 50
 DEFAULT_SAMPLER = "ancestral"
