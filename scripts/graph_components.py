@@ -43,6 +43,32 @@ def bond_pieces(symbols, positions) -> int:
     return int(connected_components(coo_matrix(bonds), directed=False)[0])
 
 
+#: EDM's bond table makes a C-H bond up to 109 pm + its 10 pm margin: a hydrogen farther than this
+#: from every carbon is unbonded under the table, and its molecule counts as more than one piece
+CH_REACH = 1.19
+
+
+def hydrogen_reach(molecules) -> np.ndarray:
+    """Distance (Å) from each hydrogen to its nearest non-hydrogen atom, over ``(symbols, positions)``
+    pairs; hydrogens of molecules without a heavy atom are left out."""
+    out = []
+    for symbols, positions in molecules:
+        symbols = np.asarray(symbols)
+        heavy = symbols != "H"
+        if not heavy.any() or heavy.all():
+            continue
+        pos = np.asarray(positions, dtype=np.float64)
+        d = np.linalg.norm(pos[~heavy][:, None] - pos[heavy][None], axis=-1)
+        out.append(d.min(axis=1))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def reach_line(d: np.ndarray) -> str:
+    p10, p50, p90 = np.percentile(d, [10, 50, 90])
+    return (f"p10 {p10:.3f}, median {p50:.3f}, p90 {p90:.3f} Å; beyond {CH_REACH} Å: {np.mean(d > CH_REACH):.1%} "
+            f"of {len(d)} hydrogens")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="a pipeline folder, or a training run's checkpoint.pt (EMA weights)")
@@ -108,6 +134,8 @@ def main(argv=None) -> int:
     data_shares = pipe.statistics.element_frequencies()
     print("  element shares, samples (training set): " + ", ".join(
         f"{e} {shares[k]:.1%} ({data_shares.get(e, 0.0):.1%})" for k, e in enumerate(pipe.elements)))
+    mols = [(symbols[a:b], res[0][a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+    print("  hydrogen to its nearest heavy atom, samples: " + reach_line(hydrogen_reach(mols)))
     both = np.mean((bonds > 1) & (graph_end > 1))
     print(f"  split by bonds: {np.mean(bonds > 1):.1%}; of those, model graph split too: "
           f"{both / max(np.mean(bonds > 1), 1e-12):.1%}; model graph split but bonds whole: {np.mean((bonds == 1) & (graph_end > 1)):.1%}")
@@ -131,6 +159,10 @@ def main(argv=None) -> int:
             eps = remove_mean(torch.randn(x0.shape, generator=gen), b.batch, b.num_graphs)
             c = pieces(graph_edges(spec, alpha * x0 + sigma * eps, b.batch).numpy(), b.batch.numpy())
             print(f"  t = {tk:.2f}: {np.mean(c > 1):6.1%} split, mean {c.mean():.2f} pieces")
+        sizes_v = np.bincount(b.batch.numpy())
+        cut = np.concatenate([[0], np.cumsum(sizes_v)])
+        real = [([pipe.elements[int(k)] for k in b.types[lo:hi]], b.pos[lo:hi].numpy()) for lo, hi in zip(cut[:-1], cut[1:])]
+        print("  hydrogen to its nearest heavy atom, real molecules: " + reach_line(hydrogen_reach(real)))
     return 0
 
 
