@@ -214,6 +214,8 @@ def test_cli_trains_saves_and_samples_a_model_with_the_skip(tmp_path):
     assert pieces.returncode == 0, pieces.stderr
     assert "graph knn:3" in pieces.stdout and "element shares, samples (training set): H " in pieces.stdout
     assert pieces.stdout.count("3 real validation molecules") == 1 and "t = 1.00:" in pieces.stdout
+    assert "hydrogen to its nearest heavy atom, samples: p10" in pieces.stdout
+    assert "hydrogen to its nearest heavy atom, real molecules: p10" in pieces.stdout
     bad = moldiff("train", "--config", ROOT / "configs" / "debug_tiny.yaml", "--run-dir", tmp_path / "bad",
                   "--set", "model.pos_skip_std=-2")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "pos_skip_std" in bad.stderr
@@ -260,3 +262,13 @@ def test_pieces_counts_the_connected_parts_of_each_molecule():
     two = np.concatenate([methane, methane + [8.0, 0, 0]])
     assert script.bond_pieces(["C", "H", "H", "H", "H"] * 2, two) == 2
     assert script.bond_pieces(["H", "H", "H"], np.array([[0, 0, 0], [1.2, 0, 0], [2.4, 0, 0]])) == 3  # H-H at 1.2 Å: no bond
+
+
+def test_hydrogen_reach_is_the_distance_to_the_nearest_heavy_atom():
+    script = _components_script()
+    water = (["O", "H", "H"], np.array([[0.0, 0, 0], [0.96, 0, 0], [0, 1.5, 0]]))
+    methyl_far = (["C", "N", "H"], np.array([[0.0, 0, 0], [3.0, 0, 0], [0, 0, 1.09]]))
+    only_h = (["H", "H"], np.array([[0.0, 0, 0], [0.74, 0, 0]]))  # no heavy atom: left out
+    d = script.hydrogen_reach([water, methyl_far, only_h])
+    assert d.tolist() == pytest.approx([0.96, 1.5, 1.09])
+    assert "beyond 1.19 Å: 33.3% of 3 hydrogens" in script.reach_line(d)
