@@ -927,10 +927,22 @@ def cmd_sample(args) -> int:
 
 def _sample_predictors(args, pipe):
     """``--predictor`` folders loaded and checked against the model before any sampling: every element
-    the model places must be one the predictor reads."""
-    if not args.predictor:
+    the model places must be one the predictor reads. With ``--condition`` and no ``--predictor``, the
+    shipped predictor (if this installation has one and it reads the model's elements) is used, so
+    that conditional samples always come with their estimates; ``--no-predictor`` turns that off."""
+    from moldiff.prediction import default_predictors
+
+    folders = args.predictor
+    if not folders and args.condition and not args.no_predictor:
+        folders = default_predictors()
+        if folders:
+            shipped = _load_predictors(folders, pipe.device)
+            if any(p.unknown_elements([str(e) for e in pipe.elements]) for p in shipped):
+                return []  # a model of other elements than the shipped predictor's: no default estimates
+            return shipped
+    if not folders:
         return []
-    predictors = _load_predictors(args.predictor, pipe.device)
+    predictors = _load_predictors(folders, pipe.device)
     for p in predictors:
         unknown = p.unknown_elements([str(e) for e in pipe.elements])
         if unknown:
@@ -1263,13 +1275,16 @@ def cmd_predict(args) -> int:
     from moldiff.prediction import estimate, mae_statement, molecule_values
     from moldiff.runtime import resolve_device
 
-    if not args.predictor:
+    from moldiff.prediction import default_predictors
+
+    folders = args.predictor or default_predictors()
+    if not folders:
         raise UsageError(f"no property predictor is shipped yet; give --predictor DIR (train one: {_TRAIN_PREDICTOR})")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.csv and Path(args.csv).is_dir():
         raise UsageError(f"--csv {args.csv}: it is a folder; give a file name")
-    predictors = _load_predictors(args.predictor, resolve_device(args.device))
+    predictors = _load_predictors(folders, resolve_device(args.device))
     records = read_molecules(args.file)
     bad = [(k, r) for k, r in enumerate(records) if r.error is not None or not r.symbols]
     if bad:
@@ -1472,7 +1487,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--predictor", action="append", metavar="DIR",
                    help="a property predictor folder (as for `moldiff predict`; repeatable): each molecule's estimated "
                    "properties go into the SD tags and CSV as predicted_<property>_<unit> (in --condition's units), and "
-                   "with --condition the JSON and the summary give the MAE between target and estimate")
+                   "with --condition the JSON and the summary give the MAE between target and estimate. A shipped "
+                   "predictor may be named (qm9-props); with --condition it is used by default when shipped")
+    c.add_argument("--no-predictor", action="store_true",
+                   help="with --condition: do not add the shipped predictor's estimates")
     _add_plausibility_options(s)
     s.add_argument("--workers", type=int, default=1, metavar="W",
                    help="processes for --posebusters / --relax / --keep posebusters / --max-strain (default 1)")
@@ -1494,7 +1512,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(docs/properties.md).")
     r.add_argument("file", metavar="FILE", help="molecules (.sdf or .xyz)")
     r.add_argument("--predictor", action="append", metavar="DIR", help="a predictor folder (config.json + model.pt, "
-                   "e.g. RUN/best of scripts/train_predictor.py); repeat to combine predictors of different properties")
+                   "e.g. RUN/best of scripts/train_predictor.py) or a shipped predictor's name (default: qm9-props when "
+                   "shipped); repeat to combine predictors of different properties")
     r.add_argument("--csv", metavar="OUT", help="write the table here instead of printing it")
     r.add_argument("--device", default="auto", help="auto (default: cuda when a CUDA GPU is available, else cpu), cpu, cuda or cuda:N")
     r.add_argument("--batch-size", type=int, default=256, metavar="B", help="molecules per network call (default 256)")

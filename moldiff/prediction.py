@@ -14,12 +14,44 @@ a predictor: its estimate is NaN, and callers count it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-__all__ = ["LoadedPredictor", "load_predictors", "estimate", "mae_statement", "condition_unit_values"]
+__all__ = ["LoadedPredictor", "load_predictors", "estimate", "mae_statement", "condition_unit_values",
+           "PREDICTOR_ROOT", "DEFAULT_PREDICTOR", "shipped_predictors", "resolve_predictor", "default_predictors"]
+
+#: Where predictors shipped inside the package live: one folder each (``config.json`` + ``model.pt``).
+#: It is a subfolder of the diffusion models' folder and holds no ``config.json`` itself, so
+#: :func:`moldiff.pipeline.shipped_models` never lists it.
+PREDICTOR_ROOT = Path(__file__).resolve().parent / "pretrained" / "predictors"
+#: The shipped predictor of EDM's six QM9 properties, used when no ``--predictor`` is given.
+DEFAULT_PREDICTOR = "qm9-props"
+
+
+def shipped_predictors() -> list[str]:
+    """Names of the property predictors shipped inside the package (folders of :data:`PREDICTOR_ROOT`), sorted."""
+    if not PREDICTOR_ROOT.is_dir():
+        return []
+    return sorted(d.name for d in PREDICTOR_ROOT.iterdir() if (d / "config.json").is_file())
+
+
+def resolve_predictor(folder: str | os.PathLike) -> Path:
+    """The predictor folder ``folder`` names: a shipped predictor's name (:func:`shipped_predictors`,
+    e.g. ``"qm9-props"``) is that predictor unless a folder of that name exists here; anything else
+    is taken as it is."""
+    path = Path(folder).expanduser()
+    if not path.exists() and isinstance(folder, str) and folder in shipped_predictors():
+        return PREDICTOR_ROOT / folder
+    return path
+
+
+def default_predictors() -> list[str]:
+    """``[DEFAULT_PREDICTOR]`` when this installation ships it, else ``[]``."""
+    return [DEFAULT_PREDICTOR] if DEFAULT_PREDICTOR in shipped_predictors() else []
 
 
 @dataclass
@@ -50,7 +82,7 @@ class LoadedPredictor:
 
 
 def load_predictors(folders: Sequence[str], device="cpu") -> list[LoadedPredictor]:
-    """Each folder's predictor.
+    """Each folder's predictor; a folder may be given by a shipped predictor's name (:func:`resolve_predictor`).
 
     Raises:
         PredictorError: a folder that is not a readable predictor (one line).
@@ -60,7 +92,7 @@ def load_predictors(folders: Sequence[str], device="cpu") -> list[LoadedPredicto
 
     loaded, seen = [], {}
     for folder in folders:
-        model, meta = load_predictor(folder, device)
+        model, meta = load_predictor(resolve_predictor(folder), device)
         for name in model.config.properties:
             if name in seen:
                 raise ValueError(f"property {name!r} is predicted by both {seen[name]} and {folder}; give one of them")

@@ -367,3 +367,34 @@ def test_sample_refuses_a_predictor_that_cannot_read_the_models_elements(conditi
     assert code == 2 and len(err.splitlines()) == 1
     assert f"--predictor {folder} does not know element(s) F that this model places" in err
     assert not out.exists()
+
+
+def test_conditional_samples_get_the_shipped_predictors_estimates_by_default(conditional_run, tmp_path, capsys,
+                                                                             monkeypatch):
+    import moldiff.prediction as prediction
+
+    root = tmp_path / "predictors"
+    monkeypatch.setattr(prediction, "PREDICTOR_ROOT", root)
+    _predictor(root / prediction.DEFAULT_PREDICTOR)
+    common = ["sample", "--checkpoint", str(conditional_run / "run"), "-n", "3", "--steps", "2", "--seed", "4",
+              "--no-novelty", "--device", "cpu", "--precision", "fp32", "--threads", "1"]
+
+    def columns(out):
+        with open(out / "samples.csv", newline="") as fh:
+            return [c for c in next(csv.reader(fh)) if c.startswith("predicted_")]
+
+    assert main([*common, "--condition", "gap=7.0eV", "-o", str(tmp_path / "default")]) == 0
+    printed = capsys.readouterr().out
+    assert f"predictor {prediction.DEFAULT_PREDICTOR}: test MAE" in printed
+    assert "predicted_gap_eV" in columns(tmp_path / "default")
+    assert "mae_vs_target" in json.loads((tmp_path / "default" / "samples.json").read_text())["predicted"]
+    # the same molecules with the predictor named explicitly: the same estimates
+    assert main([*common, "--condition", "gap=7.0eV", "--predictor", str(root / prediction.DEFAULT_PREDICTOR),
+                 "-o", str(tmp_path / "named")]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "named" / "samples.csv").read_text() == (tmp_path / "default" / "samples.csv").read_text()
+    # --no-predictor, and unconditional sampling: no estimates unless asked for
+    assert main([*common, "--condition", "gap=7.0eV", "--no-predictor", "-o", str(tmp_path / "off")]) == 0
+    assert main([*common, "-o", str(tmp_path / "unconditional")]) == 0
+    capsys.readouterr()
+    assert columns(tmp_path / "off") == columns(tmp_path / "unconditional") == []

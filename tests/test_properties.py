@@ -4,6 +4,7 @@ predictor (invariance, learning, save/load) and `moldiff predict` (docs/properti
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -331,13 +332,45 @@ def _fails(argv, capsys, *, match: str):
     return out
 
 
-def test_predict_bad_inputs(tmp_path, sdf, predictor_dir, capsys):
+def test_shipped_predictor_is_found_by_name_and_is_the_default(tmp_path, sdf, predictor_dir, capsys, monkeypatch):
+    import shutil
+
+    import moldiff.prediction as prediction
+    from moldiff.pipeline import shipped_models
+
+    path, _ = sdf
+    root = tmp_path / "pretrained" / "predictors"
+    monkeypatch.setattr(prediction, "PREDICTOR_ROOT", root)
+    assert prediction.shipped_predictors() == [] and prediction.default_predictors() == []
+    shutil.copytree(predictor_dir, root / prediction.DEFAULT_PREDICTOR)
+    (root / "notes").mkdir()  # a folder without config.json is not a predictor
+    assert prediction.shipped_predictors() == [prediction.DEFAULT_PREDICTOR]
+    assert prediction.resolve_predictor(prediction.DEFAULT_PREDICTOR) == root / prediction.DEFAULT_PREDICTOR
+    # a folder of that name here wins over the shipped one
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / prediction.DEFAULT_PREDICTOR).mkdir()
+    assert prediction.resolve_predictor(prediction.DEFAULT_PREDICTOR) == Path(prediction.DEFAULT_PREDICTOR)
+    (tmp_path / prediction.DEFAULT_PREDICTOR).rmdir()
+    explicit = _run(["predict", str(path), "--predictor", str(predictor_dir), "--device", "cpu"], capsys)
+    by_name = _run(["predict", str(path), "--predictor", prediction.DEFAULT_PREDICTOR, "--device", "cpu"], capsys)
+    default = _run(["predict", str(path), "--device", "cpu"], capsys)
+    assert explicit[0] == by_name[0] == default[0] == 0, default[2]
+    assert by_name[1].splitlines()[0] == default[1].splitlines()[0] == f"# predictor {prediction.DEFAULT_PREDICTOR}: " \
+        + explicit[1].splitlines()[0].split(": ", 1)[1]
+    assert explicit[1].splitlines()[1:] == by_name[1].splitlines()[1:] == default[1].splitlines()[1:]
+    # the predictors' folder is not a diffusion model
+    assert "predictors" not in shipped_models()
+
+
+def test_predict_bad_inputs(tmp_path, sdf, predictor_dir, capsys, monkeypatch):
+    import moldiff.prediction as prediction
     from moldiff.chemistry.io import write_sdf
 
     path, _ = sdf
     out_csv = tmp_path / "out.csv"
     common = ["--predictor", str(predictor_dir), "--csv", str(out_csv), "--device", "cpu"]
-    # no predictor: says how to train one
+    # no predictor given and none shipped: says how to train one
+    monkeypatch.setattr(prediction, "PREDICTOR_ROOT", tmp_path / "no_predictors")
     _fails(["predict", str(path)], capsys, match="train_predictor.py")
     _fails(["predict", str(tmp_path / "nope.sdf"), *common], capsys, match="no such file")
     (tmp_path / "empty.sdf").write_text("")
