@@ -8,6 +8,7 @@ anything about a trained model.
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import math
@@ -117,6 +118,25 @@ def test_scores_every_cell_beside_the_baselines(models, tmp_path, monkeypatch, c
     assert np.allclose(again, drawn["predicted"], rtol=1e-6)
     assert [m.valid for m in plain] == drawn["valid"]
     assert not np.allclose(doc["cells"][1]["molecules"]["predicted"], drawn["predicted"])  # w = 2 is not
+
+    # the training mark is recorded, and scripts/cond_curve.py turns marks into the MAE-against-hours table
+    assert doc["generator_step"] == 3 and doc["generator_train_hours"] >= 0  # 3 steps round to 0.0 h
+    import subprocess
+
+    curve = tmp_path / "curve"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "cond_curve.py"), str(out), "--out", str(curve)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    with open(curve.with_suffix(".csv"), newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["property"], float(r["guidance_scale"]), int(r["step"])) for r in rows] == [("gap", 0.0, 3), ("gap", 2.0, 3)]
+    assert [float(r["mae"]) for r in rows] == pytest.approx([c["mae"] for c in doc["cells"]])
+    assert float(rows[0]["edm"]) == EDM_TABLE3["EDM"]["gap"] and float(rows[0]["geoldm"]) == 587
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "cond_curve.py"), str(bad), "--out", str(curve)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "not a scripts/eval_conditional.py result" in done.stderr
 
 
 @pytest.mark.parametrize("options, message", [
