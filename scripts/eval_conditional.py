@@ -78,7 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--generator", required=True, metavar="DIR",
                    help="a property-conditional pipeline folder or `moldiff train` run folder")
     p.add_argument("--predictor", required=True, metavar="DIR",
-                   help="a property predictor folder (scripts/train_predictor.py: RUN/best)")
+                   help="a property predictor folder (scripts/train_predictor.py: RUN/best) or a shipped "
+                        "predictor's name (qm9-props)")
     p.add_argument("--property", action="append", metavar="NAME",
                    help=f"property to condition on, one at a time: {', '.join(EDM_PROPERTIES)} or all; repeat "
                         "or give a comma list")
@@ -183,9 +184,10 @@ def load_scorer(path: str, properties, elements, device: str):
     """The predictor at ``path`` with its metadata, checked: it predicts every property asked for, in
     EDM's target units, and knows every element the generator can place."""
     from moldiff.models.property import PredictorError, load_predictor
+    from moldiff.prediction import resolve_predictor
 
     try:
-        model, meta = load_predictor(path, device)
+        model, meta = load_predictor(resolve_predictor(path), device)
     except PredictorError as exc:
         raise UsageError(f"--predictor: {exc}") from None
     cfg = model.config
@@ -326,6 +328,7 @@ def run(args, argv) -> int:
         "device": device, "precision": pipe.inference_precision,
         "generator": str(args.generator), "generator_properties": list(conditioning.names),
         "generator_run": pipe.metadata.get("run_name"),
+        "generator_step": pipe.metadata.get("step"), "generator_train_hours": pipe.metadata.get("train_hours"),
         "generator_training_molecules": len(conditioning.reference_sizes),
         "predictor": str(args.predictor), "predictor_properties": list(model.config.properties),
         "predictor_metadata": {k: meta[k] for k in ("step", "test_mae", "test_set", "n_test") if k in meta},

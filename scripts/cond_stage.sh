@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Train the conditional generator on to a step mark, keep its pipeline there, score it on a subset of
+# EDM's conditional protocol and redraw its MAE-against-hours curve (docs/properties.md, section 7).
+#   bash scripts/cond_stage.sh RUN_DIR STEP CORE [PREDICTOR]
+# Resumes RUN_DIR (a `moldiff train` run of a property-conditional config) to exactly STEP steps on
+# CPU core CORE (one thread), copies RUN_DIR/pipeline to RUN_DIR/snapshots/sSTEP, scores gap, mu and
+# alpha at guidance 0, 1 and 2 (300 molecules each, 50 steps; PREDICTOR defaults to the shipped
+# qm9-props) into docs/results/properties/<run>_sSTEP.json and rewrites <run>_curve.csv/png.
+set -euo pipefail
+run=$1; step=$2; core=${3:-1}; predictor=${4:-qm9-props}
+cd "$(dirname "$0")/.."
+name=$(basename "$run")
+taskset -c "$core" .venv/bin/moldiff train --resume --run-dir "$run" --threads 1 \
+    --set train.max_steps="$step" --set train.max_minutes=null
+mkdir -p "$run/snapshots" docs/results/properties
+rm -rf "$run/snapshots/s$step"
+cp -r "$run/pipeline" "$run/snapshots/s$step"
+taskset -c "$core" .venv/bin/python scripts/eval_conditional.py --generator "$run/snapshots/s$step" \
+    --predictor "$predictor" --property gap,mu,alpha --guidance 0,1,2 -n 300 --steps 50 --threads 1 \
+    --out "docs/results/properties/${name}_s$step.json"
+.venv/bin/python scripts/cond_curve.py docs/results/properties/"${name}"_s*.json \
+    --out "docs/results/properties/${name}_curve"
