@@ -1272,10 +1272,8 @@ def _unit_slug(unit: str) -> str:
 def cmd_predict(args) -> int:
     """``moldiff predict FILE``: property estimates per molecule (CSV), each predictor's test MAE first."""
     from moldiff.chemistry.io import read_molecules, write_csv
-    from moldiff.prediction import estimate, mae_statement, molecule_values
+    from moldiff.prediction import default_predictors, estimate, mae_statement, molecule_values
     from moldiff.runtime import resolve_device
-
-    from moldiff.prediction import default_predictors
 
     folders = args.predictor or default_predictors()
     if not folders:
