@@ -68,3 +68,28 @@ def test_val_loss_by_step_lines_up_runs_at_shared_steps(tmp_path, monkeypatch, c
     (tmp_path / "bad.csv").write_text("step,loss\n1,2\n")
     assert module.main([str(a), str(tmp_path / "bad.csv")]) == 2
     assert "not a moldiff training log" in capsys.readouterr().err
+
+
+def test_invalid_reasons_counts_the_rejected_atoms(tmp_path, monkeypatch, capsys):
+    from rdkit import Chem
+
+    script = load(SCRIPTS / "invalid_reasons.py", monkeypatch)
+    reasons = ["", "unstable atoms: C0",
+               "invalid: Explicit valence for atom # 2 C, 5, is greater than permitted; unstable atoms: C2",
+               "invalid: Explicit valence for atom # 0 C, 5, is greater than permitted; unstable atoms: C0",
+               "invalid: Explicit valence for atom # 1 O, 3, is greater than permitted; unstable atoms: O1",
+               "invalid: no atoms placed"]
+    path = tmp_path / "samples.sdf"
+    with Chem.SDWriter(str(path)) as writer:
+        for reason in reasons:
+            mol = Chem.MolFromSmiles("CO")
+            mol.SetProp("reason", reason)
+            writer.write(mol)
+    assert script.main([str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{path}: 6 records, 4 invalid"
+    assert lines[1].split() == ["2", "C", "with", "5", "bonds"]
+    assert sorted(" ".join(line.split()) for line in lines[2:]) == ["1 O with 3 bonds", "1 invalid: no atoms placed"]
+    (tmp_path / "plain.sdf").write_text(Chem.MolToMolBlock(Chem.MolFromSmiles("C")) + "$$$$\n")
+    assert script.main([str(tmp_path / "plain.sdf")]) == 2
+    assert "has no 'reason' tag" in capsys.readouterr().err
