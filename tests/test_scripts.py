@@ -93,3 +93,38 @@ def test_invalid_reasons_counts_the_rejected_atoms(tmp_path, monkeypatch, capsys
     (tmp_path / "plain.sdf").write_text(Chem.MolToMolBlock(Chem.MolFromSmiles("C")) + "$$$$\n")
     assert script.main([str(tmp_path / "plain.sdf")]) == 2
     assert "has no 'reason' tag" in capsys.readouterr().err
+
+
+def test_sampler_grid_scores_every_setting_of_a_bond_model(tmp_path, monkeypatch, capsys):
+    import json
+
+    import numpy as np
+    import torch
+
+    from moldiff.diffusion.categorical import CHARGE_VALUES, CategoricalFeatures
+    from moldiff.data.statistics import compute_statistics
+    from moldiff.diffusion import NoiseSchedule
+    from moldiff.models import DenoiserConfig, EGNNDenoiser
+    from moldiff.pipeline import MolDiffPipeline
+
+    script = load(SCRIPTS / "sampler_grid.py", monkeypatch)
+    features = CategoricalFeatures(5, (0.5, 0.35, 0.06, 0.08, 0.01), CHARGE_VALUES, (0.01, 0.98, 0.01), 4,
+                                   (0.88, 0.11, 0.008, 0.002))
+    torch.manual_seed(0)
+    net = EGNNDenoiser(DenoiserConfig(num_features=features.dim, hidden=16, n_layers=2, bond_types=4, bond_output="logits"))
+    stats = compute_statistics(("H", "C", "N", "O", "F"), np.array([3, 4]), np.array([0, 1, 0, 1, 2, 3, 4]))
+    MolDiffPipeline(net, NoiseSchedule.polynomial(), features, stats, [1, 6, 7, 8, 9]).save_pretrained(tmp_path / "m")
+    out = tmp_path / "grid.jsonl"
+    argv = ["--checkpoint", str(tmp_path / "m"), "--samples", "3", "--steps", "2", "--powers", "1,2",
+            "--noise-scales", "0,1", "--precision", "fp32", "--no-compile", "--out", str(out)]
+    assert script.main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["time_power"], r["noise_scale"]) for r in rows] == [(1.0, 0.0), (1.0, 1.0), (2.0, 0.0), (2.0, 1.0)]
+    for r in rows:
+        assert r["metrics"]["n"] == 3 and r["steps"] == 2 and r["precision"] == "fp32"
+        assert 0.0 <= r["own_bond_mol_stable"] <= 1.0  # the model generates bonds: scored from them
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 |")]
+    assert len(table) == 4
+    assert script.main(argv[:-2] + ["--noise-scales", "-1", "--out", str(out)]) == 2
+    assert script.main(argv[:-2] + ["--steps", "two", "--out", str(out)]) == 2
+    assert len(out.read_text().splitlines()) == 4  # bad arguments append nothing
