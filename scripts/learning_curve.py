@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moldiff.chemistry.diagnostics import geometry_diagnostics  # noqa: E402
-from moldiff.chemistry.metrics import bond_rows_stability, evaluate_molecules  # noqa: E402
+from moldiff.chemistry.metrics import evaluate_molecules, own_bonds_mol_stable  # noqa: E402
 from moldiff.pipeline import load_pretrained  # noqa: E402
 
 FIELDS = ["checkpoint", "step", "train_hours", "samples", "steps", "sampler", "atom_stable", "mol_stable",
@@ -49,17 +49,13 @@ def score(folder: Path, args) -> dict:
             "valid_and_unique": f"{rep.valid_and_unique:.4f}", "one_piece": f"{diag['one_piece']:.4f}",
             "close_contact": f"{diag['close_contact']:.4f}", "sample_seconds": f"{seconds:.1f}",
             "odd_valence": f"{diag['odd_valence']:.4f}", "planar_six_ring": f"{diag['planar_six_ring']:.4f}",
-            "gen_bonds_mol_stable": own_bond_stability(mols, arrays)}
+            "gen_bonds_mol_stable": own_bond_column(mols, arrays)}
 
 
-def own_bond_stability(mols, arrays) -> str:
-    """For models that generate bonds: the fraction of samples whose generated bonds alone give every
-    atom an allowed valence (EDM's rule, faults counted as failures); "" for other models."""
-    if not arrays.bonds:
-        return ""
-    stable = sum(bond_rows_stability(symbols, rows).mol_stable
-                 for (symbols, _), rows, fault in zip(mols, arrays.bonds, arrays.fault_step) if fault < 0)
-    return f"{stable / len(mols):.4f}"
+def own_bond_column(mols, arrays) -> str:
+    """Molecule stability from the generated bonds (:func:`own_bonds_mol_stable`), "" for models without bonds."""
+    stable = own_bonds_mol_stable([symbols for symbols, _ in mols], arrays.bonds, arrays.fault_step)
+    return "" if stable is None else f"{stable:.4f}"
 
 
 def plot(rows, path: Path) -> None:

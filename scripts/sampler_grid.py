@@ -28,23 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moldiff.chemistry.diagnostics import geometry_diagnostics  # noqa: E402
-from moldiff.chemistry.metrics import bond_rows_stability, evaluate_molecules  # noqa: E402
+from moldiff.chemistry.metrics import evaluate_molecules, own_bonds_mol_stable  # noqa: E402
 from moldiff.pipeline import load_pretrained  # noqa: E402
 from moldiff.runtime import choose_arithmetic  # noqa: E402
 
 
 def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
-
-
-def own_bond_stability(mols, arrays) -> float | None:
-    """Fraction of molecules whose generated bonds alone give every atom an allowed valence (faulted
-    molecules count as unstable); ``None`` for a model without bonds."""
-    if not arrays.bonds:
-        return None
-    stable = sum(bond_rows_stability(symbols, rows).mol_stable
-                 for (symbols, _), rows, fault in zip(mols, arrays.bonds, arrays.fault_step) if fault < 0)
-    return stable / len(mols)
 
 
 def run_one(pipe, steps: int, power: float, scale: float, args) -> dict:
@@ -59,7 +49,7 @@ def run_one(pipe, steps: int, power: float, scale: float, args) -> dict:
             "steps": steps, "time_power": power, "noise_scale": scale, "seed": args.seed, "threads": args.threads,
             "precision": args.precision, "compile": args.compile,
             "sample_seconds": round(seconds, 1), "faults": int((arrays.fault_step >= 0).sum()),
-            "metrics": metrics, "own_bond_mol_stable": own_bond_stability(mols, arrays), "diagnostics": diag}
+            "metrics": metrics, "own_bond_mol_stable": own_bonds_mol_stable([m[0] for m in mols], arrays.bonds, arrays.fault_step), "diagnostics": diag}
 
 
 def pct(x) -> str:

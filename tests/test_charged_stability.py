@@ -27,6 +27,7 @@ from moldiff.chemistry.metrics import (
     evaluate_charged_stability,
     evaluate_molecules,
     format_table,
+    own_bonds_mol_stable,
     own_bonds_result,
 )
 
@@ -140,6 +141,24 @@ def test_neutral_molecules_same_answer_both_ways_on_their_own_bonds(smiles):
     broken[0, 1] = broken[1, 0] = 0  # one bond fewer: unstable both ways
     assert charged_stability(symbols, broken, charges) == bond_rows_stability(symbols, rows(broken))
     assert not charged_stability(symbols, broken, charges).mol_stable
+
+
+def test_own_bonds_fraction_counts_stable_molecules_and_faults_as_unstable():
+    molecules = []
+    for smiles in ("CCO", "c1ccncc1", "CC(=O)NC"):
+        mol = embedded(smiles)
+        Chem.Kekulize(mol, clearAromaticFlags=True)
+        symbols, _, matrix, _ = parts(mol)
+        molecules.append((symbols, rows(matrix)))
+    symbols = [m[0] for m in molecules]
+    bonds = [m[1] for m in molecules]
+    assert own_bonds_mol_stable(symbols, bonds) == 1.0
+    bonds[1] = bonds[1][1:]  # pyridine without one bond: two atoms short of a valence
+    assert own_bonds_mol_stable(symbols, bonds) == pytest.approx(2 / 3)
+    assert own_bonds_mol_stable(symbols, bonds, [-1, -1, 7]) == pytest.approx(1 / 3)  # a fault is a failure
+    assert own_bonds_mol_stable(symbols, []) is None  # a model without bonds
+    with pytest.raises(ValueError, match="2 bond arrays for 3 molecules"):
+        own_bonds_mol_stable(symbols, bonds[:2])
 
 
 # ---------------------------------------------------------------------------- wrongly charged

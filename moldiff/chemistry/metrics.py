@@ -51,6 +51,7 @@ __all__ = [
     "MetricsReport",
     "check_stability",
     "bond_rows_stability",
+    "own_bonds_mol_stable",
     "charged_stability",
     "check_charged_stability",
     "ChargedStabilityReport",
@@ -167,6 +168,22 @@ def bond_rows_stability(symbols: Sequence[object], bonds: np.ndarray) -> Stabili
     table: ``bonds`` ``(P, 3)`` rows ``[i, j, order]`` (e.g. bonds a model generated with the atoms)."""
     elements = to_symbols(symbols)
     return _stability(elements, _rows_to_matrix(len(elements), bonds))[0]
+
+
+def own_bonds_mol_stable(symbols_per_molecule: Sequence[Sequence[object]], bonds: Sequence[np.ndarray],
+                         fault_step: Sequence[int] | None = None) -> float | None:
+    """Fraction of molecules stable under their own generated ``bonds`` (one ``(P_k, 3)`` row array
+    per molecule, :func:`bond_rows_stability`); molecules with ``fault_step >= 0`` (a numerical fault
+    while sampling) count as unstable. ``None`` when there are no bonds (a model that does not
+    generate them)."""
+    if not len(bonds):
+        return None
+    if len(bonds) != len(symbols_per_molecule):
+        raise ValueError(f"{len(bonds)} bond arrays for {len(symbols_per_molecule)} molecules")
+    faults = np.full(len(bonds), -1) if fault_step is None else np.asarray(fault_step)
+    stable = sum(bond_rows_stability(symbols, rows).mol_stable
+                 for symbols, rows, fault in zip(symbols_per_molecule, bonds, faults) if fault < 0)
+    return stable / len(bonds)
 
 
 def _rows_to_matrix(n: int, bonds: np.ndarray) -> np.ndarray:
