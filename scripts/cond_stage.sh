@@ -5,7 +5,8 @@
 # Resumes RUN_DIR (a `moldiff train` run of a property-conditional config) to exactly STEP steps on
 # CPU core CORE (one thread), copies RUN_DIR/pipeline to RUN_DIR/snapshots/sSTEP, scores gap, mu and
 # alpha at guidance 0, 1 and 2 (300 molecules each, 50 steps; PREDICTOR defaults to the shipped
-# qm9-props) into docs/results/properties/<run>_sSTEP.json and rewrites <run>_curve.csv/png.
+# qm9-props) into docs/results/properties/<run>_sSTEP.json, rewrites <run>_curve.csv/png and appends
+# the checkpoint's loss gains from its condition to <run>_signal.csv (scripts/cond_signal.py).
 set -euo pipefail
 run=$1; step=$2; core=${3:-1}; predictor=${4:-qm9-props}
 cd "$(dirname "$0")/.."
@@ -20,3 +21,5 @@ taskset -c "$core" .venv/bin/python scripts/eval_conditional.py --generator "$ru
     --out "docs/results/properties/${name}_s$step.json"
 .venv/bin/python scripts/cond_curve.py docs/results/properties/"${name}"_s*.json \
     --out "docs/results/properties/${name}_curve"
+taskset -c "$core" .venv/bin/python scripts/cond_signal.py "$run" --molecules 1024 --repeats 2 --threads 1 \
+    --out "docs/results/properties/${name}_signal.csv"
