@@ -8,8 +8,6 @@ of exactly zero, and the one-line errors.
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +16,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "debug_tiny.yaml"
-SCRIPT = ROOT / "scripts" / "cond_signal.py"
 
 
-def load_script(monkeypatch):
-    name = "moldiff_script_cond_signal"
-    spec = importlib.util.spec_from_file_location(name, SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +32,10 @@ def runs(tmp_path_factory):
     return root
 
 
-def test_contexts_give_one_property_at_a_time(monkeypatch):
+def test_contexts_give_one_property_at_a_time(load_script):
     from moldiff.data.properties import PropertyConditioning
 
-    script = load_script(monkeypatch)
+    script = load_script("cond_signal")
     rng = np.random.default_rng(0)
     values = rng.normal(size=(50, 2)) * [1000.0, 1.0] + [6800.0, 2.7]
     sizes = rng.integers(5, 20, 50)
@@ -67,8 +57,8 @@ def test_contexts_give_one_property_at_a_time(monkeypatch):
         assert not torch.allclose(shuffled[:, k], true[:, k])
 
 
-def test_gains_are_paired_and_zero_for_a_network_blind_to_its_context(runs, monkeypatch):
-    script = load_script(monkeypatch)
+def test_gains_are_paired_and_zero_for_a_network_blind_to_its_context(runs, load_script):
+    script = load_script("cond_signal")
     trainer, _ = script.load_trainer(runs / "cond", None, 1)
     first = script.measure(trainer, 16, 2)
     again = script.measure(trainer, 16, 2)
@@ -92,8 +82,8 @@ def test_gains_are_paired_and_zero_for_a_network_blind_to_its_context(runs, monk
     assert all(r["gain_pct"] == 0 for r in script.gain_rows(blind))
 
 
-def test_cli_appends_rows_and_refuses_unconditional_runs(runs, tmp_path, monkeypatch, capsys):
-    script = load_script(monkeypatch)
+def test_cli_appends_rows_and_refuses_unconditional_runs(runs, tmp_path, load_script, capsys):
+    script = load_script("cond_signal")
     out = tmp_path / "signal.csv"
     for _ in range(2):
         assert script.main([str(runs / "cond"), "--molecules", "8", "--repeats", "1", "--out", str(out)]) == 0

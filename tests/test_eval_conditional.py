@@ -9,7 +9,6 @@ anything about a trained model.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import sys
@@ -25,17 +24,8 @@ from moldiff.models.property import PredictorConfig, PropertyPredictor, load_pre
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "debug_tiny.yaml"
-SCRIPT = ROOT / "scripts" / "eval_conditional.py"
 
 
-def load_script(monkeypatch):
-    """The script as a module (registered while the test runs)."""
-    name = "moldiff_script_eval_conditional"
-    spec = importlib.util.spec_from_file_location(name, SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_predictor(folder: Path, properties=("gap", "mu")) -> Path:
@@ -65,8 +55,8 @@ def models(tmp_path_factory):
 COMMON = ["-n", "6", "--steps", "3", "--seed", "0", "--device", "cpu", "--precision", "fp32", "--threads", "1"]
 
 
-def test_scores_every_cell_beside_the_baselines(models, tmp_path, monkeypatch, capsys):
-    script = load_script(monkeypatch)
+def test_scores_every_cell_beside_the_baselines(models, tmp_path, load_script, monkeypatch, capsys):
+    script = load_script("eval_conditional")
     snapshots = []
     real_write = script.write_json
     monkeypatch.setattr(script, "write_json", lambda path, doc: (snapshots.append(json.loads(json.dumps(doc))),
@@ -148,8 +138,8 @@ def test_scores_every_cell_beside_the_baselines(models, tmp_path, monkeypatch, c
     (["--property", "gap", "--predictor-alpha"], "predicts alpha only, not gap"),
     (["--property", "gap", "--generator-missing"], "--generator: checkpoint directory not found"),
 ])
-def test_bad_inputs_are_one_line_and_write_nothing(models, tmp_path, monkeypatch, capsys, options, message):
-    script = load_script(monkeypatch)
+def test_bad_inputs_are_one_line_and_write_nothing(models, tmp_path, load_script, capsys, options, message):
+    script = load_script("eval_conditional")
     generator, predictor = str(models["generator"]), str(models["predictor"])
     if "--predictor-alpha" in options:
         options, predictor = [o for o in options if o != "--predictor-alpha"], str(models["alpha_only"])
@@ -163,12 +153,12 @@ def test_bad_inputs_are_one_line_and_write_nothing(models, tmp_path, monkeypatch
     assert not out.exists()
 
 
-def test_draws_fall_back_to_the_float16_table(monkeypatch, qm9):
+def test_draws_fall_back_to_the_float16_table(load_script, qm9):
     """A generator whose training molecules are not the head of EDM's generator half (here made-up
     ones) is drawn from its own float16 table, clipped to its training range."""
     from tests.test_conditional import synthetic_conditioning
 
-    script = load_script(monkeypatch)
+    script = load_script("eval_conditional")
     conditioning, sizes = synthetic_conditioning(("gap", "mu"))
     values, got_sizes, targets, source = script.draw_pool(conditioning, qm9, edm_halves().generator, "gap")
     assert source.startswith("float16") and np.array_equal(got_sizes, sizes)
