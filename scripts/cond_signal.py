@@ -98,6 +98,9 @@ def measure(trainer, molecules: int, repeats: int, batch_size: int = 64, seed: i
                 for name, ctx in ctxs.items():
                     gen.set_state(state)  # the same noise under every context
                     loss = float(diffusion_loss(pipe, batch, t, gen, bond_weight=0.0, context=ctx))
+                    if not math.isfinite(loss):
+                        raise ValueError(f"non-finite denoising loss ({loss}) under context {name!r}: "
+                                         "the checkpoint's weights or the data are broken")
                     per_batch.setdefault(name, []).append(loss)
                 weights.append(m)
                 start += m
