@@ -157,8 +157,8 @@ def load_trainer(run_dir: Path, checkpoint: Path | None, threads: int):
     if not cfg.model.properties:
         raise ValueError(f"{run_dir}: this run is not property-conditional (model.properties is empty)")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    tmp = tempfile.mkdtemp(prefix="cond_signal_")
-    trainer = Trainer(cfg, tmp, log=lambda _msg: None, device="cpu")
+    with tempfile.TemporaryDirectory(prefix="cond_signal_") as tmp:  # nothing is written there
+        trainer = Trainer(cfg, tmp, log=lambda _msg: None, device="cpu")
     trainer.load_state_dict(state)
     return trainer, ckpt
 
