@@ -440,7 +440,10 @@ def cmd_train(args) -> int:
         torch.distributed.destroy_process_group()
     if rank == 0:
         print(f"checkpoint: {run_dir / 'checkpoint.pt'}; sampling pipeline: {run_dir / 'pipeline'}")
-    return 0
+    # Stopped by SIGTERM/SIGINT before its step or time limit: the checkpoint is saved, but the run is
+    # not finished; exit as the shell reports a signal (128 + its number), so that `train && score`
+    # chains and `set -e` scripts stop there instead of scoring an unfinished model.
+    return 0 if trainer.stopped_by is None else 128 + int(trainer.stopped_by)
 
 
 def _dataset_spec(spec: str) -> str:
@@ -1369,7 +1372,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: FILE_relaxed.sdf beside FILE; none for --dataset unless given)")
     e.set_defaults(func=cmd_evaluate)
 
-    t = sub.add_parser("train", help="train a model (torchrun-compatible for multi-process DDP)")
+    t = sub.add_parser("train", help="train a model (torchrun-compatible for multi-process DDP)",
+                       description="Train a model. SIGTERM or SIGINT (Ctrl-C) saves a checkpoint and exits with "
+                                   "128 + the signal's number (143, 130); --resume continues from it.")
     t.add_argument("--config", help="YAML config, e.g. configs/qm9_small.yaml")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set optim.lr=3e-4")
     t.add_argument("--data", metavar="FILE.sdf|NAME", help="train on your own molecules: an .sdf file or a dataset "

@@ -348,6 +348,35 @@ def test_cli_reports_a_bad_override_in_one_line(tmp_path):
     assert not (tmp_path / "r" / "checkpoint.pt").exists()
 
 
+def test_sigterm_saves_a_checkpoint_and_exits_143_so_chained_scoring_stops(tmp_path):
+    """SIGTERM mid-run: the trainer checkpoints where it stopped and `moldiff train` exits 128 + 15,
+    so that `moldiff train ... && score` does not go on to score a model short of its step target."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moldiff.cli", "train", "--config", str(DEBUG), "--run-dir", str(run),
+         "--set", "train.max_steps=100000", "--set", "train.checkpoint_minutes=0.001"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "log.csv").is_file() and len(read_log(run)) >= 2):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no log rows within 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    step = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
+    assert 10 <= step < 100000
+    assert f"stopped by signal {int(signal.SIGTERM)} at step {step}; checkpoint saved" in out
+    finished = moldiff("train", "--run-dir", str(run), "--resume", "--set", f"train.max_steps={step + 2}")
+    assert finished.returncode == 0, finished.stderr  # a run that reaches its limit still exits 0
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == step + 2
+
+
 @pytest.mark.slow
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     """A run killed with SIGKILL right after some checkpoint continues, after --resume, exactly like a

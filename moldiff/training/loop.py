@@ -559,6 +559,11 @@ class Trainer:
         self._stop_signal = None
         self._tb = self._open_tensorboard()
 
+    @property
+    def stopped_by(self) -> int | None:
+        """The signal (SIGTERM or SIGINT) that stopped the last ``train()`` early, or None."""
+        return self._stop_signal
+
     def warm_start(self, spec: str) -> None:
         """Replace the freshly initialised weights by those of the model ``spec`` (``train.init_from``;
         :mod:`moldiff.training.warmstart`) before the first step; the EMA starts from them too.
