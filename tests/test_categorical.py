@@ -594,7 +594,7 @@ def test_periodic_sampling_during_training_scores_categorical_models(tmp_path, c
     assert rows and 0.0 <= float(rows[-1]["atom_stable"]) <= 1.0
 
 
-def test_molecules_are_judged_on_their_own_bonds_and_written_with_them(tmp_path):
+def test_molecules_are_judged_on_their_own_bonds_and_written_with_them(tmp_path, capfd):
     """A bond model's samples carry verdicts on the bonds it generated; a valid one is written to
     the SDF with those bonds (``bonds="model"``), and ``moldiff sample`` reports both protocols."""
     import json
@@ -611,8 +611,10 @@ def test_molecules_are_judged_on_their_own_bonds_and_written_with_them(tmp_path)
     ammonium = own_bonds_result(["N", "H", "H", "H", "H"], ethene[1][:5], np.array([[0, i, 1] for i in range(1, 5)]),
                                 [1, 0, 0, 0, 0])
     assert ammonium.valid and ammonium.smiles == "[H][N+]([H])([H])[H]"
+    capfd.readouterr()
     pentavalent = own_bonds_result(["C", "H", "H", "H", "H", "H"], ethene[1], np.array([[0, i, 1] for i in range(1, 6)]))
     assert not pentavalent.valid and not pentavalent.mol_stable and pentavalent.smiles is None
+    assert "valence" not in capfd.readouterr().err  # a verdict in the table, not one RDKit line per molecule
 
     pipe = categorical_pipeline(seed=6)
     mols = pipe.sample(4, steps=3, seed=0, num_atoms=4)

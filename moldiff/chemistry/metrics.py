@@ -701,7 +701,8 @@ def own_bonds_result(symbols: Sequence[object], positions: np.ndarray, bonds: np
     mol = build_mol(elements, pos if np.isfinite(pos).all() else None, matrix,
                     None if formal_charges is None else [int(c) for c in formal_charges])
     try:
-        Chem.SanitizeMol(mol)
+        with rdBase.BlockLogs():  # a verdict, not a message: RDKit would print every rejection to stderr
+            Chem.SanitizeMol(mol)
     except Exception:  # noqa: BLE001 - RDKit raises several exception types for chemistry it rejects
         return OwnBondsResult(mol, False, None, bool(stable), bool(charged))
     return OwnBondsResult(mol, True, _largest_fragment_smiles(mol), bool(stable), bool(charged))
