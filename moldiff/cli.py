@@ -649,7 +649,7 @@ def _sample_tags(m, k: int, run: dict) -> dict:
         "reason": reason,
     } | ({} if m.fragment_retained is None else {"fragment_retained": m.fragment_retained, "fragment_rmsd": m.fragment_rmsd}) \
       | ({} if m.own_valid is None else {"own_bonds_valid": m.own_valid, "own_bonds_mol_stable": m.own_mol_stable,
-                                          "own_bonds_SMILES": m.own_smiles})
+                                          "own_bonds_SMILES": m.own_smiles, "own_bonds_reason": m.own_reason})
 
 
 def cmd_nll(args) -> int:
@@ -1088,7 +1088,7 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
             row.update(fragment_retained=int(bool(m.fragment_retained)), fragment_rmsd=m.fragment_rmsd)
         if m.own_valid is not None:
             row.update(own_bonds_valid=int(m.own_valid), own_bonds_mol_stable=int(m.own_mol_stable),
-                       own_bonds_SMILES=m.own_smiles)
+                       own_bonds_SMILES=m.own_smiles, own_bonds_reason=m.own_reason)
         if charged is not None:
             row["mol_stable_charged"] = int(charged[0].per_molecule[k].mol_stable)
             if charged[1] is not None:

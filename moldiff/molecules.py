@@ -63,6 +63,8 @@ class GeneratedMolecule:
             RDKit sanitizes the molecule, EDM's valence rule holds, the largest fragment's SMILES
             (``None`` for other models; faulty samples are neither). When ``own_valid``, ``mol`` is
             that molecule and ``bonds`` is ``"model"``; the EDM flags above still use the table.
+        own_reason: why the molecule is invalid and/or unstable on its own bonds, as ``reason``
+            says it for EDM's table (``None`` when it is valid and stable, or for other models).
     """
 
     symbols: list[str]
@@ -84,6 +86,7 @@ class GeneratedMolecule:
     own_valid: bool | None = None
     own_mol_stable: bool | None = None
     own_smiles: str | None = None
+    own_reason: str | None = None
 
     @property
     def num_atoms(self) -> int:
@@ -160,6 +163,7 @@ def molecules_from_arrays(
                 own_valid=None if not arrays.bonds else bool(own is not None and own.valid),
                 own_mol_stable=None if not arrays.bonds else bool(own is not None and own.mol_stable),
                 own_smiles=None if own is None else own.smiles,
+                own_reason=None if own is None else own.reason,
             )
         )
         if progress is not None:

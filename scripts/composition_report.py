@@ -1,6 +1,7 @@
 """Composition of sampled molecules against QM9's: the failure the metrics hide.
 
     python scripts/composition_report.py out/eval10k/samples.csv
+    python scripts/composition_report.py out/a70368_300/samples.csv --own-bonds   # a bond model's own bonds
 
 Reads the ``samples.csv`` that ``moldiff sample`` writes (formula, num_atoms, mol_stable per
 molecule) and prints: the % of samples whose composition has an odd valence sum (H + N + F odd for
@@ -8,7 +9,8 @@ QM9's elements: no geometry can make such a molecule stable, see
 :func:`moldiff.chemistry.elements.valence_sum_parity`), molecule stability among the even ones, and
 per molecule size the mean number of hydrogens next to QM9's (all 130,831 molecules); then, from
 the ``reason`` column, how many atoms of each unstable molecule are unstable and which (element,
-bond-order sum minus valence) errors occur most.
+bond-order sum minus valence) errors occur most. ``--own-bonds`` reads the verdicts on a bond
+model's own bonds instead (columns ``own_bonds_mol_stable`` and ``own_bonds_reason``).
 """
 from __future__ import annotations
 
@@ -27,9 +29,15 @@ from moldiff.data.qm9 import load_qm9
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("samples_csv", help="the samples.csv that `moldiff sample` wrote")
+    p.add_argument("--own-bonds", action="store_true", help="stability and reasons on the model's own bonds")
     args = p.parse_args()
     with open(args.samples_csv, newline="") as fh:
         rows = list(csv.DictReader(fh))
+    if args.own_bonds:
+        if not rows or "own_bonds_reason" not in rows[0]:
+            raise SystemExit(f"{args.samples_csv}: no own_bonds_reason column (not a bond model's samples, or "
+                             "written before moldiff recorded it)")
+        rows = [r | {"mol_stable": r["own_bonds_mol_stable"], "reason": r["own_bonds_reason"]} for r in rows]
     by_size = defaultdict(list)  # size -> (hydrogens, odd, stable)
     for r in rows:
         counts = parse_formula(r["formula"]) if r["formula"] else {}
@@ -41,7 +49,7 @@ def main() -> None:
         data[len(symbols)].append(list(symbols).count("H"))
     allrows = np.array([x for v in by_size.values() for x in v], dtype=float)
     even = allrows[allrows[:, 1] == 0]
-    print(f"# {args.samples_csv}: {len(rows)} samples")
+    print(f"# {args.samples_csv}: {len(rows)} samples" + (" (on the model's own bonds)" if args.own_bonds else ""))
     print(f"odd valence sum: {100 * allrows[:, 1].mean():.1f}% of samples (QM9: 0%)")
     print(f"molecule stability: {100 * allrows[:, 2].mean():.2f}% of all, {100 * even[:, 2].mean():.2f}% of the "
           f"{len(even)} with an even valence sum")

@@ -5,6 +5,7 @@ the debug data, resume, save/load of the marginals; the training-time distributi
 
 from __future__ import annotations
 
+import csv
 import itertools
 
 import numpy as np
@@ -605,15 +606,18 @@ def test_molecules_are_judged_on_their_own_bonds_and_written_with_them(tmp_path,
     ethene = (["C", "C", "H", "H", "H", "H"], np.random.default_rng(0).normal(size=(6, 3)))
     rows = np.array([[0, 1, 2], [0, 2, 1], [0, 3, 1], [1, 4, 1], [1, 5, 1]])
     good = own_bonds_result(*ethene, rows)
-    assert good.valid and good.mol_stable and good.smiles == "[H]C([H])=C([H])[H]"
+    assert good.valid and good.mol_stable and good.smiles == "[H]C([H])=C([H])[H]" and good.reason is None
     radical = own_bonds_result(*ethene, rows[:4])
     assert radical.valid and not radical.mol_stable
+    assert radical.reason == "unstable atoms: C1 (bond-order sum 3, allowed 4), H5 (bond-order sum 0, allowed 1)"
     ammonium = own_bonds_result(["N", "H", "H", "H", "H"], ethene[1][:5], np.array([[0, i, 1] for i in range(1, 5)]),
                                 [1, 0, 0, 0, 0])
     assert ammonium.valid and ammonium.smiles == "[H][N+]([H])([H])[H]"
     capfd.readouterr()
     pentavalent = own_bonds_result(["C", "H", "H", "H", "H", "H"], ethene[1], np.array([[0, i, 1] for i in range(1, 6)]))
     assert not pentavalent.valid and not pentavalent.mol_stable and pentavalent.smiles is None
+    assert pentavalent.reason.startswith("invalid: Explicit valence for atom # 0 C, 5")
+    assert pentavalent.reason.endswith("; unstable atoms: C0 (bond-order sum 5, allowed 4)")
     assert "valence" not in capfd.readouterr().err  # a verdict in the table, not one RDKit line per molecule
 
     pipe = categorical_pipeline(seed=6)
@@ -626,4 +630,9 @@ def test_molecules_are_judged_on_their_own_bonds_and_written_with_them(tmp_path,
                  "-o", str(tmp_path / "out"), "--threads", "1", "--no-novelty"]) == 0
     summary = json.loads((tmp_path / "out" / "samples.json").read_text())
     assert set(summary["own_bonds"]) >= {"validity", "mol_stable"}
-    assert "own_bonds_valid" in (tmp_path / "out" / "samples.csv").read_text().splitlines()[0]
+    with open(tmp_path / "out" / "samples.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert {"own_bonds_valid", "own_bonds_reason"} <= set(table[0])
+    for row, m in zip(table, mols):  # the same seed and settings: the same molecules, their own-bond verdicts written
+        assert row["own_bonds_reason"] == (m.own_reason or "")
+        assert (row["own_bonds_reason"] == "") == (row["own_bonds_valid"] == row["own_bonds_mol_stable"] == "1")

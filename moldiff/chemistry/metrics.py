@@ -673,13 +673,16 @@ class OwnBondsResult:
     EDM's validity, ``None`` when invalid) and ``mol_stable`` (EDM's valence rule on these bonds;
     like EDM's rule it reads neutral valences, so a charged atom counts as unstable);
     ``mol_stable_charged``: the charge-aware rule (:func:`charged_stability`) on these bonds and
-    charges (no charges: all neutral, the same as ``mol_stable``)."""
+    charges (no charges: all neutral, the same as ``mol_stable``); ``reason``: why the molecule is
+    invalid and/or unstable on these bonds, worded as :class:`MoleculeResult`'s (``None`` when it
+    is valid and stable)."""
 
     mol: Chem.Mol
     valid: bool
     smiles: str | None
     mol_stable: bool
     mol_stable_charged: bool | None = None
+    reason: str | None = None
 
 
 def own_bonds_result(symbols: Sequence[object], positions: np.ndarray, bonds: np.ndarray,
@@ -689,7 +692,8 @@ def own_bonds_result(symbols: Sequence[object], positions: np.ndarray, bonds: np
     elements = to_symbols(symbols)
     n = len(elements)
     rows = np.asarray(bonds, dtype=np.int64).reshape(-1, 3)
-    stable = bond_rows_stability(elements, rows).mol_stable
+    stability, valence = _stability(elements, _rows_to_matrix(n, rows))
+    stable = stability.mol_stable
     try:
         charged = _charged_result(elements, _rows_to_matrix(n, rows), _as_charges(formal_charges, n)).mol_stable
     except ValueError:  # charges of the wrong length or not whole numbers
@@ -700,9 +704,11 @@ def own_bonds_result(symbols: Sequence[object], positions: np.ndarray, bonds: np
     pos = np.asarray(positions, dtype=np.float64)
     mol = build_mol(elements, pos if np.isfinite(pos).all() else None, matrix,
                     None if formal_charges is None else [int(c) for c in formal_charges])
+    unstable = None if stable else _unstable_reason(elements, valence)
     try:
         with rdBase.BlockLogs():  # a verdict, not a message: RDKit would print every rejection to stderr
             Chem.SanitizeMol(mol)
-    except Exception:  # noqa: BLE001 - RDKit raises several exception types for chemistry it rejects
-        return OwnBondsResult(mol, False, None, bool(stable), bool(charged))
-    return OwnBondsResult(mol, True, _largest_fragment_smiles(mol), bool(stable), bool(charged))
+    except Exception as exc:  # noqa: BLE001 - RDKit raises several exception types for chemistry it rejects
+        reason = "; ".join(r for r in (f"invalid: {str(exc).strip() or type(exc).__name__}", unstable) if r)
+        return OwnBondsResult(mol, False, None, bool(stable), bool(charged), reason)
+    return OwnBondsResult(mol, True, _largest_fragment_smiles(mol), bool(stable), bool(charged), unstable)
