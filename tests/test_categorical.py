@@ -96,6 +96,28 @@ def test_forward_draws_match_the_closed_form():
     assert torch.equal(again, draws[:1000])  # the generator decides
 
 
+def test_class_floor_caps_alpha_bar_and_keeps_the_random_stream():
+    """``floor = f``: q(x_t | x_0) = (1 - f) [x_0] + f m wherever alpha_bar(t) > 1 - f, the plain
+    process elsewhere; the draws consume the generator exactly as without a floor."""
+    tr, f = transition(), 0.05
+    x0 = torch.tensor([0, 1, 2, 3])
+    eye = torch.eye(4, dtype=torch.float64)
+    for t in (0.0, 0.01):  # alpha_bar ~ 1: the floor decides
+        torch.testing.assert_close(tr.forward_probs(x0, t, floor=f), (1 - f) * eye + f * tr.marginals, rtol=0, atol=1e-12)
+    late = 0.8  # alpha_bar well below 1 - f: unchanged
+    assert float(tr.alpha_bar(torch.tensor(late, dtype=torch.float64))) < 1 - f
+    torch.testing.assert_close(tr.forward_probs(x0, late, floor=f), tr.forward_probs(x0, late), rtol=0, atol=0)
+    n = 100_000
+    g_plain, g_floor = gen(3), gen(3)
+    plain = tr.sample_forward(torch.full((n,), 2), 0.0, g_plain)
+    floored = tr.sample_forward(torch.full((n,), 2), 0.0, g_floor, floor=f)
+    assert torch.equal(plain, torch.full((n,), 2))  # t = 0: the data itself
+    changed = float((floored != 2).double().mean())
+    want = f * (1 - float(tr.marginals[2]))
+    assert abs(changed - want) < 4.5 * (want * (1 - want) / n) ** 0.5, (changed, want)
+    assert torch.equal(torch.rand(5, generator=g_plain), torch.rand(5, generator=g_floor))
+
+
 # ----------------------------------------------------------------------------- posterior
 @pytest.mark.parametrize("kind", CATEGORICAL_SCHEDULES)
 @pytest.mark.parametrize("s, t", [(0.0, 0.2), (0.3, 0.6), (0.7, 0.71), (0.5, 1.0)])
@@ -346,7 +368,7 @@ def test_categorical_pipeline_saves_and_loads_its_marginals(tmp_path):
 
 
 # ----------------------------------------------------------------------------- training
-from moldiff.training.config import load_config  # noqa: E402
+from moldiff.training.config import ConfigError, load_config  # noqa: E402
 from moldiff.training.loop import (Trainer, categorical_loss_terms, diffusion_loss,  # noqa: E402
                                    load_training_data)
 
@@ -434,6 +456,25 @@ def test_categorical_loss_combines_its_terms_and_shards_like_the_whole_batch(tmp
         halves = [categorical_loss_terms(trainer.pipe, batch, t, gen(2), shard=(lo, lo + 4)) for lo in (0, 4)]
     for name, value in terms.items():
         torch.testing.assert_close(torch.cat([h[name] for h in halves]), value, atol=1e-5, rtol=1e-5)
+
+
+def test_class_floor_trains_a_bond_model_and_is_refused_where_it_means_nothing(tmp_path, cat_data):
+    _, batch = next(iter(cat_data.train.batches(8, 0, 0, 0)))
+    trainer = Trainer(load_config(DEBUG, CAT), tmp_path, data=cat_data, log=quiet)
+    t = torch.zeros(8, dtype=torch.float64)  # the data end, where only the floor corrupts
+    with torch.no_grad():
+        plain = categorical_loss_terms(trainer.pipe, batch, t, gen(4))
+        floored = categorical_loss_terms(trainer.pipe, batch, t, gen(4), class_floor=0.5)
+    for name in ("types", "charges", "bonds"):  # a corrupted input changes what the network sees and scores
+        assert not torch.equal(plain[name], floored[name]), name
+    cfg = load_config(DEBUG, CAT + ["diffusion.class_floor=0.05", "train.max_steps=4", "train.val_every=4"])
+    run = Trainer(cfg, tmp_path / "run", data=cat_data, log=quiet)
+    run.train()
+    assert run.step == 4 and np.isfinite(run.validation_loss(max_batches=1))
+    for bad, message in ((CAT + ["diffusion.class_floor=1.0"], "class_floor must be in"),
+                         (["diffusion.class_floor=0.05"], "set diffusion.categorical=true")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(DEBUG, bad)
 
 
 def test_categorical_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, cat_data):

@@ -162,15 +162,20 @@ class MarginalTransition:
         return torch.softmax(logits.to(torch.float64), -1)
 
     # ------------------------------------------------------------------ forward process
-    def forward_probs(self, x0: torch.Tensor, t) -> torch.Tensor:
-        """``q(x_t | x_0)`` ``(n, K)`` for classes ``x0`` ``(n,)`` (or clean probabilities ``(n, K)``)."""
+    def forward_probs(self, x0: torch.Tensor, t, floor: float = 0.0) -> torch.Tensor:
+        """``q(x_t | x_0)`` ``(n, K)`` for classes ``x0`` ``(n,)`` (or clean probabilities ``(n, K)``).
+        ``floor > 0`` (training only): each class is redrawn from ``m`` with probability at least
+        ``floor``, i.e. ``alpha_bar`` is capped at ``1 - floor`` (``diffusion.class_floor``)."""
         p0 = self._probs_of(x0)
         ab = self._ab(t, p0.shape[0], p0.device)
+        if floor > 0:
+            ab = ab.clamp(max=1.0 - floor)
         return ab * p0 + (1.0 - ab) * self._m(p0.device)
 
-    def sample_forward(self, x0: torch.Tensor, t, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A draw of ``x_t ~ q(x_t | x_0)``: ``(n,)`` long."""
-        return sample_classes(self.forward_probs(x0, t), generator)
+    def sample_forward(self, x0: torch.Tensor, t, generator: torch.Generator | None = None,
+                       floor: float = 0.0) -> torch.Tensor:
+        """A draw of ``x_t ~ q(x_t | x_0)`` (with ``floor``, see :meth:`forward_probs`): ``(n,)`` long."""
+        return sample_classes(self.forward_probs(x0, t, floor), generator)
 
     def transition_probs(self, x_s: torch.Tensor, s, t) -> torch.Tensor:
         """``q(x_t | x_s)`` ``(n, K)`` for ``t >= s``: ``a [x_s = j] + (1 - a) m_j`` with
@@ -241,10 +246,11 @@ class MarginalTransition:
 
     # ------------------------------------------------------------------ symmetric edge variables
     def sample_forward_edges(self, x0: torch.Tensor, t, edge_index: torch.Tensor, rev: torch.Tensor,
-                             generator: torch.Generator | None = None) -> torch.Tensor:
+                             generator: torch.Generator | None = None, floor: float = 0.0) -> torch.Tensor:
         """``x_t ~ q(x_t | x_0)`` on the directed edges ``edge_index`` ``(2, E)`` of symmetric ``x0``
-        ``(E,)``: one draw per atom pair, equal on ``i -> j`` and ``j -> i``; ``(E,)`` long."""
-        return symmetric_sample(self.forward_probs(x0, t), edge_index, rev, generator)
+        ``(E,)``: one draw per atom pair, equal on ``i -> j`` and ``j -> i``; ``(E,)`` long
+        (``floor``: see :meth:`forward_probs`)."""
+        return symmetric_sample(self.forward_probs(x0, t, floor), edge_index, rev, generator)
 
     def sample_transition_edges(self, x_s: torch.Tensor, s, t, edge_index: torch.Tensor, rev: torch.Tensor,
                                 generator: torch.Generator | None = None) -> torch.Tensor:

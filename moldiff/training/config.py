@@ -89,6 +89,11 @@ class DiffusionConfig:
     type_weight: float = 1.0
     #: categorical mode: weight of the formal-charge cross-entropy (mean over a molecule's atoms)
     charge_weight: float = 1.0
+    #: categorical mode, training only: every class (element, charge, bond) is redrawn from the
+    #: data's marginals with probability at least this, however small t is (alpha_bar capped at
+    #: 1 - class_floor), so the network also learns to correct a class that disagrees with the rest
+    #: of a nearly clean molecule, the element or bond its final decode must fix. 0: the plain process
+    class_floor: float = 0.0
     #: training times: "uniform" (EDM) or "beta:A,B": t = 1 - Beta(A, B) (t = 0 is data), e.g.
     #: "beta:2,1" (SemlaFlow's Beta(2, 1) over flow time with 1 = data; mean t = 1/3)
     time_sampling: str = "uniform"
@@ -116,6 +121,10 @@ class DiffusionConfig:
             raise ConfigError(f"diffusion.type_lag_prob must be in [0, 1], got {self.type_lag_prob}")
         if not (math.isfinite(self.known_types_prob) and 0.0 <= self.known_types_prob <= 1.0):
             raise ConfigError(f"diffusion.known_types_prob must be in [0, 1], got {self.known_types_prob}")
+        if not (math.isfinite(self.class_floor) and 0.0 <= self.class_floor < 1.0):
+            raise ConfigError(f"diffusion.class_floor must be in [0, 1), got {self.class_floor}")
+        if self.class_floor > 0 and not self.categorical:
+            raise ConfigError("diffusion.class_floor applies to categorical classes: set diffusion.categorical=true")
         for name in ("type_weight", "charge_weight"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):

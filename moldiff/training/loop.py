@@ -216,13 +216,14 @@ PARITY_LOGIT_SCALE = 10.0
 def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor, generator, shard=None,
                    weighting: str = "uniform", pairing: str = "none", parity_weight: float = 0.0,
                    bond_weight: float = 1.0, known_types_prob: float = 0.0, type_weight: float = 1.0,
-                   charge_weight: float = 1.0, type_lag_prob: float = 0.0,
+                   charge_weight: float = 1.0, type_lag_prob: float = 0.0, class_floor: float = 0.0,
                    context: torch.Tensor | None = None) -> torch.Tensor:
     """EDM's L2 loss on one batch at times ``t`` ``(B,)`` (optionally SNR-weighted, see ``loss_weight``).
 
     Categorical models (``pipe.features`` is :class:`CategoricalFeatures`): the coordinate noise MSE
     per dimension + ``type_weight`` x CE(types) + ``charge_weight`` x CE(charges) + ``bond_weight``
-    x CE(bonds), per molecule, averaged over molecules (:func:`categorical_loss_terms`).
+    x CE(bonds), per molecule, averaged over molecules (:func:`categorical_loss_terms`; ``class_floor``:
+    its floor on the classes' corruption).
 
     ``parity_weight > 0`` adds ``parity_weight * mean_k alpha_k^2 * valence_parity_loss_k``: the
     clean estimate's atom types, as probabilities ``softmax(PARITY_LOGIT_SCALE * h0 / type_scale)``,
@@ -251,7 +252,8 @@ def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor,
     (:func:`property_context`), for the whole batch (``shard`` slices it); ``None`` for others.
     """
     if isinstance(pipe.features, CategoricalFeatures):
-        terms = categorical_loss_terms(pipe, batch, t, generator, shard, weighting, context=context)
+        terms = categorical_loss_terms(pipe, batch, t, generator, shard, weighting, context=context,
+                                       class_floor=class_floor)
         per_mol = terms["pos"] + type_weight * terms["types"]
         if "charges" in terms:
             per_mol = per_mol + charge_weight * terms["charges"]
@@ -311,7 +313,8 @@ def diffusion_loss(pipe: MolDiffPipeline, batch: MoleculeBatch, t: torch.Tensor,
 
 
 def categorical_loss_terms(pipe, batch: MoleculeBatch, t: torch.Tensor, generator, shard=None,
-                           weighting: str = "uniform", context: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                           weighting: str = "uniform", context: torch.Tensor | None = None,
+                           class_floor: float = 0.0) -> dict[str, torch.Tensor]:
     """Per-molecule terms ``(B,)`` of a categorical model's loss at times ``t`` ``(B,)``.
 
     Coordinates get EDM's Gaussian noise; elements, charge classes and (bond models) the bond class
@@ -323,6 +326,8 @@ def categorical_loss_terms(pipe, batch: MoleculeBatch, t: torch.Tensor, generato
     over its directed atom pairs (each pair twice, with equal labels and logits). Random draws, in
     order: position noise, types, charges, bonds, for the whole batch; ``shard=(lo, hi)`` then keeps
     molecules ``lo:hi`` (data-parallel ranks). ``context``: as in :func:`diffusion_loss`.
+    ``class_floor > 0``: every class is redrawn from the marginals with probability at least this
+    (``diffusion.class_floor``; the same random draws as without it).
     """
     feats: CategoricalFeatures = pipe.features
     cat = CategoricalDiffusion.from_features(feats, pipe.schedule)
@@ -332,13 +337,13 @@ def categorical_loss_terms(pipe, batch: MoleculeBatch, t: torch.Tensor, generato
     pos_t = alpha.to(dtype)[bvec].unsqueeze(-1) * batch.pos + sigma.to(dtype)[bvec].unsqueeze(-1) * eps_pos
     t_atom = t[bvec]
     types0 = batch.types.long()
-    types_t = cat.types.sample_forward(types0, t_atom, generator)
+    types_t = cat.types.sample_forward(types0, t_atom, generator, floor=class_floor)
     charges0 = charges_t = None
     if cat.charges is not None:
         if batch.formal_charges is None:
             raise ValueError("this model diffuses formal charges: its batches need them (a bond table with charges)")
         charges0 = feats.charge_classes(batch.formal_charges)
-        charges_t = cat.charges.sample_forward(charges0, t_atom, generator)
+        charges_t = cat.charges.sample_forward(charges0, t_atom, generator, floor=class_floor)
     edge_index = bonds0 = bonds_t = None
     if cat.bonds is not None:
         if batch.bonds is None:
@@ -347,7 +352,8 @@ def categorical_loss_terms(pipe, batch: MoleculeBatch, t: torch.Tensor, generato
         edge_index = fully_connected_edges(bvec)
         rev = reverse_edges(edge_index, n)
         bonds0 = edge_bond_orders(batch.bonds, edge_index, n)
-        bonds_t = cat.bonds.sample_forward_edges(bonds0, t[bvec[edge_index[0]]], edge_index, rev, generator)
+        bonds_t = cat.bonds.sample_forward_edges(bonds0, t[bvec[edge_index[0]]], edge_index, rev, generator,
+                                                 floor=class_floor)
     tt = t
     if shard is not None:
         lo, hi = shard
@@ -814,7 +820,8 @@ class Trainer:
                                   known_types_prob=self.cfg.diffusion.known_types_prob,
                                   type_weight=self.cfg.diffusion.type_weight,
                                   charge_weight=self.cfg.diffusion.charge_weight,
-                                  type_lag_prob=self.cfg.diffusion.type_lag_prob, context=context)
+                                  type_lag_prob=self.cfg.diffusion.type_lag_prob,
+                                  class_floor=self.cfg.diffusion.class_floor, context=context)
         if not self._all_ranks(bool(torch.isfinite(loss))):
             self.optimizer.zero_grad(set_to_none=True)
             return float(loss), float("nan"), False, True
