@@ -692,10 +692,11 @@ def own_bonds_result(symbols: Sequence[object], positions: np.ndarray, bonds: np
     elements = to_symbols(symbols)
     n = len(elements)
     rows = np.asarray(bonds, dtype=np.int64).reshape(-1, 3)
-    stability, valence = _stability(elements, _rows_to_matrix(n, rows))
+    orders = _rows_to_matrix(n, rows)
+    stability, valence = _stability(elements, orders)
     stable = stability.mol_stable
     try:
-        charged = _charged_result(elements, _rows_to_matrix(n, rows), _as_charges(formal_charges, n)).mol_stable
+        charged = _charged_result(elements, orders, _as_charges(formal_charges, n)).mol_stable
     except ValueError:  # charges of the wrong length or not whole numbers
         charged = False
     matrix = np.zeros((n, n), dtype=np.int64)
