@@ -1066,7 +1066,8 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
     ``predicted``: :func:`_sample_predictions`' estimates (SD tags, CSV columns, JSON)."""
     indices = list(range(len(molecules))) if indices is None else list(indices)
     from moldiff.chemistry.io import write_csv, write_json, write_sdf
-    from moldiff.chemistry.report import SA_SCORE_NOTE, descriptor_row, display_smiles, grid_image, sa_score_available, sd_record, write_png
+    from moldiff.chemistry.report import (SA_SCORE_NOTE, descriptor_row, display_smiles, drawing_unavailable, grid_image,
+                                          sa_score_available, sd_record, write_png)
 
     fragment = request.fragment
     plausible, plausibility = plausibility
@@ -1097,8 +1098,13 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
             row.update(plausible[k].row(checks=args.posebusters))
         rows.append(row)
     preview = [(k, m.mol) for k, m in zip(indices, molecules) if m.valid and m.mol is not None][:_PREVIEW_MOLECULES]
-    image = grid_image([mol for _, mol in preview], [f"#{k} {display_smiles(mol) or ''}" for k, mol in preview],
-                       empty_text=f"no valid molecules among {request.n} samples")
+    no_drawing = drawing_unavailable()
+    if no_drawing is None:
+        image = grid_image([mol for _, mol in preview], [f"#{k} {display_smiles(mol) or ''}" for k, mol in preview],
+                           empty_text=f"no valid molecules among {request.n} samples")
+    else:  # RDKit without its drawing libraries (a headless server): everything but the preview
+        image, preview = None, []
+        stale_png = files.pop("png")
     # The SA scorer loads a 1 s fragment table; only needed (and only reported) with valid molecules.
     if not any(m.valid for m in molecules):
         sa_note = "not computed (no valid molecules)"
@@ -1170,12 +1176,17 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
         "png": lambda path: write_png(path, image),
         "json": lambda path: write_json(path, {k: v for k, v in summary.items() if k != "preview"}),
     }
+    if no_drawing is not None:
+        del writers["png"]
+        summary["png"] = f"not written: {no_drawing}"
     if "relaxed" in files:
         by_index = dict(zip(indices, molecules))
         relaxed = _relaxed_records(plausible, {k: {"SMILES": by_index[k].smiles} for k in plausible})
         summary["relaxed_records"] = len(relaxed)
         writers["relaxed"] = lambda path: write_sdf(path, relaxed)
     _write_outputs(folder, files, writers)
+    if no_drawing is not None:
+        stale_png.unlink(missing_ok=True)  # a preview of earlier samples must not sit beside these
     return summary
 
 
@@ -1257,8 +1268,10 @@ def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds
         print(format_plausibility(summary))
     if drawn is not None:
         print(f"(the metrics above are over all {drawn} molecules drawn; the files hold only the ones kept)")
-    print(f"wrote {files['sdf']} ({summary['records']} records), {files['csv']}, {files['png']} "
-          f"({summary['preview']} molecules), {files['json']}"
+    if "png" in summary:
+        print(f"note: no PNG preview: {summary['png'][len('not written: '):]}")
+    preview = f"{files['png']} ({summary['preview']} molecules), " if "png" in files else ""
+    print(f"wrote {files['sdf']} ({summary['records']} records), {files['csv']}, {preview}{files['json']}"
           + (f", {files['relaxed']} ({summary['relaxed_records']} relaxed)" if "relaxed" in files else ""))
 
 

@@ -889,9 +889,9 @@ class MolDiffPipeline(torch.nn.Module):
 
 # ---------------------------------------------------------------------------- loading and scoring
 def auto_precision(device: str | torch.device = "cpu") -> str:
-    """``"bf16"`` where ``device`` has native bf16 arithmetic, else ``"fp32"``: CPUs with AMX or
-    AVX512-BF16 and CUDA GPUs of compute capability 8.0 and up get bf16; AVX2-only CPUs (where bf16 is
-    emulated and several times slower) and older GPUs get fp32. The decision is
+    """``"bf16"`` on CPUs with AMX or AVX512-BF16, else ``"fp32"``: AVX2-only CPUs (where bf16 is
+    emulated and several times slower) and GPUs (where bf16 autocast measured slower than fp32 for
+    these launch-bound networks on an H200) get fp32. The decision is
     :func:`moldiff.runtime.choose_arithmetic`'s, the same one training's ``train.precision: auto`` uses.
     """
     return choose_arithmetic(device, "auto", False).precision

@@ -151,10 +151,12 @@ def choose_arithmetic(device="cpu", precision: str = "auto", compile="auto") -> 
     """The one place where moldiff decides its arithmetic for ``device``.
 
     ``precision``: ``"auto"``, ``"fp32"`` or ``"bf16"``; ``"auto"`` is bf16 on a CPU with native bf16
-    (:func:`cpu_has_native_bf16`) or a CUDA GPU with native bf16 (:func:`cuda_has_bf16`), else fp32.
-    ``compile``: ``"auto"`` (or ``None``), ``True`` or ``False``; ``"auto"`` compiles only on a CPU with
-    native bf16 running bf16, where it measured faster for training; not on AVX2-only CPUs (slower
-    than eager there: docs/benchmarks.md) nor on GPUs (not measured). Explicit values are kept.
+    (:func:`cpu_has_native_bf16`), else fp32, on GPUs too: on an H200, bf16 autocast made a 128 x 6
+    training step 1.2-1.5x slower than fp32 (batch 64 and 256; molecules of QM9's size leave a GPU
+    bound by kernel launches, and autocast adds casts: docs/benchmarks.md). ``compile``: ``"auto"``
+    (or ``None``), ``True`` or ``False``; ``"auto"`` compiles only on a CPU with native bf16 running
+    bf16, where it measured faster for training; not on AVX2-only CPUs (slower than eager there) nor on
+    GPUs (not measured). Explicit values are kept.
 
     Raises:
         ValueError: an unknown precision or compile value.
@@ -170,8 +172,9 @@ def choose_arithmetic(device="cpu", precision: str = "auto", compile="auto") -> 
         native = cpu_has_native_bf16()
         where = "CPU with native bf16 (AMX/AVX512-BF16)" if native else "CPU without native bf16"
     elif kind == "cuda":
-        native = cuda_has_bf16(dev)
-        where = "CUDA GPU with bf16 (compute capability >= 8.0)" if native else "CUDA device without native bf16"
+        native = False  # bf16 exists there (compute capability >= 8.0) but measured slower: see above
+        where = ("CUDA GPU: bf16 measured slower than fp32 for these networks" if cuda_has_bf16(dev)
+                 else "CUDA device without native bf16")
     else:
         native, where = False, f"{kind} device"
     reasons = []
@@ -186,7 +189,7 @@ def choose_arithmetic(device="cpu", precision: str = "auto", compile="auto") -> 
 
 
 def auto_precision(device="cpu") -> str:
-    """``"bf16"`` where ``device`` has native bf16 arithmetic (see :func:`choose_arithmetic`), else ``"fp32"``."""
+    """``"bf16"`` on a CPU with native bf16 arithmetic, else ``"fp32"`` (see :func:`choose_arithmetic`)."""
     return choose_arithmetic(device, "auto", False).precision
 
 

@@ -318,6 +318,26 @@ def test_cli_output_without_sdf_suffix_is_a_folder(checkpoint, tmp_path, capsys)
     assert all(m.GetNumAtoms() == 4 for m in Chem.SDMolSupplier(str(out / "samples.sdf"), removeHs=False, sanitize=False))
 
 
+def test_cli_sample_without_rdkit_drawing_writes_the_rest(checkpoint, tmp_path):
+    """A headless server whose RDKit cannot load its drawing module (seen on a GPU machine:
+    ``libXrender.so.1`` missing) still gets its molecules: no PNG, one note, and no stale preview
+    of earlier samples left beside the new files."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "samples.png").write_bytes(b"earlier preview")
+    code = ("import sys; sys.modules['rdkit.Chem.Draw'] = None; from moldiff.cli import main; "
+            f"sys.exit(main(['sample', '-n', '3', '--steps', '2', '--checkpoint', {str(checkpoint)!r}, "
+            f"'-o', {str(out)!r}, '--no-novelty']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["samples.csv", "samples.json", "samples.sdf"]
+    assert "note: no PNG preview: rdkit.Chem.Draw cannot load" in r.stdout
+    assert "samples.png" not in r.stdout
+    summary = json.loads((out / "samples.json").read_text())
+    assert summary["png"].startswith("not written: rdkit.Chem.Draw cannot load") and summary["records"] == 3
+    assert len(Chem.SDMolSupplier(str(out / "samples.sdf"), removeHs=False, sanitize=False)) == 3
+
+
 BAD_INPUTS = {
     "n zero": ["-n", "0"],
     "n negative": ["-n", "-3"],
@@ -521,9 +541,7 @@ def test_auto_precision_follows_the_cpu(checkpoint):
 
     native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     assert auto_precision("cpu") == ("bf16" if native else "fp32")
-    from moldiff.runtime import cuda_has_bf16
-
-    assert auto_precision("cuda") == ("bf16" if cuda_has_bf16() else "fp32")  # fp32 without a GPU
+    assert auto_precision("cuda") == "fp32"  # bf16 autocast measured slower on a GPU for these networks
     pipe = MolDiffPipeline.from_pretrained(checkpoint).configure_inference(precision="auto")
     assert pipe.inference_precision == auto_precision("cpu")
 

@@ -48,6 +48,7 @@ __all__ = [
     "SA_SCORE_NOTE",
     "descriptor_row",
     "grid_image",
+    "drawing_unavailable",
     "write_png",
 ]
 
@@ -294,6 +295,24 @@ def grid_image(
             drawable, molsPerRow=min(per_row, len(drawable)), subImgSize=size, legends=captions, returnPNG=False
         )
     return image
+
+
+def drawing_unavailable() -> str | None:
+    """Why RDKit cannot draw here (``rdkit.Chem.Draw`` failed to import, e.g. a headless server
+    without ``libXrender.so.1``), or ``None`` when it can. The import is tried once per process."""
+    global _DRAWING_UNAVAILABLE
+    if _DRAWING_UNAVAILABLE is _NOT_CHECKED:
+        try:
+            from rdkit.Chem import Draw  # noqa: F401
+        except ImportError as exc:
+            _DRAWING_UNAVAILABLE = f"rdkit.Chem.Draw cannot load ({exc})"
+        else:
+            _DRAWING_UNAVAILABLE = None
+    return _DRAWING_UNAVAILABLE
+
+
+_NOT_CHECKED = object()
+_DRAWING_UNAVAILABLE: object = _NOT_CHECKED
 
 
 def write_png(path: str | os.PathLike, image) -> None:

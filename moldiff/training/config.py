@@ -179,8 +179,8 @@ class TrainConfig:
     #: "auto" (a CUDA GPU when torch sees one, else the CPU), "cpu", "cuda" or "cuda:N"
     device: str = "auto"
     num_threads: int = 1
-    #: "auto", "fp32" or "bf16" (autocast of the network's matrix products). auto: bf16 where the
-    #: hardware has it (CPUs with AMX/AVX512-BF16, CUDA GPUs of compute capability >= 8.0), else fp32;
+    #: "auto", "fp32" or "bf16" (autocast of the network's matrix products). auto: bf16 on CPUs with
+    #: AMX/AVX512-BF16, else fp32 (GPUs too: bf16 measured slower there for these networks);
     #: decided on every start, so a resumed run suits the machine it resumes on (moldiff.runtime)
     precision: str = "auto"
     #: torch.compile the denoiser for training: true, false or auto (also null): auto compiles only

@@ -659,8 +659,18 @@ class Trainer:
         if self.clipper is not None and state["clipper"] is not None:
             self.clipper.load_state_dict(state["clipper"])
         # Generator.set_state takes a CPU byte tensor, for CUDA generators too; a state dict loaded
-        # with map_location="cuda" holds it on the GPU.
-        self.generator.set_state(state["generator"].cpu())
+        # with map_location="cuda" holds it on the GPU. The states of the two kinds differ (CPU:
+        # Mersenne Twister, 5,056 bytes; CUDA: Philox seed and offset, 16 bytes), so a run moved
+        # between a GPU and a CPU cannot continue its noise stream: it restarts from the seed and
+        # the step, reproducibly, and says so.
+        saved = state["generator"].cpu()
+        if saved.numel() == self.generator.get_state().numel():
+            self.generator.set_state(saved)
+        else:
+            self.generator.manual_seed(self.cfg.train.seed + 1 + 1_000_003 * int(state["step"]))
+            self.log(f"the saved noise generator's state ({saved.numel()} bytes) is not a {self.device.type} "
+                     f"generator's (moved between a GPU and a CPU?): its stream restarts from the seed and step "
+                     f"{state['step']}")
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch, self.hours = state["batch_in_epoch"], state["hours"]
         self.loss_window = [float(x) for x in state.get("loss_window", [])]
