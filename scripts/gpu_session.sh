@@ -5,15 +5,21 @@
 #      .gpudata/qm9_pack.npz (scripts/gpu_pack.py: coordinates of the molecules these runs read);
 #   1. tests/test_gpu.py, all of it (the CUDA tests and the CPU-side decisions), on the GPU;
 #   2. training steps/s at 128x6, batch BENCH_BATCH (default 64), fp32 / TF32 / bf16 (scripts/bench_train_device.py);
-#   3. TRAIN_MINUTES (or, with DEADLINE=S, what is left of S seconds) of training of CONFIG from scratch into /tmp/gpu_run, its checkpoint split into
+#   3. TRAIN_MINUTES (or, with DEADLINE=S, what is left of S seconds) of training of CONFIG from scratch
+#      (or, with RESUME=runs/NAME, of that run, resumed; TRAIN_SET adds --set options) into /tmp/gpu_run, its checkpoint split into
 #      15 MB parts for the trip back (join: cat checkpoint.pt.part-* > checkpoint.pt).
 # Everything lands in $OUT (default out/gpu_session). Each stage has its own time limit, and a failed
 # stage does not stop the next. Prepare here (both ignored by .git/info/exclude, both carried):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 -d .whl rdkit==2026.9.1
 #   python scripts/gpu_pack.py --train 8192
-# then run it there with carry [".whl", ".gpudata"] and, first, move the tracked checkpoints of
-# active runs out of what travels (the working tree may carry 64 MiB in all).
+# then run it there with carry [".whl", ".gpudata"], having first kept the tracked checkpoints of the
+# active runs from travelling (the working tree and the carried paths may take 64 MiB in all; RDKit's
+# wheel is 32 MB, the pack 17): `git rm --cached` them and drop their `!runs/<run>/` lines from
+# .gitignore for the call, then restore both. To train on a committed run, call a second time while
+# the machine is warm, with RESUME=runs/<run> and only that run's files travelling (nothing carried:
+# the first call's RDKit and caches are still there); on return, join the parts into the run's
+# folder and set its config's `device` back to auto.
 #   bash scripts/gpu_session.sh
 #   PY=.venv/bin/python WHEELS=0 DEVICE=cpu TRAIN_MINUTES=0.3 bash scripts/gpu_session.sh   # dry run on a CPU
 set -uo pipefail
@@ -30,13 +36,19 @@ mkdir -p "$OUT_DIR"
 elapsed() { echo "$(( $(date +%s) - START )) s"; }
 
 # ------------------------------------------------------------------ 0. set up
-if [ "${WHEELS:-1}" = 1 ]; then
+# A second call while the machine is still warm (30 s) finds both from the first and needs neither
+# carried: that leaves room for a resumed run's 20 MB checkpoint (RESUME, below).
+if [ "${WHEELS:-1}" = 1 ] && ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || { echo "gpu_session: installing .whl/*.whl failed"; exit 3; }
-    export PYTHONPATH="/tmp/site:$PWD"
 fi
+[ -d /tmp/site ] && export PYTHONPATH="/tmp/site:$PWD"
 export PYTHONUNBUFFERED=1 MOLDIFF_CACHE="$HOME/.cache/moldiff"
-"$PY" scripts/gpu_pack.py --unpack .gpudata/qm9_pack.npz --cache-dir "$MOLDIFF_CACHE" || exit 3
+if [ -f .gpudata/qm9_pack.npz ]; then
+    "$PY" scripts/gpu_pack.py --unpack .gpudata/qm9_pack.npz --cache-dir "$MOLDIFF_CACHE" || exit 3
+elif [ ! -f "$MOLDIFF_CACHE/kept.npy" ]; then
+    echo "gpu_session: no .gpudata/qm9_pack.npz carried and no caches from an earlier call"; exit 3
+fi
 {
     nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
     "$PY" -c 'import platform, torch, rdkit; print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count(), "rdkit", rdkit.__version__)'
@@ -64,9 +76,15 @@ if awk -v m="$TRAIN_MINUTES" 'BEGIN { exit !(m <= 0) }'; then
 fi
 echo "gpu_session: training for $TRAIN_MINUTES minutes"
 rm -rf "$RUN"
-timeout "$(awk -v m="$TRAIN_MINUTES" 'BEGIN { printf "%d", m * 60 + 60 }')" "$PY" -m moldiff.cli train --config "$CONFIG" \
+if [ -n "${RESUME:-}" ]; then  # a run of this repository (its checkpoint.pt and config.yaml carried): go on with it
+    mkdir -p "$RUN" && cp "$RESUME/checkpoint.pt" "$RESUME/config.yaml" "$RUN/" && cp "$RESUME/log.csv" "$RUN/" 2>/dev/null
+    start=(--resume)
+else
+    start=(--config "$CONFIG")
+fi
+timeout "$(awk -v m="$TRAIN_MINUTES" 'BEGIN { printf "%d", m * 60 + 60 }')" "$PY" -m moldiff.cli train "${start[@]}" \
     --run-dir "$RUN" --set "train.device=$DEVICE" --threads "$THREADS" --set "train.max_minutes=$TRAIN_MINUTES" \
-    --set train.checkpoint_minutes=1 > "$OUT_DIR/train.txt" 2>&1
+    --set train.checkpoint_minutes=1 --set train.max_steps=10000000 ${TRAIN_SET:-} > "$OUT_DIR/train.txt" 2>&1
 echo "gpu_session: training exit $? after $(elapsed)"
 head -n 3 "$OUT_DIR/train.txt"; tail -n 4 "$OUT_DIR/train.txt"
 if [ -f "$RUN/checkpoint.pt" ]; then
