@@ -15,11 +15,11 @@
 #   python scripts/gpu_pack.py --train 8192
 # then run it there with carry [".whl", ".gpudata"], having first kept the tracked checkpoints of the
 # active runs from travelling (the working tree and the carried paths may take 64 MiB in all; RDKit's
-# wheel is 32 MB, the pack 17): `git rm --cached` them and drop their `!runs/<run>/` lines from
-# .gitignore for the call, then restore both. To train on a committed run, call a second time while
-# the machine is warm, with RESUME=runs/<run> and only that run's files travelling (nothing carried:
-# the first call's RDKit and caches are still there); on return, join the parts into the run's
-# folder and set its config's `device` back to auto.
+# wheel is 32 MB, the pack 17): `bash scripts/gpu_travel.sh hide` before the call, `restore` after.
+# To train on an active run, call a second time while the machine is warm, after `gpu_travel.sh
+# hide runs/<run>`, with RESUME=runs/<run> and nothing carried (the first call's RDKit and caches are
+# still there); on return, join the parts into the run's folder and set its config's `device` back
+# to auto.
 #   bash scripts/gpu_session.sh
 #   PY=.venv/bin/python WHEELS=0 DEVICE=cpu TRAIN_MINUTES=0.3 bash scripts/gpu_session.sh   # dry run on a CPU
 set -uo pipefail
