@@ -7,15 +7,15 @@ The arithmetic choice lives in one function, :func:`choose_arithmetic`, used by 
 (``train.precision`` / ``train.compile``) and by sampling (:func:`auto_precision`, which
 ``MolDiffPipeline.configure_inference(precision="auto")`` calls):
 
-* bf16 autocast where the hardware has bf16 arithmetic: CPUs with AMX or AVX512-BF16, CUDA GPUs of
-  compute capability 8.0 and up (A100, H100/H200, RTX 30xx and later); fp32 everywhere else. On a CPU
-  without native bf16 (e.g. AVX2 only) PyTorch emulates bf16 and it is several times slower than fp32
-  (docs/benchmarks.md, "Other CPUs").
+* bf16 autocast on CPUs with AMX or AVX512-BF16; fp32 everywhere else. On a CPU without native bf16
+  (e.g. AVX2 only) PyTorch emulates bf16 and it is several times slower than fp32 (docs/benchmarks.md,
+  "Other CPUs"). GPUs of compute capability 8.0 and up have bf16, but on an H200 bf16 autocast made a
+  128 x 6 training step 1.2-1.5x slower than fp32 (docs/benchmarks.md, "GPUs"), so they get fp32 too.
 * ``torch.compile`` for training only where it measured clearly faster: on CPUs with native bf16,
   in bf16. Not on AVX2-only CPUs (in bf16 it is 3.4x slower than bf16 eager there; in fp32 it was
   6-32% faster per step, after 1-6 minutes of compilation at every start, on a machine whose speed
   moved 2.5x between runs: docs/benchmarks.md, "Other CPUs"; ``train.compile=true`` asks for it)
-  and not on GPUs (not measured yet: ``scripts/gpu_check.sh`` times it).
+  and not on GPUs (not measured yet: ``scripts/gpu_session.sh`` runs the benchmark on a lent GPU).
 """
 
 from __future__ import annotations
