@@ -3,8 +3,9 @@
 # python3 has a CUDA build of torch, torch-geometric, e3nn, scipy, but no RDKit and no QM9):
 #   0. set up: RDKit from the wheels in .whl/ into /tmp/site, the QM9 caches from
 #      .gpudata/qm9_pack.npz (scripts/gpu_pack.py: coordinates of the molecules these runs read);
-#   1. tests/test_gpu.py, all of it (the CUDA tests and the CPU-side decisions), on the GPU;
-#   2. training steps/s at 128x6, batch BENCH_BATCH (default 64), fp32 / TF32 / bf16 (scripts/bench_train_device.py);
+#   1. tests/test_gpu.py, all of it (the CUDA tests and the CPU-side decisions), on the GPU (SKIP_TESTS=1:
+#      not; they need RDKit's wheel, which leaves no room for a checkpoint in one call);
+#   2. (SKIP_BENCH=1: not) training steps/s at 128x6, batch BENCH_BATCH (default 64), fp32 / TF32 / bf16 (scripts/bench_train_device.py);
 #   3. TRAIN_MINUTES (or, with DEADLINE=S, what is left of S seconds) of training of CONFIG from scratch
 #      (or, with RESUME=runs/NAME, of that run, resumed; TRAIN_SET adds --set options) into /tmp/gpu_run, its checkpoint split into
 #      15 MB parts for the trip back (join: cat checkpoint.pt.part-* > checkpoint.pt).
@@ -42,7 +43,7 @@ if [ "${WHEELS:-1}" = 1 ] && ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || { echo "gpu_session: installing .whl/*.whl failed"; exit 3; }
 fi
-[ -d /tmp/site ] && export PYTHONPATH="/tmp/site:$PWD"
+if [ -d /tmp/site ]; then export PYTHONPATH="/tmp/site:$PWD"; else export PYTHONPATH="$PWD"; fi
 export PYTHONUNBUFFERED=1 MOLDIFF_CACHE="$HOME/.cache/moldiff"
 if [ -f .gpudata/qm9_pack.npz ]; then
     "$PY" scripts/gpu_pack.py --unpack .gpudata/qm9_pack.npz --cache-dir "$MOLDIFF_CACHE" || exit 3
@@ -57,14 +58,22 @@ fi
 echo "gpu_session: set up after $(elapsed)"
 
 # ------------------------------------------------------------------ 1. tests
-timeout "${TEST_SECONDS:-170}" "$PY" -m pytest -q -p no:cacheprovider -m "not slow" tests/test_gpu.py > "$OUT_DIR/pytest_gpu.txt" 2>&1
-echo "gpu_session: tests exit $? after $(elapsed): $(tail -n 1 "$OUT_DIR/pytest_gpu.txt")"
-grep -E "FAILED|ERROR" "$OUT_DIR/pytest_gpu.txt" | head -n 20
+if [ "${SKIP_TESTS:-0}" = 1 ]; then
+    echo "gpu_session: tests skipped (SKIP_TESTS=1)"
+else
+    timeout "${TEST_SECONDS:-170}" "$PY" -m pytest -q -p no:cacheprovider -m "not slow" tests/test_gpu.py > "$OUT_DIR/pytest_gpu.txt" 2>&1
+    echo "gpu_session: tests exit $? after $(elapsed): $(tail -n 1 "$OUT_DIR/pytest_gpu.txt")"
+    grep -E "FAILED|ERROR" "$OUT_DIR/pytest_gpu.txt" | head -n 20
+fi
 
 # ------------------------------------------------------------------ 2. benchmark
-timeout "${BENCH_SECONDS:-50}" "$PY" scripts/bench_train_device.py --device "$DEVICE" --sizes 128x6 --modes fp32,tf32,bf16 \
-    --compile-sizes "" --steps 30 --time-limit 5 --threads "$THREADS" --batch-size "${BENCH_BATCH:-64}" --out "$OUT_DIR/bench_train.json" 2>&1 | tail -n 8
-echo "gpu_session: benchmark exit $? after $(elapsed)"
+if [ "${SKIP_BENCH:-0}" = 1 ]; then
+    echo "gpu_session: benchmark skipped (SKIP_BENCH=1)"
+else
+    timeout "${BENCH_SECONDS:-50}" "$PY" scripts/bench_train_device.py --device "$DEVICE" --sizes 128x6 --modes fp32,tf32,bf16 \
+        --compile-sizes "" --steps 30 --time-limit 5 --threads "$THREADS" --batch-size "${BENCH_BATCH:-64}" --out "$OUT_DIR/bench_train.json" 2>&1 | tail -n 8
+    echo "gpu_session: benchmark exit $? after $(elapsed)"
+fi
 
 # ------------------------------------------------------------------ 3. training
 if [ -n "${DEADLINE:-}" ]; then  # seconds after the start by which training must have stopped: use what is left
