@@ -31,13 +31,14 @@ from moldiff.diffusion import AtomFeatures, BondFeatures, NoiseSchedule, make_sa
 from moldiff.diffusion.categorical import CategoricalDiffusion, CategoricalFeatures
 from moldiff.diffusion.likelihood import NLLTerms, estimate_nll
 from moldiff.files import atomic_directory
-from moldiff.geometry import num_nodes_per_graph, remove_mean
+from moldiff.geometry import fully_connected_edges, num_nodes_per_graph, remove_mean
 from moldiff.chemistry import fragments as chem_fragments
 from moldiff.inpainting import DEFAULT_INPAINT_NOISE_SCALE, DEFAULT_INPAINT_TIME_POWER, inpaint_arrays, plan_conditioning
 from moldiff.molecules import GeneratedMolecule, evaluate_molecules, interpret, molecules_from_arrays
 from moldiff.sampling import (DEFAULT_NOISE_SCALE, DEFAULT_TIME_POWER, EvenValence, GivenTypes, SampledArrays, batch_ticker,
                               denoise_batch)
 from moldiff.models import DenoiserConfig, DenoiserOutput, build_denoiser
+from moldiff.models.valence import valence_inputs, valence_table
 from moldiff.runtime import choose_arithmetic, resolve_device
 
 __all__ = [
@@ -325,6 +326,8 @@ class MolDiffPipeline(torch.nn.Module):
                 raise ValueError("a categorical bond model's bond head gives clean-bond logits: bond_output must be 'logits'")
             if getattr(denoiser.config, "h_skip", False):
                 raise ValueError("model.h_skip is for EDM's Gaussian element features, not categorical ones")
+        elif getattr(denoiser.config, "valence_features", False):
+            raise ValueError("model.valence_features reads the noisy classes of a categorical model (diffusion.categorical)")
         self.denoiser = denoiser
         self.schedule = schedule
         self.features = features
@@ -483,8 +486,12 @@ class MolDiffPipeline(torch.nn.Module):
         if context is None and self.denoiser.config.context_dim:
             context = torch.zeros(t.shape[0], self.denoiser.config.context_dim, dtype=pos_t.dtype, device=pos_t.device)
         bf16 = getattr(self, "_precision", "fp32") == "bf16"
+        extra = {} if t_h is None else {"t_h": t_h}
+        if getattr(self.denoiser.config, "valence_features", False):
+            if edge_index is None:
+                edge_index = fully_connected_edges(batch)
+            extra["valence"] = self.valence_inputs(h_t, e_t, edge_index, batch, t.shape[0])
         with torch.autocast(pos_t.device.type, dtype=torch.bfloat16, enabled=bf16):
-            extra = {} if t_h is None else {"t_h": t_h}
             out = self.denoiser(pos_t, h_t, t, batch, context=context, edge_index=edge_index, cond=cond, blocks=blocks,
                                 e_t=e_t, **extra)
         if self.bond_types:
@@ -500,6 +507,17 @@ class MolDiffPipeline(torch.nn.Module):
                 eps_e = (e_t - alpha * e0) / sigma
             return out.pos.to(pos_t.dtype), out.h.to(h_t.dtype), eps_e
         return out.pos.to(pos_t.dtype), out.h.to(h_t.dtype)
+
+    def valence_inputs(self, h_t: torch.Tensor, e_t: torch.Tensor, edge_index: torch.Tensor, batch: torch.Tensor,
+                       num_graphs: int) -> torch.Tensor:
+        """The valence input columns (:func:`moldiff.models.valence.valence_inputs`) of the noisy classes
+        encoded in ``h_t`` (one-hot elements and charge classes) and ``e_t`` (one-hot bond orders)."""
+        table = getattr(self, "_valence_table", None)
+        if table is None:
+            table = self._valence_table = valence_table(self.elements, self.features.charge_values)
+        types, charges = self.features.split(h_t)
+        return valence_inputs(types.argmax(-1), None if charges is None else charges.argmax(-1), e_t.argmax(-1),
+                              edge_index, batch, num_graphs, table).to(h_t.dtype)
 
     def _with_skips(self, out: DenoiserOutput, pos_t, h_t, t, batch, t_h=None) -> DenoiserOutput:
         """``out`` with the Gaussian skips of ``model.pos_skip_std`` (coordinates) and ``model.h_skip``

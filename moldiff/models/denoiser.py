@@ -15,6 +15,7 @@ from torch import nn
 
 from moldiff.geometry import fully_connected_edges, graph_edges, parse_graph, remove_mean
 from moldiff.models.egnn import EquivariantBlock, coord_features
+from moldiff.models.valence import VALENCE_INPUTS
 
 __all__ = ["DenoiserConfig", "DenoiserOutput", "EGNNDenoiser"]
 
@@ -102,6 +103,12 @@ class DenoiserConfig:
     #: per property, so ``context_dim`` is ``2 x len(properties)`` (set from it when left at 0). Empty:
     #: unconditional, and the field is left out of :meth:`to_dict` (configs as before it existed).
     properties: list[str] = field(default_factory=list)
+    #: categorical models with bond classes: the network also reads, per atom, whether its noisy
+    #: molecule's valence sum is odd and its valence minus its current bond orders
+    #: (:mod:`moldiff.models.valence`; DiGress's extra features). The last input columns, so a model
+    #: without them resumes with them switched on computing the same function (new weights at zero).
+    #: Computed by ``MolDiffPipeline.predict_noise``. False: off (left out of :meth:`to_dict`).
+    valence_features: bool = False
 
     def __post_init__(self):
         if self.properties is None:
@@ -130,6 +137,8 @@ class DenoiserConfig:
             raise ValueError("model.centre_skip is for EGNN models on a sparse graph (model.graph radius:R or knn:K)")
         if not (math.isfinite(self.pos_skip_std) and self.pos_skip_std >= 0):
             raise ValueError(f"model.pos_skip_std must be a finite number >= 0 (Å; 0 is off), got {self.pos_skip_std}")
+        if self.valence_features and (self.arch != "egnn" or not self.bond_types):
+            raise ValueError("model.valence_features needs an EGNN model with bond classes (model.bond_types)")
         if sparse and self.bond_types:
             raise ValueError(f"model.graph={self.graph!r} cannot be used with model.bond_types={self.bond_types}: "
                              "bond models predict a class for every atom pair and need graph 'full'")
@@ -149,7 +158,7 @@ class DenoiserConfig:
         out = asdict(self)
         if not out["properties"]:
             del out["properties"]
-        for key in ("centre_skip", "pos_skip_std", "h_skip"):  # off: as saved before the option existed
+        for key in ("centre_skip", "pos_skip_std", "h_skip", "valence_features"):  # off: as saved before the option existed
             if not out[key]:
                 del out[key]
         return out
@@ -190,11 +199,12 @@ def network_inputs(
     cond: tuple[torch.Tensor, torch.Tensor] | None,
     e_t: torch.Tensor | None,
     t_h: torch.Tensor | None = None,
+    valence: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """What every denoiser family reads, checked against its config, in one place.
 
     Returns ``(edge_index, nodes, edge_extra)``: the graph (``config.graph``; sparse ones follow
-    ``pos_t``), the per-atom input columns ``[h_t, t, context, tanh(h_hat), t_h]`` (the optional ones
+    ``pos_t``), the per-atom input columns ``[h_t, t, context, tanh(h_hat), t_h, valence]`` (the optional ones
     as the config has them, in that order: new inputs are appended so older weights widen with zero
     columns), and the invariant per-edge columns after the family's own geometry features
     (``log(1 + |pos_hat_i - pos_hat_j|^2)`` for self-conditioning, then ``e_t``), or ``None``.
@@ -233,6 +243,12 @@ def network_inputs(
         parts.append((t if t_h is None else t_h).to(h_t.dtype)[batch].unsqueeze(-1))
     elif t_h is not None:
         raise ValueError("t_h was given but this denoiser was not built with type_time")
+    if config.valence_features:  # after everything else (see DenoiserConfig.valence_features)
+        if valence is None or valence.shape != (h_t.shape[0], VALENCE_INPUTS):
+            raise ValueError(f"this denoiser reads valence inputs: pass valence of shape (n, {VALENCE_INPUTS})")
+        parts.append(valence.to(h_t.dtype))
+    elif valence is not None:
+        raise ValueError("valence inputs were given but this denoiser was not built with valence_features")
     return edge_index, torch.cat(parts, -1), (torch.cat(edge_parts, -1) if edge_parts else None)
 
 
@@ -253,7 +269,8 @@ class EGNNDenoiser(nn.Module):
         # Self-conditioning inputs are appended after the plain ones (last columns of the embedding
         # and of every edge MLP's first layer), so a plain model's weights load into a
         # self-conditioned one with zero columns and compute the same function.
-        self.embedding = nn.Linear(in_nf + (c.num_features if c.self_condition else 0) + int(c.type_time), c.hidden)
+        self.embedding = nn.Linear(in_nf + (c.num_features if c.self_condition else 0) + int(c.type_time)
+                                   + (VALENCE_INPUTS if c.valence_features else 0), c.hidden)
         self.blocks = nn.ModuleList(
             EquivariantBlock(
                 c.hidden,
@@ -285,6 +302,7 @@ class EGNNDenoiser(nn.Module):
         blocks: Sequence[Callable] | None = None,
         e_t: torch.Tensor | None = None,
         t_h: torch.Tensor | None = None,
+        valence: torch.Tensor | None = None,
     ) -> DenoiserOutput | tuple[DenoiserOutput, torch.Tensor]:
         """Predict on a flat batch.
 
@@ -306,13 +324,15 @@ class EGNNDenoiser(nn.Module):
                 ``i -> j`` and ``j -> i``); required by, and only accepted by, models with ``bond_types``.
 
             t_h: ``(B,)`` noise time of the element features, for ``type_time`` models (default ``t``).
+            valence: ``(n, VALENCE_INPUTS)`` valence inputs of the noisy classes
+                (:func:`moldiff.models.valence.valence_inputs`), for ``valence_features`` models only.
 
         Returns:
             :class:`DenoiserOutput`; for bond models ``(DenoiserOutput, eps_e (E, bond_types))``.
         """
         num_graphs = t.shape[0]
         edge_index, nodes, edge_extra = network_inputs(self.config, pos_t, h_t, t, batch, context, edge_index, cond,
-                                                       e_t, t_h)
+                                                       e_t, t_h, valence)
         radial0, _ = coord_features(pos_t, edge_index, self.config.norm_constant)
         static = radial0 if edge_extra is None else torch.cat([radial0, edge_extra.to(radial0.dtype)], -1)
         h = self.embedding(nodes)

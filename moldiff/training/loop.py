@@ -623,12 +623,16 @@ class Trainer:
         saved_tt = bool(saved_model.get("type_time", False))
         if saved_tt and not self.cfg.model.type_time:
             raise ValueError("this checkpoint takes the elements' own noise time; it cannot continue without model.type_time")
+        saved_vf = bool(saved_model.get("valence_features", False))
+        if saved_vf and not self.cfg.model.valence_features:
+            raise ValueError("this checkpoint reads valence inputs; it cannot continue without model.valence_features")
         if saved_bonds and saved_bonds != self.cfg.model.bond_types:
             raise ValueError(f"this checkpoint generates {saved_bonds} bond classes; it cannot continue with "
                              f"model.bond_types={self.cfg.model.bond_types}")
         switched = [name for name, on in (("self-conditioning", saved_sc != self.cfg.model.self_condition),
                                           ("bond features", saved_bonds != self.cfg.model.bond_types),
-                                          ("the elements' noise time", saved_tt != self.cfg.model.type_time)) if on]
+                                          ("the elements' noise time", saved_tt != self.cfg.model.type_time),
+                                          ("valence inputs", saved_vf != self.cfg.model.valence_features)) if on]
         if switched:
             # Switching self-conditioning or bond features on mid-run: the new input columns start at
             # zero, so the network computes what it computed before; new output heads keep their
@@ -875,6 +879,8 @@ class Trainer:
             return self.pipe
         # Route the forward pass through the compiled / DDP wrapper (DDP all-reduces gradients).
         wrapper = self.forward_model
+        pipe = self.pipe
+        valence = bool(getattr(pipe.denoiser.config, "valence_features", False))
 
         class _Proxy:
             features, schedule, self_condition = self.pipe.features, self.pipe.schedule, self.pipe.self_condition
@@ -886,6 +892,10 @@ class Trainer:
                               context=None):
                 # training only: bond heads' raw output (the loss asks for it with raw_bonds=True)
                 extra = {} if t_h is None else {"t_h": t_h}
+                if valence:  # computed outside the compiled network, as MolDiffPipeline.predict_noise does
+                    if edge_index is None:
+                        edge_index = fully_connected_edges(batch)
+                    extra["valence"] = pipe.valence_inputs(h_t, e_t, edge_index, batch, t.shape[0])
                 out = wrapper(pos_t, h_t, t, batch, cond=cond, edge_index=edge_index, e_t=e_t, context=context, **extra)
                 if e_t is not None:
                     out, eps_e = out

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from moldiff.models.valence import VALENCE_INPUTS
+
 __all__ = ["WarmStart", "load_source", "warm_start", "input_labels", "feature_labels"]
 
 #: state-dict names of the atom-input layer and of the atom-output layer, per denoiser family
@@ -110,6 +112,8 @@ def input_labels(pipe) -> list[tuple]:
         cols += [(("estimate",) + name, 1.0) for name, _ in feats]
     if getattr(cfg, "type_time", False):
         cols.append((("type time",), 1.0))
+    if getattr(cfg, "valence_features", False):
+        cols += [(("valence", k), 1.0) for k in range(VALENCE_INPUTS)]
     return cols
 
 
