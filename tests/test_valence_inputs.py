@@ -127,7 +127,29 @@ def test_bad_configs_are_refused():
         DenoiserConfig(num_features=6, hidden=8, n_layers=1, valence_features=True)
     with pytest.raises(ValueError, match="valence_features needs"):
         DenoiserConfig(num_features=8, hidden=8, n_layers=1, bond_types=4, arch="e3nn", valence_features=True)
-    assert "valence_features" not in DenoiserConfig().to_dict()
+    assert "valence_features" not in DenoiserConfig().to_dict() and "valence_scale" not in DenoiserConfig().to_dict()
+    with pytest.raises(ValueError, match="valence_scale"):
+        DenoiserConfig(num_features=8, hidden=8, n_layers=1, bond_types=4, valence_features=True, valence_scale=0.0)
+    # the factor multiplies the columns: weights w at scale 4 compute what 4 w compute at scale 1
+    torch.manual_seed(0)
+    one = EGNNDenoiser(DenoiserConfig(num_features=8, hidden=8, n_layers=1, bond_types=4, bond_output="logits",
+                                      valence_features=True)).double()
+    four = EGNNDenoiser(DenoiserConfig(num_features=8, hidden=8, n_layers=1, bond_types=4, bond_output="logits",
+                                       valence_features=True, valence_scale=4.0)).double()
+    four.load_state_dict(one.state_dict())
+    with torch.no_grad():
+        one.embedding.weight[:, -VALENCE_INPUTS:] *= 4.0
+    g = torch.Generator().manual_seed(5)
+    batch, edge_index, h, e = random_graph(g, [4, 3])
+    pos = torch.randn(batch.shape[0], 3, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.2, 0.6], dtype=torch.float64)
+    valence = torch.nn.functional.one_hot(torch.randint(0, VALENCE_INPUTS, (batch.shape[0],), generator=g),
+                                          VALENCE_INPUTS).double()
+    a, _ = one(pos, h, t, batch, edge_index=edge_index, e_t=e, valence=valence)
+    b, _ = four(pos, h, t, batch, edge_index=edge_index, e_t=e, valence=valence)
+    torch.testing.assert_close(a.h, b.h, atol=1e-10, rtol=0)
+    c, _ = four(pos, h, t, batch, edge_index=edge_index, e_t=e, valence=2 * valence)
+    assert not torch.allclose(c.h, b.h)
     net = EGNNDenoiser(DenoiserConfig(num_features=6, hidden=8, n_layers=1, bond_types=4, valence_features=True))
     from moldiff.diffusion import AtomFeatures
 

@@ -109,6 +109,11 @@ class DenoiserConfig:
     #: without them resumes with them switched on computing the same function (new weights at zero).
     #: Computed by ``MolDiffPipeline.predict_noise``. False: off (left out of :meth:`to_dict`).
     valence_features: bool = False
+    #: the factor the valence inputs enter with. Under Adam a column's weights move by about the
+    #: learning rate per step whatever its input's size, so the factor sets how fast the network can
+    #: come to lean on them; switched on at resume in a run at a low rate (3e-5), columns at factor 1
+    #: stayed near zero for thousands of steps (docs/experiments.md, session 25)
+    valence_scale: float = 1.0
 
     def __post_init__(self):
         if self.properties is None:
@@ -137,6 +142,8 @@ class DenoiserConfig:
             raise ValueError("model.centre_skip is for EGNN models on a sparse graph (model.graph radius:R or knn:K)")
         if not (math.isfinite(self.pos_skip_std) and self.pos_skip_std >= 0):
             raise ValueError(f"model.pos_skip_std must be a finite number >= 0 (Å; 0 is off), got {self.pos_skip_std}")
+        if not (math.isfinite(self.valence_scale) and self.valence_scale > 0):
+            raise ValueError(f"model.valence_scale must be a positive number, got {self.valence_scale}")
         if self.valence_features and (self.arch != "egnn" or not self.bond_types):
             raise ValueError("model.valence_features needs an EGNN model with bond classes (model.bond_types)")
         if sparse and self.bond_types:
@@ -161,6 +168,8 @@ class DenoiserConfig:
         for key in ("centre_skip", "pos_skip_std", "h_skip", "valence_features"):  # off: as saved before the option existed
             if not out[key]:
                 del out[key]
+        if not self.valence_features:
+            del out["valence_scale"]
         return out
 
 
@@ -246,7 +255,7 @@ def network_inputs(
     if config.valence_features:  # after everything else (see DenoiserConfig.valence_features)
         if valence is None or valence.shape != (h_t.shape[0], VALENCE_INPUTS):
             raise ValueError(f"this denoiser reads valence inputs: pass valence of shape (n, {VALENCE_INPUTS})")
-        parts.append(valence.to(h_t.dtype))
+        parts.append(config.valence_scale * valence.to(h_t.dtype))
     elif valence is not None:
         raise ValueError("valence inputs were given but this denoiser was not built with valence_features")
     return edge_index, torch.cat(parts, -1), (torch.cat(edge_parts, -1) if edge_parts else None)
