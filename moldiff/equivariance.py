@@ -11,7 +11,7 @@ import torch
 
 from moldiff.geometry import random_orthogonal
 
-__all__ = ["random_transform", "assert_equivariant"]
+__all__ = ["random_transform", "assert_equivariant", "assert_bond_equivariant"]
 
 Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -65,3 +65,32 @@ def assert_equivariant(
             if not err <= atol + rtol * scale:
                 raise AssertionError(f"{name} output not equivariant: max deviation {err:.3e} (scale {scale:.3e})")
     return worst
+
+
+def assert_bond_equivariant(
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    pos: torch.Tensor,
+    h: torch.Tensor,
+    e: torch.Tensor,
+    batch: torch.Tensor,
+    edge_index: torch.Tensor,
+    *,
+    trials: int = 3,
+    atol: float = 1e-9,
+    generator: torch.Generator | None = None,
+) -> None:
+    """:func:`assert_equivariant` for a network with per-edge inputs and outputs (bond models):
+    ``fn(pos, h, e) -> (eps_pos, h_out, e_out)`` on the fixed graph ``edge_index`` ``(2, E)`` of the
+    sorted ``batch``, ``e`` ``(E, K)``. Under a random rotation or reflection, translation and
+    within-molecule permutation, ``eps_pos`` must rotate (a displacement), ``h_out`` follow the atoms
+    and ``e_out`` follow the edges (the edge ``(perm[a], perm[b])`` takes the place of ``(a, b)``).
+    Raises ``AssertionError`` (``torch.testing``'s message) on a deviation above ``atol``."""
+    eps, h_ref, e_ref = fn(pos, h, e)
+    key = {(int(a), int(b)): k for k, (a, b) in enumerate(edge_index.T.tolist())}
+    for _ in range(trials):
+        q, shift, perm = random_transform(batch, generator=generator, dtype=pos.dtype)
+        moved = torch.tensor([key[(int(perm[a]), int(perm[b]))] for a, b in edge_index.T.tolist()])
+        eps2, h2, e2 = fn((pos @ q.T + shift)[perm], h[perm], e[moved])
+        torch.testing.assert_close(eps2, (eps @ q.T)[perm], atol=atol, rtol=0)
+        torch.testing.assert_close(h2, h_ref[perm], atol=atol, rtol=0)
+        torch.testing.assert_close(e2, e_ref[moved], atol=atol, rtol=0)

@@ -12,7 +12,7 @@ import torch
 from moldiff.data.statistics import compute_statistics
 from moldiff.diffusion import NoiseSchedule
 from moldiff.diffusion.categorical import CHARGE_VALUES, CategoricalFeatures
-from moldiff.equivariance import random_transform
+from moldiff.equivariance import assert_bond_equivariant
 from moldiff.geometry import fully_connected_edges, reverse_edges
 from moldiff.models import DenoiserConfig, EGNNDenoiser
 from moldiff.models.valence import VALENCE_INPUTS, valence_inputs, valence_table
@@ -105,15 +105,11 @@ def test_the_network_reads_them_and_stays_invariant():
     pos = 1.5 * torch.randn(batch.shape[0], 3, generator=g, dtype=torch.float64)
     t = torch.tensor([0.1, 0.4, 0.8], dtype=torch.float64)
     eps, logits, bond_logits = pipe.predict_noise(pos, h, t, batch, edge_index=edge_index, e_t=e)
-    key = {(int(a), int(b)): k for k, (a, b) in enumerate(edge_index.T.tolist())}
-    for _ in range(3):
-        q, shift, perm = random_transform(batch, generator=g)
-        moved = torch.tensor([key[(int(perm[a]), int(perm[b]))] for a, b in edge_index.T.tolist()])
-        eps2, logits2, bond2 = pipe.predict_noise((pos @ q.T + shift)[perm], h[perm], t, batch, edge_index=edge_index,
-                                                  e_t=e[moved])
-        torch.testing.assert_close(eps2, (eps @ q.T)[perm], atol=1e-9, rtol=0)
-        torch.testing.assert_close(logits2, logits[perm], atol=1e-9, rtol=0)
-        torch.testing.assert_close(bond2, bond_logits[moved], atol=1e-9, rtol=0)
+    assert_bond_equivariant(lambda p, x, y: pipe.predict_noise(p, x, t, batch, edge_index=edge_index, e_t=y),
+                            pos, h, e, batch, edge_index, trials=3, generator=g)
+    with pytest.raises(AssertionError):  # the check fails a network whose bond output ignores the edge order
+        assert_bond_equivariant(lambda p, x, y: (*pipe.predict_noise(p, x, t, batch, edge_index=edge_index, e_t=y)[:2],
+                                                 bond_logits), pos, h, e, batch, edge_index, generator=g)
     # another bond order on one pair changes the inputs and so the prediction: the columns are read
     e2 = e.clone()
     e2[0], e2[int(reverse_edges(edge_index, batch.shape[0])[0])] = e[0].roll(1), e[0].roll(1)
