@@ -687,17 +687,28 @@ def cmd_nll(args) -> int:
         pipe.require_type_generation("the likelihood bound on p(x, h, N)")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    categorical = pipe.categorical is not None
     qm9 = load_qm9(_cache_dir(args), progress=True)
+    bonds = None
+    if categorical and (pipe.bond_types or pipe.categorical.charges is not None):
+        from moldiff.data.qm9_bonds import load_qm9_bonds
+
+        bonds = load_qm9_bonds(qm9, _cache_dir(args), progress=True)  # RDKit's bond orders and formal charges
     idx = edm_split(len(qm9))[split_name]
     idx = idx[: args.n] if args.n is not None else idx
-    mols = MoleculeSet(qm9.ptr, qm9.atom_types, qm9.positions, [SYMBOL_TO_Z[e] for e in QM9_ELEMENTS], idx)
+    mols = MoleculeSet(qm9.ptr, qm9.atom_types, qm9.positions, [SYMBOL_TO_Z[e] for e in QM9_ELEMENTS], idx, bonds=bonds)
     gen = torch.Generator(device=pipe.device).manual_seed(args.seed)
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("total", "prior", "diffusion", "reconstruction", "size")}
+    names = ("total", "prior", "diffusion", "reconstruction", "size") + (("classes",) if categorical else ())
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
     order = np.arange(len(idx))
     with _progress_bar(len(idx), "NLL", "mol") as bar:
         for lo in range(0, len(idx), args.batch_size):
             b = mols.batch(order[lo : lo + args.batch_size]).to(pipe.device)
-            terms = pipe.nll_terms(b.pos, b.types, b.charges, b.batch, b.num_graphs, generator=gen)
+            try:
+                terms = pipe.nll_terms(b.pos, b.types, b.charges, b.batch, b.num_graphs, formal_charges=b.formal_charges,
+                                       bonds=b.bonds, generator=gen)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
             for k in parts:
                 parts[k].append((terms.total if k == "total" else getattr(terms, k)).cpu().numpy())
             bar.update(b.num_graphs)
@@ -705,17 +716,20 @@ def cmd_nll(args) -> int:
     total = vals["total"]
     n_bad = int((~np.isfinite(total)).sum())
     mean, sem = float(total.mean()), float(total.std(ddof=1) / np.sqrt(len(total))) if len(total) > 1 else float("nan")
+    quantity = ("-log p(x, elements, charges, bonds, N); not comparable with EDM's -log p(x, h, N)" if categorical
+                else "-log p(x, h, N); EDM, QM9 with H: -110.7")
     print(f"NLL on {args.dataset} ({len(total)} molecules, one draw each, seed {args.seed}): "
-          f"{mean:.2f} +- {sem:.2f} nats per molecule  (EDM, QM9 with H: -110.7)")
-    print("  terms (means): " + ", ".join(f"{k} {float(vals[k].mean()):.2f}" for k in ("prior", "diffusion", "reconstruction", "size")))
+          f"{mean:.2f} +- {sem:.2f} nats per molecule  ({quantity})")
+    print("  terms (means): " + ", ".join(f"{k} {float(vals[k].mean()):.2f}" for k in names[1:])
+          + ("  (classes: the discrete part of diffusion)" if categorical else ""))
     if n_bad:
         print(f"  {n_bad} molecules gave a non-finite value (sizes with p(N) = 0 or a numerical fault)")
     if args.json:
         from moldiff.chemistry.io import write_json
 
         write_json(args.json, {"dataset": args.dataset, "n": len(total), "seed": args.seed, "checkpoint": str(checkpoint),
-                               "nll": mean, "nll_sem": sem, "non_finite": n_bad,
-                               **{f"mean_{k}": float(vals[k].mean()) for k in ("prior", "diffusion", "reconstruction", "size")}})
+                               "quantity": quantity.split(";")[0], "nll": mean, "nll_sem": sem, "non_finite": n_bad,
+                               **{f"mean_{k}": float(vals[k].mean()) for k in names[1:]}})
     return 0
 
 

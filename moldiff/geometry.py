@@ -12,6 +12,7 @@ import math
 import torch
 
 __all__ = [
+    "edge_bond_orders",
     "scatter_sum",
     "scatter_mean",
     "remove_mean",
@@ -94,6 +95,22 @@ def reverse_edges(edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
     if key.numel() and not bool((key[rev] == col * num_nodes + row).all()):
         raise ValueError("edge_index is not symmetric: some edge has no reverse")
     return rev
+
+
+def edge_bond_orders(bonds: torch.Tensor, edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """``(E,)`` bond order of every directed edge of ``fully_connected_edges`` (sorted by source,
+    then target), from a batch's bond rows ``[i, j, order]`` ``(P, 3)``; 0 where there is no bond."""
+    row, col = edge_index
+    key = row * num_nodes + col
+    labels = torch.zeros_like(row)
+    if bonds.numel():
+        i, j, order = bonds.to(row.device).long().unbind(-1)
+        for a, b in ((i, j), (j, i)):
+            at = torch.searchsorted(key, a * num_nodes + b)
+            if bool((at >= key.numel()).any()) or not bool((key[at] == a * num_nodes + b).all()):
+                raise ValueError("a bond joins atoms of different molecules or an atom to itself")
+            labels[at] = order
+    return labels
 
 
 def random_orthogonal(

@@ -29,9 +29,9 @@ from moldiff.data.properties import CONDITION_UNITS, PropertyConditioning
 from moldiff.data.statistics import DatasetStatistics
 from moldiff.diffusion import AtomFeatures, BondFeatures, NoiseSchedule, make_sampler
 from moldiff.diffusion.categorical import CategoricalDiffusion, CategoricalFeatures
-from moldiff.diffusion.likelihood import NLLTerms, estimate_nll
+from moldiff.diffusion.likelihood import NLLTerms, estimate_nll, estimate_nll_categorical
 from moldiff.files import atomic_directory
-from moldiff.geometry import fully_connected_edges, num_nodes_per_graph, remove_mean
+from moldiff.geometry import edge_bond_orders, fully_connected_edges, num_nodes_per_graph, remove_mean, reverse_edges
 from moldiff.chemistry import fragments as chem_fragments
 from moldiff.inpainting import DEFAULT_INPAINT_NOISE_SCALE, DEFAULT_INPAINT_TIME_POWER, inpaint_arrays, plan_conditioning
 from moldiff.molecules import GeneratedMolecule, evaluate_molecules, interpret, molecules_from_arrays
@@ -567,12 +567,18 @@ class MolDiffPipeline(torch.nn.Module):
 
     # ------------------------------------------------------------------ likelihood
     @torch.no_grad()
-    def nll_terms(self, pos, types, charges, batch, num_graphs: int, *, generator=None, steps: int = 1000) -> NLLTerms:
+    def nll_terms(self, pos, types, charges, batch, num_graphs: int, *, formal_charges=None, bonds=None, generator=None,
+                  steps: int = 1000) -> NLLTerms:
         """One-sample estimate of the bound on ``-log p(x, h, N)`` (nats) per molecule, as EDM reports
         it on QM9 (see :mod:`moldiff.diffusion.likelihood`). ``pos`` ``(n, 3)`` Å, ``types`` ``(n,)``
-        indices into :attr:`elements`, ``charges`` ``(n,)`` atomic numbers, sorted ``batch`` ``(n,)``."""
-        self.require_gaussian_types("the likelihood bound")
-        self.require_no_bonds("the likelihood bound")
+        indices into :attr:`elements`, ``charges`` ``(n,)`` atomic numbers, sorted ``batch`` ``(n,)``.
+
+        Categorical models bound ``-log p(x, elements, charges, bonds, N)`` instead
+        (:func:`~moldiff.diffusion.likelihood.estimate_nll_categorical`): they also need each atom's
+        ``formal_charges`` ``(n,)`` (models with charge classes) and, for bond models, the ``bonds``
+        rows ``[i, j, order]`` ``(P, 3)`` of a :class:`~moldiff.data.batching.MoleculeBatch`
+        (atom indices of the whole batch); ``charges`` is then unused. A property-conditional model
+        is scored in its unconditional mode (every property hidden)."""
         self.require_type_generation("the likelihood bound on p(x, h, N)")
         self.denoiser.eval()
         sizes = num_nodes_per_graph(batch, num_graphs).cpu().numpy()
@@ -581,8 +587,33 @@ class MolDiffPipeline(torch.nn.Module):
             log_p = np.log(np.where(sizes < len(p_size), p_size[np.minimum(sizes, len(p_size) - 1)], 0.0))
         log_p_size = torch.as_tensor(log_p, dtype=torch.float64, device=pos.device)
         pos = remove_mean(pos.to(next(self.denoiser.parameters()).dtype), batch, num_graphs)
-        return estimate_nll(lambda p, h, t, b: self.predict_noise(p, h, t, b), self.schedule, self.features,
-                            pos, types, charges, batch, num_graphs, log_p_size, steps=steps, generator=generator)
+        cat = self.categorical
+        if cat is None:
+            self.require_no_bonds("the likelihood bound")
+            return estimate_nll(lambda p, h, t, b: self.predict_noise(p, h, t, b), self.schedule, self.features,
+                                pos, types, charges, batch, num_graphs, log_p_size, steps=steps, generator=generator)
+        feats: CategoricalFeatures = self.features
+        charge_classes = edge_index = rev = edge_bonds = None
+        if cat.charges is not None:
+            if formal_charges is None:
+                raise ValueError("this model diffuses formal charges: the likelihood needs each atom's formal charge")
+            charge_classes = feats.charge_classes(torch.as_tensor(formal_charges, device=pos.device))
+        if cat.bonds is not None:
+            if bonds is None:
+                raise ValueError("this model generates bonds: the likelihood needs each molecule's bond orders")
+            edge_index = fully_connected_edges(batch)
+            rev = reverse_edges(edge_index, batch.shape[0])
+            edge_bonds = edge_bond_orders(torch.as_tensor(bonds, device=pos.device), edge_index, batch.shape[0])
+            if edge_bonds.numel() and int(edge_bonds.max()) >= self.bond_types:
+                raise ValueError(f"bond orders above {self.bond_types - 1} are not among this model's bond classes")
+
+        def predict(pos_t, h_t, e_t, t):
+            out = self.predict_noise(pos_t, h_t, t, batch, edge_index=edge_index, e_t=e_t, raw_bonds=True)
+            return out[0], out[1], (out[2] if e_t is not None else None)
+
+        return estimate_nll_categorical(predict, self.schedule, feats, cat, pos, types.long(), charge_classes,
+                                        edge_bonds, edge_index, rev, batch, num_graphs, log_p_size, steps=steps,
+                                        generator=generator)
 
     # ------------------------------------------------------------------ sampling
     def check_sizes(self, num_atoms: Sequence[int]) -> None:

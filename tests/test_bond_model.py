@@ -16,7 +16,7 @@ from moldiff.geometry import fully_connected_edges, reverse_edges
 from moldiff.models import DenoiserConfig, EGNNDenoiser
 from moldiff.models.egnn import EquivariantUpdate
 from moldiff.pipeline import MolDiffPipeline
-from moldiff.training.loop import edge_bond_orders
+from moldiff.geometry import edge_bond_orders
 
 SIZES = [1, 2, 5, 7]
 K = 4

@@ -353,7 +353,7 @@ def test_categorical_pipeline_saves_and_loads_its_marginals(tmp_path):
     cat = loaded.categorical
     torch.testing.assert_close(cat.bonds.marginals, torch.tensor(FEATURES.bond_marginals, dtype=torch.float64))
     torch.testing.assert_close(cat.charges.marginals, torch.tensor(FEATURES.charge_marginals, dtype=torch.float64))
-    with pytest.raises(ValueError, match="categorical atom types"):
+    with pytest.raises(ValueError, match="needs each atom's formal charge"):
         loaded.nll_terms(torch.zeros(3, 3), torch.zeros(3, dtype=torch.long), torch.ones(3), torch.zeros(3, dtype=torch.long), 1)
     assert categorical_pipeline(features=CategoricalFeatures(5, (0.2,) * 5)).categorical.bonds is None
     with pytest.raises(ValueError, match="bond_output"):

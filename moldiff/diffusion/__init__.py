@@ -2,7 +2,8 @@
 :mod:`moldiff.diffusion.categorical`); it knows nothing of the network."""
 
 from moldiff.diffusion.categorical import CategoricalDiffusion, CategoricalFeatures, MarginalTransition
-from moldiff.diffusion.likelihood import NLLTerms, estimate_nll, kl_prior, reconstruction_nll
+from moldiff.diffusion.likelihood import (NLLTerms, estimate_nll, estimate_nll_categorical, kl_prior,
+                                         position_reconstruction_nll, reconstruction_nll)
 from moldiff.diffusion.losses import bond_epsilon_loss, degrees_of_freedom, epsilon_loss, squared_error_per_molecule
 from moldiff.diffusion.pairing import PAIRINGS, optimal_rotations, pair_noise
 from moldiff.diffusion.process import AtomFeatures, BondFeatures, NoisedState, add_noise, centred_noise, symmetric_edge_noise
@@ -34,6 +35,8 @@ __all__ = [
     "degrees_of_freedom",
     "epsilon_loss",
     "estimate_nll",
+    "estimate_nll_categorical",
+    "position_reconstruction_nll",
     "kl_prior",
     "make_sampler",
     "optimal_rotations",

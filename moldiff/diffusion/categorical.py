@@ -232,6 +232,28 @@ class MarginalTransition:
         network's clean-class ``logits`` ``(n, K)``."""
         return self.posterior_probs(x_t, self.clean_probs(logits), s, t)
 
+    def reverse_kl(self, x_t: torch.Tensor, x0: torch.Tensor, logits: torch.Tensor, s, t) -> torch.Tensor:
+        """``KL(q(x_s | x_t, x_0) || p(x_s | x_t))`` per variable ``(n,)`` float64 nats: one step's term
+        of the variational bound (D3PM, Austin et al. 2021, eq. 1) for clean classes ``x0`` ``(n,)``.
+        At ``s = 0`` (``alpha_bar_s = 1``) the posterior is ``onehot(x0)`` and the term is the
+        reconstruction ``-log p(x_0 | x_t)``. A class the posterior allows and the model gives
+        probability 0 (an underflowed softmax) makes the term ``inf``: counted by the caller, not
+        clipped here."""
+        q = self.posterior_probs(x_t, x0, s, t)
+        p = self.reverse_probs(x_t, logits, s, t)
+        on = q > 0
+        safe_q = torch.where(on, q, torch.ones_like(q))
+        return torch.where(on, q * (torch.log(safe_q) - torch.log(p)), torch.zeros_like(q)).sum(-1)
+
+    def prior_kl(self, x0: torch.Tensor) -> torch.Tensor:
+        """``KL(q(x_1 | x_0) || m)`` per variable ``(n,)`` float64: the bound's prior term, 0 for both
+        schedules (``alpha_bar(1) = 0`` exactly), computed rather than assumed."""
+        q = self.forward_probs(x0, 1.0)
+        m = self._m(q.device).expand_as(q)
+        on = q > 0
+        ratio = torch.where(on, q, torch.ones_like(q)) / torch.where(on, m, torch.ones_like(m))
+        return torch.where(on, q * torch.log(ratio), torch.zeros_like(q)).sum(-1)
+
     def sample_reverse(self, x_t: torch.Tensor, logits: torch.Tensor, s, t,
                        generator: torch.Generator | None = None) -> torch.Tensor:
         """A draw of ``x_s ~ p(x_s | x_t)``: ``(n,)`` long."""

@@ -38,7 +38,7 @@ from moldiff.diffusion.categorical import CHARGE_VALUES, CategoricalDiffusion, C
 from moldiff.diffusion.losses import bond_epsilon_loss, loss_weight, valence_parity_loss
 from moldiff.diffusion.process import centred_noise
 from moldiff.diffusion.times import lagged_type_times, sample_times
-from moldiff.geometry import fully_connected_edges, num_nodes_per_graph, reverse_edges, scatter_sum
+from moldiff.geometry import edge_bond_orders, fully_connected_edges, num_nodes_per_graph, reverse_edges, scatter_sum
 from moldiff.models import build_denoiser
 from moldiff.pipeline import MolDiffPipeline
 from moldiff.runtime import choose_arithmetic, resolve_device, slow_bf16_warning
@@ -394,22 +394,6 @@ def categorical_loss_terms(pipe, batch: MoleculeBatch, t: torch.Tensor, generato
         pairs = torch.bincount(edge_batch, minlength=num_graphs).to(torch.float32).clamp(min=1.0)
         terms["bonds"] = scatter_sum(ce(bond_logits.float(), bonds0, reduction="none"), edge_batch, num_graphs) / pairs
     return terms
-
-
-def edge_bond_orders(bonds: torch.Tensor, edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
-    """``(E,)`` bond order of every directed edge of ``fully_connected_edges`` (sorted by source,
-    then target), from a batch's bond rows ``[i, j, order]`` ``(P, 3)``; 0 where there is no bond."""
-    row, col = edge_index
-    key = row * num_nodes + col
-    labels = torch.zeros_like(row)
-    if bonds.numel():
-        i, j, order = bonds.to(row.device).long().unbind(-1)
-        for a, b in ((i, j), (j, i)):
-            at = torch.searchsorted(key, a * num_nodes + b)
-            if bool((at >= key.numel()).any()) or not bool((key[at] == a * num_nodes + b).all()):
-                raise ValueError("a bond joins atoms of different molecules or an atom to itself")
-            labels[at] = order
-    return labels
 
 
 def _bond_model_loss(pipe, batch, pos_t, h_t, eps_pos, eps_h, t, weight, generator, bond_weight, context=None):
