@@ -821,14 +821,15 @@ def _sampling_pipeline(args):
     ``(pipe, checkpoint folder)``."""
     import torch
 
-    from moldiff.pipeline import (CONDITIONAL_MODEL, FORMULA_MODEL, PRETRAINED_DIR, CheckpointError, load_pretrained,
-                                  resolve_checkpoint, shipped_models)
+    from moldiff.pipeline import (CONDITIONAL_MODEL, FORMULA_MODEL, PRETRAINED_DIR, PRETRAINED_ROOT, CheckpointError,
+                                  load_pretrained, resolve_checkpoint, shipped_models)
 
     if args.checkpoint is None and args.condition:
         if CONDITIONAL_MODEL not in shipped_models():
-            raise UsageError("--condition needs a property-conditional model and none ships yet; give --checkpoint RUN "
-                             "(train one: moldiff train --config configs/qm9_conditional_small.yaml --run-dir RUN)")
-        args.checkpoint = CONDITIONAL_MODEL
+            raise UsageError(f"--condition needs a property-conditional model and {CONDITIONAL_MODEL} is missing from "
+                             f"{PRETRAINED_ROOT}; give --checkpoint RUN (train one: moldiff train --config "
+                             "configs/qm9_conditional_small.yaml --run-dir RUN)")
+        args.checkpoint = CONDITIONAL_MODEL  # named in the summary line once the conditions pass their checks
     if args.checkpoint is None and args.formula and not (args.fragment or args.fragment_smiles) \
             and FORMULA_MODEL in shipped_models():
         args.checkpoint = FORMULA_MODEL  # isomers: the given-types model is more often valid and ~10x faster
@@ -1244,7 +1245,10 @@ def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds
         c = summary["condition"]
         asked = ", ".join(f"{k} = {v:g} {c['units'][k]}" if not isinstance(v, list) else f"{k} per molecule"
                           for k, v in c["properties"].items())
-        print(f"conditioned on {asked}; guidance scale {c['guidance_scale']:g}; atom counts {c['num_atoms']}")
+        from moldiff.pipeline import CONDITIONAL_MODEL
+
+        model = f" (the shipped model {CONDITIONAL_MODEL})" if args.checkpoint == CONDITIONAL_MODEL else ""
+        print(f"conditioned on {asked}{model}; guidance scale {c['guidance_scale']:g}; atom counts {c['num_atoms']}")
     if "predicted" in summary:
         pr = summary["predicted"]
         for line in pr["predictors"]:
@@ -1471,7 +1475,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-atoms", type=int, metavar="N", help="atoms per molecule (default: drawn from the training sizes)")
     s.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder, a `moldiff train` run folder, or the "
                    "name of a model shipped with moldiff (moldiff.pipeline.shipped_models(); default: qm9, and "
-                   "qm9-given for --formula without a fragment, qm9-cond for --condition once it ships)")
+                   "qm9-given for --formula without a fragment, qm9-cond for --condition)")
     s.add_argument("--device", default="auto", help="auto (default: cuda when a CUDA GPU is available, else cpu), "
                    "cpu, cuda or cuda:N")
     s.add_argument("--batch-size", type=int, default=1000, metavar="B", help="molecules denoised together (default 1000)")
@@ -1518,7 +1522,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a property predictor folder (as for `moldiff predict`; repeatable): each molecule's estimated "
                    "properties go into the SD tags and CSV as predicted_<property>_<unit> (in --condition's units), and "
                    "with --condition the JSON and the summary give the MAE between target and estimate. A shipped "
-                   "predictor may be named (qm9-props); with --condition it is used by default when shipped")
+                   "predictor may be named (qm9-props, used by default with --condition)")
     c.add_argument("--no-predictor", action="store_true",
                    help="with --condition: do not add the shipped predictor's estimates")
     _add_plausibility_options(s)

@@ -284,12 +284,13 @@ def test_cli_samples_with_a_condition_and_guidance(conditional_run, tmp_path, ca
     (["--guidance", "2"], "--guidance goes with --condition"),
     (["--condition", "alpha=70"], "this model conditions on gap, mu only"),
     (["--checkpoint", "qm9", "--condition", "gap=7eV"], "not trained with property conditioning"),
-    (["--no-checkpoint", "--condition", "gap=7eV"], "--condition needs a property-conditional model and none ships yet"),
+    (["--no-checkpoint", "--condition", "gap=60eV"], "--condition gap=60 eV is outside the range seen in training"),
+    (["--no-checkpoint", "--condition", "zpve=1"], "--condition: unknown property 'zpve'"),
 ])
 def test_bad_conditions_are_one_line_errors_and_write_nothing(conditional_run, tmp_path, capsys, options, message):
     out = tmp_path / "never"
     checkpoint = [] if "--checkpoint" in options else ["--checkpoint", str(conditional_run / "run")]
-    if "--no-checkpoint" in options:  # the shipped default: no conditional model ships yet
+    if "--no-checkpoint" in options:  # the shipped conditional model, qm9-cond
         checkpoint, options = [], [o for o in options if o != "--no-checkpoint"]
     code = main(["sample", *checkpoint, *options, "-n", "2", "--steps", "2", "-o", str(out), "--no-novelty",
                  "--device", "cpu", "--precision", "fp32"])

@@ -124,3 +124,28 @@ def test_formula_alone_uses_the_given_types_model_unless_a_checkpoint_is_named(t
     assert FORMULA_MODEL not in r.stderr
     r, summary = run("fragment", "--fragment-smiles", "CO")
     assert summary["checkpoint"] == str(PRETRAINED_DIR)
+
+
+def test_condition_alone_uses_the_shipped_conditional_model(tmp_path):
+    """`moldiff sample --condition` with no --checkpoint samples the shipped qm9-cond model, writes each
+    target beside the shipped predictor's estimate, and the unconditional default is untouched."""
+    from rdkit import Chem
+
+    from moldiff.pipeline import CONDITIONAL_MODEL, PRETRAINED_ROOT, shipped_models
+
+    assert CONDITIONAL_MODEL in shipped_models()
+    pipe = moldiff.load_pretrained(CONDITIONAL_MODEL)
+    assert set(pipe.conditioning.names) == {"alpha", "gap", "homo", "lumo", "mu", "cv"}
+    out = tmp_path / "cond"
+    r = subprocess.run([sys.executable, "-m", "moldiff.cli", "sample", "--condition", "gap=6.5eV", "--condition",
+                        "mu=2", "-n", "3", "--steps", "3", "--seed", "2", "-o", str(out), "--no-novelty"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"conditioned on gap = 6.5 eV, mu = 2 D (the shipped model {CONDITIONAL_MODEL})" in r.stdout
+    summary = json.loads((out / "samples.json").read_text())
+    assert summary["checkpoint"] == str(PRETRAINED_ROOT / CONDITIONAL_MODEL)
+    assert summary["condition"]["properties"] == {"gap": 6.5, "mu": 2.0}
+    records = [m for m in Chem.SDMolSupplier(str(out / "samples.sdf"), sanitize=False, removeHs=False)]
+    assert len(records) == 3
+    for mol in records:
+        assert float(mol.GetProp("target_gap_eV")) == 6.5 and np.isfinite(float(mol.GetProp("predicted_gap_eV")))
