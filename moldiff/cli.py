@@ -1419,7 +1419,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, help="torch CPU threads (default: train.num_threads)")
     t.set_defaults(func=cmd_train)
 
-    n = sub.add_parser("nll", help="EDM's test NLL (variational bound, nats per molecule) of a model on QM9")
+    n = sub.add_parser("nll", help="EDM's test NLL (variational bound, nats per molecule) of a model on QM9; for "
+                       "models with categorical elements and bonds (qm9-bonds) the bound on p(x, elements, charges, "
+                       "bonds, N), a different quantity")
     n.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder, run folder or shipped model name "
                    "(default: the shipped qm9 model)")
     n.add_argument("--dataset", default="qm9:test", help="qm9:test (default), qm9:valid or qm9:train")
