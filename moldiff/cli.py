@@ -669,15 +669,15 @@ def cmd_nll(args) -> int:
     from moldiff.chemistry.elements import QM9_ELEMENTS, SYMBOL_TO_Z
     from moldiff.data.batching import MoleculeSet
     from moldiff.data.qm9 import edm_split, load_qm9
-    from moldiff.pipeline import PRETRAINED_DIR, CheckpointError, load_pretrained, resolve_checkpoint
+    from moldiff.pipeline import NLL_MODEL, PRETRAINED_DIR, CheckpointError, load_pretrained, resolve_checkpoint
 
     if args.threads:
         torch.set_num_threads(args.threads)
     name, _, split_name = args.dataset.partition(":")
     if name != "qm9" or split_name not in ("train", "valid", "test"):
         raise UsageError(f"unknown dataset {args.dataset!r}; use qm9:test, qm9:valid or qm9:train")
-    try:
-        checkpoint = resolve_checkpoint(args.checkpoint)
+    try:  # no checkpoint: qm9, whose bound is EDM's quantity (the default model's bounds bonds too)
+        checkpoint = resolve_checkpoint(NLL_MODEL if args.checkpoint is None else args.checkpoint)
     except CheckpointError:
         raise UsageError(f"no pretrained model is shipped in {PRETRAINED_DIR} yet; give --checkpoint DIR") from None
     pipe = load_pretrained(checkpoint, device=args.device)
@@ -755,6 +755,8 @@ def _check_sample_args(args) -> None:
         raise UsageError(f"--threads must be positive, got {args.threads}")
     if args.resample is not None and args.resample <= 0:
         raise UsageError(f"--resample must be positive, got {args.resample}")
+    if args.resample_below is not None and not (math.isfinite(args.resample_below) and 0 <= args.resample_below <= 1):
+        raise UsageError(f"--resample-below must be a time in [0, 1], got {args.resample_below}")
     if args.formula_draws is not None and not args.formula:
         raise UsageError("--formula-draws goes with --formula")
     if args.valence_guidance is not None and not (args.fragment or args.fragment_smiles):
@@ -821,8 +823,8 @@ def _sampling_pipeline(args):
     ``(pipe, checkpoint folder)``."""
     import torch
 
-    from moldiff.pipeline import (CONDITIONAL_MODEL, FORMULA_MODEL, PRETRAINED_DIR, PRETRAINED_ROOT, CheckpointError,
-                                  load_pretrained, resolve_checkpoint, shipped_models)
+    from moldiff.pipeline import (CONDITIONAL_MODEL, EVEN_VALENCE_MODEL, FORMULA_MODEL, PRETRAINED_DIR, PRETRAINED_ROOT,
+                                  CheckpointError, load_pretrained, resolve_checkpoint, shipped_models)
 
     if args.checkpoint is None and args.condition:
         if CONDITIONAL_MODEL not in shipped_models():
@@ -830,6 +832,10 @@ def _sampling_pipeline(args):
                              f"{PRETRAINED_ROOT}; give --checkpoint RUN (train one: moldiff train --config "
                              "configs/qm9_conditional_small.yaml --run-dir RUN)")
         args.checkpoint = CONDITIONAL_MODEL  # named in the summary line once the conditions pass their checks
+    if args.checkpoint is None and args.even_valence is not None and EVEN_VALENCE_MODEL in shipped_models():
+        args.checkpoint = EVEN_VALENCE_MODEL  # a rule on Gaussian element features, which the default lacks
+        print(f"--even-valence: using the shipped model {EVEN_VALENCE_MODEL} (Gaussian element features)",
+              file=sys.stderr)
     if args.checkpoint is None and args.formula and not (args.fragment or args.fragment_smiles) \
             and FORMULA_MODEL in shipped_models():
         args.checkpoint = FORMULA_MODEL  # isomers: the given-types model is more often valid and ~10x faster
@@ -897,7 +903,8 @@ def cmd_sample(args) -> int:
         fragment = Fragment.from_file(args.fragment) if args.fragment else Fragment.from_smiles(args.fragment_smiles)
     request = SampleRequest(args.n, steps=args.steps, sampler=args.sampler, seed=args.seed, num_atoms=args.num_atoms,
                             batch_size=args.batch_size, composition=args.composition, fragment=fragment,
-                            formula=args.formula, resample=args.resample, time_power=args.time_power,
+                            formula=args.formula, resample=args.resample, resample_below=args.resample_below,
+                            time_power=args.time_power,
                             noise_scale=args.noise_scale, valence_guidance=args.valence_guidance,
                             formula_draws=args.formula_draws, type_lag=args.type_lag, type_steps=args.type_steps,
                             condition=args.condition, guidance_scale=args.guidance, even_valence=args.even_valence)
@@ -1156,6 +1163,10 @@ def _write_samples(folder, files, molecules, report, arrays, request, args, pipe
             summary["conditioning"].update(formula_drawn=route.count("drawn"), formula_given=route.count("given"),
                                            formula_clamped=route.count("clamped"),
                                            formula_draws_used=int(arrays.extra["formula_draws_used"]))
+    if request.route == "plain":  # what the loop ran: late resampling and network calls per molecule
+        summary.update(resample=int(arrays.extra.get("resample", 1)),
+                       resample_below=float(arrays.extra.get("resample_below", 1.0)),
+                       network_evaluations=int(arrays.extra.get("network_evaluations", request.steps + 1)))
     if "even_valence" in arrays.extra:  # compositions kept even: how many molecules it changed
         summary["even_valence"] = {"t_start": arrays.extra["even_valence"],
                                    "molecules_steered": int((arrays.extra["even_valence_steered"] > 0).sum())}
@@ -1234,8 +1245,10 @@ def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds
     from moldiff.chemistry.metrics import format_table
     from moldiff.chemistry.report import SA_SCORE_NOTE
 
+    late = (f"resampled x{summary['resample']} below t = {summary['resample_below']:g}, "
+            f"{summary['network_evaluations']} network calls per molecule, " if summary.get("resample", 1) > 1 else "")
     print(f"sampled {args.n if drawn is None else drawn} molecules in {seconds:.1f} s ({summary['sampler']}, {summary['steps']} steps, time power "
-          f"{summary['time_power']:g}, noise scale {summary['noise_scale']:g}, "
+          f"{summary['time_power']:g}, noise scale {summary['noise_scale']:g}, {late}"
           f"{'compositions from the training data, ' if summary['composition'] == 'data' else ''}seed {summary['seed']}, "
           f"device {summary['device']}; denoising {seconds_sampling:.1f} s)")
     print(format_table(report, charged=None if charged is None else charged[0]))
@@ -1423,7 +1436,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "models with categorical elements and bonds (qm9-bonds) the bound on p(x, elements, charges, "
                        "bonds, N), a different quantity")
     n.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder, run folder or shipped model name "
-                   "(default: the shipped qm9 model)")
+                   "(default: the shipped qm9 model, whose bound is EDM's quantity)")
     n.add_argument("--dataset", default="qm9:test", help="qm9:test (default), qm9:valid or qm9:train")
     n.add_argument("-n", type=int, help="first N molecules of the split (default: all)")
     n.add_argument("--seed", type=int, default=0, help="noise and time draws (default 0)")
@@ -1476,8 +1489,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="same seed, same molecules (default 0)")
     s.add_argument("--num-atoms", type=int, metavar="N", help="atoms per molecule (default: drawn from the training sizes)")
     s.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder, a `moldiff train` run folder, or the "
-                   "name of a model shipped with moldiff (moldiff.pipeline.shipped_models(); default: qm9, and "
-                   "qm9-given for --formula without a fragment, qm9-cond for --condition)")
+                   "name of a model shipped with moldiff (moldiff.pipeline.shipped_models(); default: qm9-bonds, and "
+                   "qm9-given for --formula without a fragment, qm9-cond for --condition, qm9 for --even-valence)")
     s.add_argument("--device", default="auto", help="auto (default: cuda when a CUDA GPU is available, else cpu), "
                    "cpu, cuda or cuda:N")
     s.add_argument("--batch-size", type=int, default=1000, metavar="B", help="molecules denoised together (default 1000)")
@@ -1500,7 +1513,14 @@ def build_parser() -> argparse.ArgumentParser:
     frag.add_argument("--fragment-smiles", metavar="SMILES", help="fragment as SMILES, embedded in 3D by RDKit (heavy atoms only)")
     g.add_argument("--formula", metavar="FORMULA", help="composition of every molecule, e.g. C7H8O (isomer generation)")
     g.add_argument("--resample", type=int, default=None, metavar="R",
-                   help="RePaint resampling rounds per step with --fragment*/--formula (default 10; cost x R)")
+                   help="resampling rounds per step (RePaint's: the step is taken R times, the state pushed back up "
+                   "by the forward process in between). Default: 10 on every step with --fragment*/--formula "
+                   "(cost x R); in plain sampling 2 on the steps below --resample-below (+22 network calls at 50 steps; "
+                   "1 turns it off)")
+    g.add_argument("--resample-below", type=float, default=None, metavar="T",
+                   help="resample only the steps that start at noise time <= T (default: 0.2 in plain sampling, "
+                   "where the network re-decides elements and bonds on a nearly final geometry; 1, every step, "
+                   "with --fragment*/--formula)")
     g.add_argument("--formula-draws", type=int, default=None, metavar="K",
                    help="with --formula alone: draw up to K unconditional molecules per requested one and keep exact "
                    "matches before clamping types for the rest, or giving them to a model trained with given types "

@@ -6,7 +6,7 @@
 # CPU core CORE (one thread), copies RUN_DIR/pipeline to RUN_DIR/snapshots/sSTEP (and its
 # checkpoint.pt to RUN_DIR/snapshots/sSTEP.checkpoint.pt), scores the properties PROPS (default
 # gap,mu,alpha; "all" for the six) at the guidance scales GUIDANCE (default 0,1,2), 300 molecules
-# each, 50 steps, PREDICTOR defaulting to the shipped qm9-props, into
+# each, 50 steps (RESAMPLE=1: without late resampling, as the marks before session 27 ran), PREDICTOR defaulting to the shipped qm9-props, into
 # docs/results/properties/<run>_sSTEP.json, rewrites <run>_curve.csv/png and appends the
 # checkpoint's loss gains from its condition to <run>_signal.csv (scripts/cond_signal.py).
 # Once it prints "snapshot taken", the run may train on (resumed) while the scoring goes on.
@@ -24,6 +24,7 @@ cp "$run/checkpoint.pt" "$run/snapshots/s$step.checkpoint.pt"
 echo "snapshot taken: $run/snapshots/s$step"
 taskset -c "$core" .venv/bin/python scripts/eval_conditional.py --generator "$run/snapshots/s$step" \
     --predictor "$predictor" --property "$props" --guidance "$guidance" -n 300 --steps 50 --threads 1 \
+    ${RESAMPLE:+--resample "$RESAMPLE"} \
     --out "docs/results/properties/${name}_s$step.json"
 .venv/bin/python scripts/cond_curve.py docs/results/properties/"${name}"_s*.json \
     --out "docs/results/properties/${name}_curve"

@@ -90,6 +90,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"molecules per property and scale (default {EDM_SAMPLES:,}, EDM's)")
     p.add_argument("--steps", type=int, default=EDM_STEPS, help=f"reverse steps (default {EDM_STEPS}, EDM's)")
     p.add_argument("--seed", type=int, default=0, help="draws of the (value, N) pairs and the sampling noise")
+    p.add_argument("--resample", type=int, default=None, metavar="R",
+                   help="late resampling rounds (default: moldiff sample's; 1 for the loop without it, as marks "
+                   "before session 27 ran)")
+    p.add_argument("--resample-below", type=float, default=None, metavar="T",
+                   help="resample the steps that start at t <= T (default: moldiff sample's)")
     p.add_argument("--batch-size", type=int, default=1000, help="molecules denoised together")
     p.add_argument("--out", metavar="FILE.json", help="results, rewritten after every cell")
     p.add_argument("--per-molecule", action="store_true",
@@ -321,6 +326,9 @@ def run(args, argv) -> int:
 
     out = Path(args.out)
     conditioning = pipe.conditioning
+    from moldiff.pipeline import SampleRequest
+
+    late = SampleRequest(1, resample=args.resample, resample_below=args.resample_below).resolved(pipe)  # the loop's rounds
     doc = {
         "script": "scripts/eval_conditional.py",
         "command": "python scripts/eval_conditional.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -335,6 +343,7 @@ def run(args, argv) -> int:
         "properties": list(properties), "guidance_scales": list(scales),
         "units": {k: EDM_UNITS[k] for k in properties},
         "n": args.n, "steps": args.steps, "seed": args.seed, "batch_size": args.batch_size,
+        "resample": late.resample, "resample_below": late.resample_below,
         "protocol": "EDM's (Hoogeboom et al. 2022, Table 3): (value, N) pairs drawn jointly from the generator's "
                     "training molecules (EDM's generator half), one property conditioned at a time, one molecule "
                     "per pair, every molecule scored by the predictor valid or not; MAE in EDM's units (cv: "
@@ -361,7 +370,8 @@ def run(args, argv) -> int:
         for w in scales:
             t0 = time.monotonic()
             mols = pipe.sample(args.n, condition={name: v.tolist()}, num_atoms=n_atoms.tolist(), guidance_scale=w,
-                               steps=args.steps, seed=args.seed, batch_size=args.batch_size)
+                               steps=args.steps, seed=args.seed, batch_size=args.batch_size, resample=args.resample,
+                               resample_below=args.resample_below)
             t1 = time.monotonic()
             pred = predict(model, meta, mols, name)
             t2 = time.monotonic()

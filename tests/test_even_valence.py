@@ -13,14 +13,14 @@ import torch
 
 from moldiff.chemistry.elements import valence_sum_parity
 from moldiff.cli import main
-from moldiff.pipeline import load_pretrained
+from moldiff.pipeline import PRETRAINED_ROOT, load_pretrained
 from moldiff.sampling import BatchContext, EvenValence, LoopState
 
 
 @pytest.fixture(scope="module")
 def pipe():
     torch.set_num_threads(1)
-    return load_pretrained()
+    return load_pretrained("qm9")
 
 
 def _parities(arrays) -> list[int]:
@@ -96,8 +96,12 @@ def test_the_cli_reports_the_steered_molecules(tmp_path, capsys):
     out = tmp_path / "ev"
     assert main(["sample", "-n", "12", "--steps", "6", "--seed", "1", "--threads", "1", "--no-novelty",
                  "--even-valence", "0.3", "-o", str(out)]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     summary = json.loads((out / "samples.json").read_text())
+    # no --checkpoint: the rule needs Gaussian element features, so the shipped qm9 (not the default) runs
+    assert "--even-valence: using the shipped model qm9" in captured.err
+    assert summary["checkpoint"] == str(PRETRAINED_ROOT / "qm9")
     assert summary["even_valence"]["t_start"] == 0.3
     steered = summary["even_valence"]["molecules_steered"]
     assert 0 <= steered <= 12

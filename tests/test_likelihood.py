@@ -94,6 +94,7 @@ def test_cli_nll_on_a_few_test_molecules(tmp_path):
     assert "NLL on qm9:test (16 molecules" in r.stdout
     res = json.loads(out.read_text())
     assert res["n"] == 16 and math.isfinite(res["nll"]) and res["non_finite"] == 0
+    assert Path(res["checkpoint"]).name == "qm9"  # no --checkpoint: the model whose bound is EDM's quantity
     assert res["mean_prior"] >= 0 and res["mean_size"] > 0
 
 

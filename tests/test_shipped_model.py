@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import moldiff
-from moldiff.pipeline import PRETRAINED_DIR
+from moldiff.pipeline import DEFAULT_MODEL, PRETRAINED_DIR, PRETRAINED_ROOT
 
 
 def test_shipped_checkpoint_is_small_and_loads_with_weights_only():
@@ -40,6 +40,9 @@ def test_cli_sample_with_shipped_model(tmp_path):
     assert {p.name for p in out.iterdir()} == {"samples.sdf", "samples.csv", "samples.png", "samples.json"}
     summary = json.loads((out / "samples.json").read_text())
     assert summary["n"] == 4 and summary["steps"] == 3
+    assert summary["checkpoint"] == str(PRETRAINED_DIR) == str(PRETRAINED_ROOT / DEFAULT_MODEL)
+    # the default model generates bonds: the JSON scores them beside EDM's table
+    assert "own_bonds" in summary
 
 
 def test_cli_rejects_impossible_sizes_for_shipped_model(tmp_path):
@@ -68,7 +71,8 @@ def test_shipped_models_load_by_name_and_a_local_folder_of_that_name_wins(tmp_pa
 
     names = shipped_models()
     assert "qm9" in names and all((PRETRAINED_ROOT / n / "model.pt").is_file() for n in names)
-    assert resolve_checkpoint("qm9") == PRETRAINED_DIR and resolve_checkpoint(None) == PRETRAINED_DIR
+    assert resolve_checkpoint(DEFAULT_MODEL) == PRETRAINED_DIR and resolve_checkpoint(None) == PRETRAINED_DIR
+    assert resolve_checkpoint("qm9") == PRETRAINED_ROOT / "qm9" != PRETRAINED_DIR
     for name in names:
         pipe = moldiff.load_pretrained(name)
         assert list(pipe.elements) == ["H", "C", "N", "O", "F"]
@@ -119,7 +123,7 @@ def test_formula_alone_uses_the_given_types_model_unless_a_checkpoint_is_named(t
     assert summary["conditioning"]["formula_given"] == 2 and summary["conditioning"]["formula_clamped"] == 0
     assert f"using the shipped model {FORMULA_MODEL}" in r.stderr
     r, summary = run("joint", "--checkpoint", "qm9")
-    assert summary["checkpoint"] == str(PRETRAINED_DIR)
+    assert summary["checkpoint"] == str(PRETRAINED_ROOT / "qm9")
     assert summary["conditioning"]["formula_given"] == 0 and summary["conditioning"]["formula_clamped"] == 2
     assert FORMULA_MODEL not in r.stderr
     r, summary = run("fragment", "--fragment-smiles", "CO")
