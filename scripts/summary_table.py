@@ -2,7 +2,7 @@
 model's own-bond metrics where it has bonds, the odd-valence share from a composition report beside
 it, the loop's settings and its time, as a CSV (and a Markdown table on stdout).
 
-    python scripts/summary_table.py out/run_a out/run_b/samples.json ... --csv docs/results/x/table.csv
+    python scripts/summary_table.py out/run_a out/run_b/samples.json ... --csv docs/results/<study>/table.csv
 
 A folder's `composition.txt` (python scripts/composition_report.py FOLDER/samples.csv [--own-bonds]
 > FOLDER/composition.txt) adds its odd-valence share; `--copy DIR` also copies each samples.json
