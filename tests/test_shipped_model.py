@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,3 +154,17 @@ def test_condition_alone_uses_the_shipped_conditional_model(tmp_path):
     assert len(records) == 3
     for mol in records:
         assert float(mol.GetProp("target_gap_eV")) == 6.5 and np.isfinite(float(mol.GetProp("predicted_gap_eV")))
+
+
+def test_the_default_models_recipe_config_builds_its_architecture():
+    """configs/qm9_bonds.yaml (the README's recipe for the default model) gives the shipped
+    qm9-bonds network: the same denoiser settings, categorical elements, charges and bonds."""
+    from dataclasses import asdict
+
+    from moldiff.training.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "qm9_bonds.yaml")
+    shipped = json.loads((PRETRAINED_ROOT / "qm9-bonds" / "config.json").read_text())["denoiser"]
+    model = asdict(cfg.model)
+    assert {k: model[k] for k in shipped if k in model} == {k: v for k, v in shipped.items() if k in model}
+    assert cfg.diffusion.categorical and cfg.diffusion.categorical_charges and cfg.diffusion.class_floor == 0.05
