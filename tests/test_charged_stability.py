@@ -321,12 +321,12 @@ def test_cli_sample_charged_stability_of_a_neutral_model_is_edms(tmp_path):
     from moldiff.cli import main
 
     out = tmp_path / "s"
-    assert main(["sample", "-n", "40", "--steps", "8", "--seed", "3", "-o", str(out), "--threads", "1",
-                 "--no-novelty", "--charged-stability"]) == 0
+    assert main(["sample", "--checkpoint", "qm9", "-n", "40", "--steps", "8", "--seed", "3", "-o", str(out),
+                 "--threads", "1", "--no-novelty", "--charged-stability"]) == 0
     summary = json.loads((out / "samples.json").read_text())
     assert summary["charged_stability"]["n_with_charges"] == 0
     assert summary["mol_stable_charged"] == summary["mol_stable"]
     assert summary["atom_stable_charged"] == pytest.approx(summary["atom_stable"])
-    assert main(["sample", "-n", "40", "--steps", "8", "--seed", "3", "-o", str(tmp_path / "plain"), "--threads", "1",
-                 "--no-novelty"]) == 0
+    assert main(["sample", "--checkpoint", "qm9", "-n", "40", "--steps", "8", "--seed", "3", "-o", str(tmp_path / "plain"),
+                 "--threads", "1", "--no-novelty"]) == 0
     assert "mol_stable_charged" not in json.loads((tmp_path / "plain" / "samples.json").read_text())
