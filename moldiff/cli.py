@@ -1507,20 +1507,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the network: ~20-60 s once (cached on disk by PyTorch), then faster steps. "
                    f"Default: on for CPU runs of at least {COMPILE_AUTO_WORK:,} molecule-steps (n x steps), else off")
+    s.add_argument("--resample", type=int, default=None, metavar="R",
+                   help="resampling rounds per step (RePaint's: the step is taken R times, the state pushed back up "
+                   "by the forward process in between). Default: 10 on every step with --fragment*/--formula "
+                   "(cost x R); in plain sampling 2 on the steps below --resample-below (+22 network calls at 50 steps; "
+                   "1 turns it off)")
+    s.add_argument("--resample-below", type=float, default=None, metavar="T",
+                   help="resample only the steps that start at noise time <= T (default: 0.2 in plain sampling, "
+                   "where the network re-decides elements and bonds on a nearly final geometry; 1, every step, "
+                   "with --fragment*/--formula)")
     g = s.add_argument_group("conditioning (inpainting, docs/inpainting.md)")
     frag = g.add_mutually_exclusive_group()
     frag.add_argument("--fragment", metavar="FILE", help="every molecule contains this fragment (.sdf/.mol/.xyz, 3D) at its geometry")
     frag.add_argument("--fragment-smiles", metavar="SMILES", help="fragment as SMILES, embedded in 3D by RDKit (heavy atoms only)")
     g.add_argument("--formula", metavar="FORMULA", help="composition of every molecule, e.g. C7H8O (isomer generation)")
-    g.add_argument("--resample", type=int, default=None, metavar="R",
-                   help="resampling rounds per step (RePaint's: the step is taken R times, the state pushed back up "
-                   "by the forward process in between). Default: 10 on every step with --fragment*/--formula "
-                   "(cost x R); in plain sampling 2 on the steps below --resample-below (+22 network calls at 50 steps; "
-                   "1 turns it off)")
-    g.add_argument("--resample-below", type=float, default=None, metavar="T",
-                   help="resample only the steps that start at noise time <= T (default: 0.2 in plain sampling, "
-                   "where the network re-decides elements and bonds on a nearly final geometry; 1, every step, "
-                   "with --fragment*/--formula)")
     g.add_argument("--formula-draws", type=int, default=None, metavar="K",
                    help="with --formula alone: draw up to K unconditional molecules per requested one and keep exact "
                    "matches before clamping types for the rest, or giving them to a model trained with given types "

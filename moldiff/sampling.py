@@ -65,11 +65,17 @@ DEFAULT_LATE_RESAMPLE = 2
 DEFAULT_RESAMPLE_BELOW = 0.2
 
 
+def resample_rounds(starts, resample: int = 1, resample_below: float = 1.0) -> list[int]:
+    """Rounds of each step whose start times are ``starts``: ``resample`` for a step starting at
+    ``t <= resample_below``, 1 for the others (the rule :func:`denoise_batch` follows)."""
+    return [resample if float(t) <= resample_below else 1 for t in starts]
+
+
 def network_evaluations(times, resample: int = 1, resample_below: float = 1.0) -> int:
     """Network calls per molecule of :func:`denoise_batch` on the time grid ``times`` (``K + 1``
-    times, from 1 down): ``resample`` calls for each step starting at ``t <= resample_below``, one
-    for every other step, one for the final decode."""
-    return sum(resample if float(t) <= resample_below else 1 for t in list(times)[:-1]) + 1
+    times, from 1 down): the rounds of every step (:func:`resample_rounds`) and one call for the
+    final decode."""
+    return sum(resample_rounds(list(times)[:-1], resample, resample_below)) + 1
 
 
 def batch_ticker(on_step, start: int, size: int):
@@ -617,7 +623,7 @@ def denoise_batch(
     if int(resample) != resample or resample < 1 or not 0.0 <= resample_below <= 1.0:
         raise ValueError(f"resample must be an integer >= 1 and resample_below a time in [0, 1], got "
                          f"{resample} and {resample_below}")
-    rounds = [resample if float(t) <= resample_below else 1 for t, *_ in grid]
+    rounds = resample_rounds([t for t, *_ in grid], resample, resample_below)
     evaluations, done = sum(rounds) + 1, 0
     for i, (t, s, t_h, s_h) in enumerate(grid):
         t, s, t_h, s_h = (x.expand(num_graphs) for x in (t, s, t_h, s_h))
