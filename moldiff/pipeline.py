@@ -385,8 +385,9 @@ class MolDiffPipeline(torch.nn.Module):
         bf16 on CPUs and CUDA GPUs with native bf16 arithmetic, fp32 elsewhere (see
         :func:`auto_precision`). TF32 for fp32 products on a GPU is global torch state, left to the
         caller: :func:`moldiff.runtime.allow_tf32` (the ``moldiff`` command calls it for CUDA).
-        ``compile=True`` compiles each equivariant block with ``torch.compile(dynamic=True)`` (the
-        blocks hold nearly all the work; the rest stays eager): seconds to tens of seconds once,
+        ``compile=True`` compiles each equivariant block with ``torch.compile(dynamic=True)``, and the
+        bond head of a bond model (together nearly all the work; the rest stays eager; what the
+        compiled head saves: ``scripts/bench_bond_head.py``): seconds to tens of seconds once,
         then faster steps. Compiling blocks rather than the whole network compiles one small graph
         that all blocks share, about half the compilation time of the whole network with a cold
         PyTorch cache and a quarter with a warm one (``scripts/bench_compile.py``).
@@ -396,12 +397,15 @@ class MolDiffPipeline(torch.nn.Module):
             precision = auto_precision(self.device)
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
-        blocks = None
+        blocks = head = None
         if compile:
             blocks = [torch.compile(b, dynamic=True, backend=compile_backend) for b in self.denoiser.blocks]
+            if getattr(self.denoiser, "bond_head", None) is not None:
+                head = torch.compile(self.denoiser.bond_head, dynamic=True, backend=compile_backend)
         # Plain attributes (not submodules), so state_dict() and saving are unchanged.
         object.__setattr__(self, "_precision", precision)
         object.__setattr__(self, "_compiled_blocks", blocks)
+        object.__setattr__(self, "_compiled_head", head)
         return self
 
     @property
@@ -514,10 +518,13 @@ class MolDiffPipeline(torch.nn.Module):
         such a model an all-zero context, every property dropped (its unconditional mode).
         """
         blocks = getattr(self, "_compiled_blocks", None)
+        head = getattr(self, "_compiled_head", None)
         if context is None and self.denoiser.config.context_dim:
             context = torch.zeros(t.shape[0], self.denoiser.config.context_dim, dtype=pos_t.dtype, device=pos_t.device)
         bf16 = getattr(self, "_precision", "fp32") == "bf16"
         extra = {} if t_h is None else {"t_h": t_h}
+        if head is not None:
+            extra["bond_head"] = head
         if getattr(self.denoiser.config, "valence_features", False):
             if edge_index is None:
                 edge_index = fully_connected_edges(batch)

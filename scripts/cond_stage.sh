@@ -6,15 +6,18 @@
 # CPU core CORE (one thread), copies RUN_DIR/pipeline to RUN_DIR/snapshots/sSTEP (and its
 # checkpoint.pt to RUN_DIR/snapshots/sSTEP.checkpoint.pt), scores the properties PROPS (default
 # gap,mu,alpha; "all" for the six) at the guidance scales GUIDANCE (default 0,1,2), 300 molecules
-# each, 50 steps (RESAMPLE=1: without late resampling, as the marks before session 27 ran), PREDICTOR defaulting to the shipped qm9-props, into
-# docs/results/properties/<run>_sSTEP.json, rewrites <run>_curve.csv/png and appends the
-# checkpoint's loss gains from its condition to <run>_signal.csv (scripts/cond_signal.py).
+# each, 50 steps, PREDICTOR defaulting to the shipped qm9-props, into
+# docs/results/properties/<run>_late_sSTEP.json with `moldiff sample`'s default late resampling, or
+# with RESAMPLE=1 (no resampling, as every mark before session 27 ran) into <run>_sSTEP.json; rewrites
+# that protocol's curve (<run>_late_curve or <run>_curve .csv/.png) and appends the checkpoint's loss
+# gains from its condition to <run>_signal.csv (scripts/cond_signal.py).
 # Once it prints "snapshot taken", the run may train on (resumed) while the scoring goes on.
 set -euo pipefail
 run=$1; step=$2; core=${3:-1}; predictor=${4:-qm9-props}
 props=${PROPS:-gap,mu,alpha}; guidance=${GUIDANCE:-0,1,2}
 cd "$(dirname "$0")/.."
 name=$(basename "$run")
+tag=${name}_late; [ "${RESAMPLE:-}" = 1 ] && tag=$name  # one curve per sampling protocol
 taskset -c "$core" .venv/bin/moldiff train --resume --run-dir "$run" --threads 1 \
     --set train.max_steps="$step" --set train.max_minutes=null
 mkdir -p "$run/snapshots" docs/results/properties
@@ -25,8 +28,8 @@ echo "snapshot taken: $run/snapshots/s$step"
 taskset -c "$core" .venv/bin/python scripts/eval_conditional.py --generator "$run/snapshots/s$step" \
     --predictor "$predictor" --property "$props" --guidance "$guidance" -n 300 --steps 50 --threads 1 \
     ${RESAMPLE:+--resample "$RESAMPLE"} \
-    --out "docs/results/properties/${name}_s$step.json"
-.venv/bin/python scripts/cond_curve.py docs/results/properties/"${name}"_s*.json \
-    --out "docs/results/properties/${name}_curve"
+    --out "docs/results/properties/${tag}_s$step.json"
+.venv/bin/python scripts/cond_curve.py docs/results/properties/"${tag}"_s*.json \
+    --out "docs/results/properties/${tag}_curve"
 taskset -c "$core" .venv/bin/python scripts/cond_signal.py "$run" --checkpoint "$run/snapshots/s$step.checkpoint.pt" --molecules 1024 --repeats 2 --threads 1 \
     --out "docs/results/properties/${name}_signal.csv"

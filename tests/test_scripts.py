@@ -128,3 +128,23 @@ def test_sampler_grid_scores_every_setting_of_a_bond_model(tmp_path, monkeypatch
     assert script.main(argv[:-2] + ["--noise-scales", "-1", "--out", str(out)]) == 2
     assert script.main(argv[:-2] + ["--steps", "two", "--out", str(out)]) == 2
     assert len(out.read_text().splitlines()) == 4  # bad arguments append nothing
+
+
+def test_bench_bond_head_times_both_heads_and_refuses_a_model_without_one(tmp_path, monkeypatch, capsys):
+    import json
+
+    import torch
+
+    script = load(SCRIPTS / "bench_bond_head.py", monkeypatch)
+    threads = torch.get_num_threads()
+    try:
+        assert script.main(["--checkpoint", "qm9", "-n", "2"]) == 2
+        assert "has no bond head" in capsys.readouterr().err
+        out = tmp_path / "head.jsonl"
+        assert script.main(["-n", "3", "--atoms", "4", "--repeats", "1", "--precision", "fp32",
+                            "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    record = json.loads(out.read_text())
+    assert record["edges"] == 3 * 4 * 3 and record["step_eager_head_s"] > 0 and record["step_compiled_head_s"] > 0
+    assert record["ratio"] == record["step_compiled_head_s"] / record["step_eager_head_s"]

@@ -312,6 +312,7 @@ class EGNNDenoiser(nn.Module):
         e_t: torch.Tensor | None = None,
         t_h: torch.Tensor | None = None,
         valence: torch.Tensor | None = None,
+        bond_head: Callable | None = None,
     ) -> DenoiserOutput | tuple[DenoiserOutput, torch.Tensor]:
         """Predict on a flat batch.
 
@@ -335,6 +336,7 @@ class EGNNDenoiser(nn.Module):
             t_h: ``(B,)`` noise time of the element features, for ``type_time`` models (default ``t``).
             valence: ``(n, VALENCE_INPUTS)`` valence inputs of the noisy classes
                 (:func:`moldiff.models.valence.valence_inputs`), for ``valence_features`` models only.
+            bond_head: a callable to run in place of ``self.bond_head`` (e.g. a compiled version of it).
 
         Returns:
             :class:`DenoiserOutput`; for bond models ``(DenoiserOutput, eps_e (E, bond_types))``.
@@ -356,4 +358,4 @@ class EGNNDenoiser(nn.Module):
         if self.bond_head is None:
             return DenoiserOutput(vel, h_out)
         radial, _ = coord_features(pos, edge_index, self.config.norm_constant)
-        return DenoiserOutput(vel, h_out), self.bond_head(h, edge_index, radial, e_t)
+        return DenoiserOutput(vel, h_out), (self.bond_head if bond_head is None else bond_head)(h, edge_index, radial, e_t)

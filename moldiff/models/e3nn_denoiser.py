@@ -232,10 +232,12 @@ class E3nnDenoiser(nn.Module):
         cond: tuple[torch.Tensor, torch.Tensor] | None = None,
         blocks: Sequence[Callable] | None = None,
         e_t: torch.Tensor | None = None,
+        bond_head: Callable | None = None,
     ) -> DenoiserOutput | tuple[DenoiserOutput, torch.Tensor]:
         """Predict on a flat batch; arguments and outputs as :meth:`EGNNDenoiser.forward
         <moldiff.models.denoiser.EGNNDenoiser.forward>` (``blocks``: callables replacing
-        ``self.blocks``, signature of :meth:`E3nnBlock.forward`)."""
+        ``self.blocks``, signature of :meth:`E3nnBlock.forward`; ``bond_head``: one replacing
+        ``self.bond_head``)."""
         c = self.config
         num_graphs = t.shape[0]
         edge_index, nodes, edge_extra = network_inputs(c, pos_t, h_t, t, batch, context, edge_index, cond, e_t)
@@ -256,4 +258,4 @@ class E3nnDenoiser(nn.Module):
         row, col = edge_index
         diff = pos_t[row] - pos_t[col]
         radial = (diff * diff).sum(-1, keepdim=True)
-        return DenoiserOutput(vel, h_out), self.bond_head(s, edge_index, radial, e_t)
+        return DenoiserOutput(vel, h_out), (self.bond_head if bond_head is None else bond_head)(s, edge_index, radial, e_t)
