@@ -148,3 +148,24 @@ def test_bench_bond_head_times_both_heads_and_refuses_a_model_without_one(tmp_pa
     record = json.loads(out.read_text())
     assert record["edges"] == 3 * 4 * 3 and record["step_eager_head_s"] > 0 and record["step_compiled_head_s"] > 0
     assert record["ratio"] == record["step_compiled_head_s"] / record["step_eager_head_s"]
+
+
+def test_resample_window_resamples_only_the_steps_in_its_window(tmp_path, monkeypatch, capsys):
+    import json
+
+    import moldiff.sampling
+    import torch
+
+    script = load(SCRIPTS / "resample_window.py", monkeypatch)
+    monkeypatch.setattr(moldiff.sampling, "resample_rounds", moldiff.sampling.resample_rounds)  # undone after
+    threads = torch.get_num_threads()
+    try:
+        # 4 steps on the (k/4)^2 grid start at 1, 0.5625, 0.25, 0.0625: two of them in (0.1, 0.6]
+        assert script.main(["--lo", "0.1", "--hi", "0.6", "--rounds", "3", "--", "-n", "2", "--steps", "4",
+                            "--seed", "0", "--threads", "1", "--no-novelty", "-o", str(tmp_path / "w")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    summary = json.loads((tmp_path / "w" / "samples.json").read_text())
+    assert summary["network_evaluations"] == 1 + 3 + 3 + 1 + 1
+    assert script.main(["--lo", "0.3", "--hi", "0.2", "--rounds", "2"]) == 2
+    assert "lo < hi" in capsys.readouterr().err
