@@ -440,17 +440,25 @@ class CategoricalStep:
             logits_e = logits_e.masked_fill(faulty[ctx.batch[self.edge_index[0]]].unsqueeze(-1), 0.0)
         return logits_h, logits_e
 
+    @staticmethod
+    def _per(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Per-molecule times ``x`` ``(B,)`` per variable (``x[index]``), or as one time ``(1,)`` when
+        every molecule has the same (the plain loop): the same numbers, without a time per bond."""
+        return x[:1] if x.numel() and bool((x == x[0]).all()) else x[index]
+
     def step(self, state: LoopState, logits_h, logits_e, t, s, step_index: int) -> None:
         """Draw the classes at ``s`` from p(x_s | x_t) (per-molecule times ``t``, ``s`` ``(B,)``)."""
         logits_h, logits_e = self._finite(state, logits_h, logits_e, step_index)
         gen, batch = self.ctx.generator, self.ctx.batch
         type_logits, charge_logits = self.features.split(logits_h)
         c = state.classes
-        c["types"] = self.cat.types.sample_reverse(c["types"], type_logits, s[batch], t[batch], gen)
+        ta, sa = self._per(t, batch), self._per(s, batch)
+        c["types"] = self.cat.types.sample_reverse(c["types"], type_logits, sa, ta, gen)
         if "charges" in c:
-            c["charges"] = self.cat.charges.sample_reverse(c["charges"], charge_logits, s[batch], t[batch], gen)
+            c["charges"] = self.cat.charges.sample_reverse(c["charges"], charge_logits, sa, ta, gen)
         if "bonds" in c:
-            te, se = t[batch[self.edge_index[0]]], s[batch[self.edge_index[0]]]
+            edge = batch[self.edge_index[0]]
+            te, se = self._per(t, edge), self._per(s, edge)
             c["bonds"] = self.cat.bonds.sample_reverse_edges(c["bonds"], logits_e, se, te, self.edge_index, self.rev, gen)
         self.encode(state)
 
@@ -459,12 +467,14 @@ class CategoricalStep:
         ``q(x_t | x_s)`` (RePaint's resampling)."""
         gen, batch = self.ctx.generator, self.ctx.batch
         c = state.classes
-        c["types"] = self.cat.types.sample_transition(c["types"], s[batch], t[batch], gen)
+        ta, sa = self._per(t, batch), self._per(s, batch)
+        c["types"] = self.cat.types.sample_transition(c["types"], sa, ta, gen)
         if "charges" in c:
-            c["charges"] = self.cat.charges.sample_transition(c["charges"], s[batch], t[batch], gen)
+            c["charges"] = self.cat.charges.sample_transition(c["charges"], sa, ta, gen)
         if "bonds" in c:
             edge = batch[self.edge_index[0]]
-            c["bonds"] = self.cat.bonds.sample_transition_edges(c["bonds"], s[edge], t[edge], self.edge_index, self.rev, gen)
+            c["bonds"] = self.cat.bonds.sample_transition_edges(c["bonds"], self._per(s, edge), self._per(t, edge),
+                                                                self.edge_index, self.rev, gen)
         self.encode(state)
 
     def decode(self, state: LoopState, logits_h, logits_e, step_index: int) -> None:

@@ -223,6 +223,36 @@ def test_edge_draws_are_one_per_pair_and_symmetric():
         assert torch.equal(d, d[rev])
 
 
+def test_edge_draws_compute_the_upper_half_only_and_match_the_full_computation():
+    """The edge samplers evaluate probabilities on the ``i < j`` half only: the same draws, from the same
+    generator state, as drawing from the rows of the full ``(E, K)`` computation."""
+    from moldiff.diffusion.categorical import symmetric_sample
+
+    tr = transition()
+    batch, edge_index, rev = edges()
+    E = edge_index.shape[1]
+    g = gen(8)
+    x = torch.randint(0, 4, (E,), generator=g)
+    x = torch.where(edge_index[0] < edge_index[1], x, x[rev])
+    logits = torch.randn(E, 4, generator=g)
+    t = torch.rand(4, generator=g, dtype=torch.float64)[batch[edge_index[0]]]
+    s = 0.5 * t
+    pairs = [(lambda r: tr.sample_reverse_edges(x, logits, s, t, edge_index, rev, r),
+              lambda r: symmetric_sample(tr.reverse_probs(x, logits, s, t), edge_index, rev, r)),
+             (lambda r: tr.sample_transition_edges(x, s, t, edge_index, rev, r),
+              lambda r: symmetric_sample(tr.transition_probs(x, s, t), edge_index, rev, r)),
+             (lambda r: tr.sample_forward_edges(x, t, edge_index, rev, r, floor=0.05),
+              lambda r: symmetric_sample(tr.forward_probs(x, t, 0.05), edge_index, rev, r)),
+             (lambda r: tr.sample_reverse_edges(x, logits, 0.2, 0.3, edge_index, rev, r),  # one time for all
+              lambda r: symmetric_sample(tr.reverse_probs(x, logits, 0.2, 0.3), edge_index, rev, r)),
+             (lambda r: tr.decode_edges(logits, edge_index, rev, sample=True, generator=r),
+              lambda r: symmetric_sample(tr.clean_probs(logits), edge_index, rev, r))]
+    for half, full in pairs:
+        got, want = half(gen(9)), full(gen(9))
+        assert torch.equal(got, want) and torch.equal(got, got[rev])
+    assert not torch.equal(pairs[0][0](gen(9)), pairs[0][0](gen(10)))  # the draws do depend on the generator
+
+
 def test_edge_draw_frequencies_match_the_closed_form():
     tr = transition()
     batch = torch.repeat_interleave(torch.arange(2000), torch.full((2000,), 6))  # 30,000 pairs
@@ -671,3 +701,20 @@ def test_molecules_are_judged_on_their_own_bonds_and_written_with_them(tmp_path,
     for row, m in zip(table, mols):  # the same seed and settings: the same molecules, their own-bond verdicts written
         assert row["own_bonds_reason"] == (m.own_reason or "")
         assert (row["own_bonds_reason"] == "") == (row["own_bonds_valid"] == row["own_bonds_mol_stable"] == "1")
+
+
+def test_categorical_step_passes_one_time_when_the_batch_shares_it():
+    """The loop's class steps take a single time when every molecule is at the same time (one alpha_bar
+    instead of one per bond), and per-variable times otherwise."""
+    from moldiff.sampling import CategoricalStep
+
+    index = torch.tensor([0, 0, 1, 2, 2, 2])
+    same = torch.full((3,), 0.25, dtype=torch.float64)
+    assert torch.equal(CategoricalStep._per(same, index), same[:1])
+    mixed = torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64)
+    assert torch.equal(CategoricalStep._per(mixed, index), mixed[index])
+    tr = transition()
+    x = torch.tensor([0, 1, 2, 3, 1, 0])
+    logits = torch.randn(6, 4, generator=gen(3))
+    assert torch.equal(tr.reverse_probs(x, logits, CategoricalStep._per(0.5 * same, index), CategoricalStep._per(same, index)),
+                       tr.reverse_probs(x, logits, (0.5 * same)[index], same[index]))

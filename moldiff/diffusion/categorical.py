@@ -105,12 +105,27 @@ def symmetric_sample(probs: torch.Tensor, edge_index: torch.Tensor, rev: torch.T
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """One class per atom pair: drawn from the row of edge ``i -> j`` with ``i < j`` of ``probs``
     ``(E, K)`` and copied to its reverse ``j -> i`` (``rev``); ``(E,)`` long, equal on both directions."""
+    return _pair_draws(lambda upper: probs[upper], edge_index, rev, generator)
+
+
+def _pair_draws(probs_of: Callable[[torch.Tensor], torch.Tensor], edge_index: torch.Tensor, rev: torch.Tensor,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """:func:`symmetric_sample` with the probabilities computed only where they are drawn from:
+    ``probs_of(upper)`` gives the rows ``(P, K)`` of the edges ``upper`` (the ``i < j`` half, in edge
+    order), so the same draws come out at half the arithmetic."""
     upper = torch.nonzero(edge_index[0] < edge_index[1]).squeeze(-1)
-    draw = sample_classes(probs[upper], generator)
-    out = torch.empty(edge_index.shape[1], dtype=torch.long, device=probs.device)
+    draw = sample_classes(probs_of(upper), generator)
+    out = torch.empty(edge_index.shape[1], dtype=torch.long, device=edge_index.device)
     out[upper] = draw
     out[rev[upper]] = draw
     return out
+
+
+def _rows(x, upper: torch.Tensor, num_edges: int):
+    """``x[upper]`` for a tensor with one row per edge; anything else (a scalar time) as it is."""
+    if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == num_edges:
+        return x[upper]
+    return x
 
 
 class MarginalTransition:
@@ -272,30 +287,36 @@ class MarginalTransition:
         """``x_t ~ q(x_t | x_0)`` on the directed edges ``edge_index`` ``(2, E)`` of symmetric ``x0``
         ``(E,)``: one draw per atom pair, equal on ``i -> j`` and ``j -> i``; ``(E,)`` long
         (``floor``: see :meth:`forward_probs`)."""
-        return symmetric_sample(self.forward_probs(x0, t, floor), edge_index, rev, generator)
+        E = edge_index.shape[1]
+        return _pair_draws(lambda u: self.forward_probs(_rows(x0, u, E), _rows(t, u, E), floor), edge_index, rev,
+                           generator)
 
     def sample_transition_edges(self, x_s: torch.Tensor, s, t, edge_index: torch.Tensor, rev: torch.Tensor,
                                 generator: torch.Generator | None = None) -> torch.Tensor:
         """``x_t ~ q(x_t | x_s)`` per atom pair (``t >= s``), equal on both directions: ``(E,)`` long."""
-        return symmetric_sample(self.transition_probs(x_s, s, t), edge_index, rev, generator)
+        E = edge_index.shape[1]
+        return _pair_draws(lambda u: self.transition_probs(_rows(x_s, u, E), _rows(s, u, E), _rows(t, u, E)),
+                           edge_index, rev, generator)
 
     def sample_prior_edges(self, edge_index: torch.Tensor, rev: torch.Tensor,
                            generator: torch.Generator | None = None) -> torch.Tensor:
         """``x_1 ~ m`` per atom pair, equal on both directions: ``(E,)`` long."""
-        return symmetric_sample(self.prior_probs(edge_index.shape[1], edge_index.device), edge_index, rev, generator)
+        return _pair_draws(lambda u: self.prior_probs(u.shape[0], edge_index.device), edge_index, rev, generator)
 
     def sample_reverse_edges(self, x_t: torch.Tensor, logits: torch.Tensor, s, t, edge_index: torch.Tensor,
                              rev: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``x_s ~ p(x_s | x_t)`` per atom pair (from the ``i < j`` edge's logits), equal on both
         directions: ``(E,)`` long."""
-        return symmetric_sample(self.reverse_probs(x_t, logits, s, t), edge_index, rev, generator)
+        E = edge_index.shape[1]
+        return _pair_draws(lambda u: self.reverse_probs(_rows(x_t, u, E), _rows(logits, u, E), _rows(s, u, E),
+                                                        _rows(t, u, E)), edge_index, rev, generator)
 
     def decode_edges(self, logits: torch.Tensor, edge_index: torch.Tensor, rev: torch.Tensor, sample: bool = False,
                      generator: torch.Generator | None = None) -> torch.Tensor:
         """The clean class of every atom pair (argmax, or a draw of ``p_theta(x_0 | x_t)``), taken from
         the ``i < j`` edge and copied to ``j -> i``: ``(E,)`` long."""
         if sample:
-            return symmetric_sample(self.clean_probs(logits), edge_index, rev, generator)
+            return _pair_draws(lambda u: self.clean_probs(logits[u]), edge_index, rev, generator)
         chosen = logits.argmax(-1)
         return torch.where(edge_index[0] < edge_index[1], chosen, chosen[rev])
 
