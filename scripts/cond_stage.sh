@@ -18,8 +18,12 @@ props=${PROPS:-gap,mu,alpha}; guidance=${GUIDANCE:-0,1,2}
 cd "$(dirname "$0")/.."
 name=$(basename "$run")
 tag=${name}_late; [ "${RESAMPLE:-}" = 1 ] && tag=$name  # one curve per sampling protocol
+limit=$(sed -n 's/^  max_steps: *//p' "$run/config.yaml")  # the run's own step limit
 taskset -c "$core" .venv/bin/moldiff train --resume --run-dir "$run" --threads 1 \
     --set train.max_steps="$step" --set train.max_minutes=null
+# `--set` is saved in the run's config.yaml: put the run's own limit back, so that a plain
+# `moldiff train --resume` afterwards trains on instead of stopping at the mark
+[ -n "$limit" ] && sed -i "s/^  max_steps: .*/  max_steps: $limit/" "$run/config.yaml"
 mkdir -p "$run/snapshots" docs/results/properties
 rm -rf "$run/snapshots/s$step"
 cp -r "$run/pipeline" "$run/snapshots/s$step"

@@ -8,8 +8,12 @@
 set -euo pipefail
 run=$1; step=$2; core=${3:-0}
 cd "$(dirname "$0")/.."
+limit=$(sed -n 's/^  max_steps: *//p' "$run/config.yaml")  # the run's own step limit
 taskset -c "$core" .venv/bin/moldiff train --resume --run-dir "$run" --threads 1 \
     --set train.max_steps="$step" --set train.max_minutes=null
+# `--set` is saved in the run's config.yaml: put the run's own limit back, so that a plain
+# `moldiff train --resume` afterwards trains on instead of stopping at the mark
+[ -n "$limit" ] && sed -i "s/^  max_steps: .*/  max_steps: $limit/" "$run/config.yaml"
 mkdir -p "$run/snapshots" docs/results/screen
 rm -rf "$run/snapshots/s$step"
 cp -r "$run/pipeline" "$run/snapshots/s$step"
