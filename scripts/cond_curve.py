@@ -9,6 +9,13 @@ baseline on the same draws beside it, and the samples' stability and validity) a
 matplotlib, ``OUT.png`` (MAE over hours, one panel per property, one line per scale, EDM's row and
 #Atoms as horizontal references). Files whose evaluation did not finish contribute the cells they
 hold. Bad input gives one line on stderr and exit status 2.
+
+With two or more marks from ``--fit-from`` hours on, it also writes ``OUT_forecast.csv``: for each
+property and guidance scale, the least-squares line ``MAE = a + b ln(hours)`` through those marks
+(each weighted by its inverse squared standard error), the change per doubling of training hours
+(``b ln 2``), and the hours at which the line reaches EDM's and GeoLDM's rows (empty where it never
+does: a flat or rising line). A log-linear fit is the simplest curve that slows the way these curves
+do; treat a forecast far beyond the last mark as an order of magnitude, not a date.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -48,6 +56,55 @@ def rows_of(path: Path) -> list[dict]:
             "source": str(path),
         })
     return rows
+
+
+FORECAST_FIELDS = ["property", "unit", "guidance_scale", "marks", "first_hours", "last_hours", "last_mae", "intercept",
+                   "slope_per_ln_hour", "change_per_doubling", "edm", "hours_to_edm", "geoldm", "hours_to_geoldm"]
+
+
+def fit_log_hours(points: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """Weighted least squares ``mae = a + b ln(hours)`` through ``(hours, mae, se)`` points (weights
+    ``1 / se^2``; equal weights where an SE is missing or zero). Returns ``(a, b)``."""
+    xs = [math.log(h) for h, _, _ in points]
+    ws = [1.0 / se ** 2 if se and se > 0 else 1.0 for _, _, se in points]
+    if any(not (se and se > 0) for _, _, se in points):
+        ws = [1.0] * len(points)
+    sw = sum(ws)
+    mx = sum(w * x for w, x in zip(ws, xs)) / sw
+    my = sum(w * y for w, (_, y, _) in zip(ws, points)) / sw
+    sxx = sum(w * (x - mx) ** 2 for w, x in zip(ws, xs))
+    if sxx == 0:
+        raise ValueError("the marks share one training time; a line needs two")
+    b = sum(w * (x - mx) * (y - my) for w, x, (_, y, _) in zip(ws, xs, points)) / sxx
+    return my - b * mx, b
+
+
+def hours_to(a: float, b: float, level: float | None) -> float | None:
+    """Hours at which ``a + b ln(hours)`` reaches ``level`` (None where the line never falls to it)."""
+    if level is None or b >= 0:
+        return None
+    power = (level - a) / b
+    return math.exp(power) if power < 700 else math.inf
+
+
+def forecast(rows: list[dict], fit_from: float) -> list[dict]:
+    """One row per (property, scale) with at least two marks at or after ``fit_from`` hours."""
+    out = []
+    keys = dict.fromkeys((r["property"], r["guidance_scale"]) for r in rows)
+    for name, w in keys:
+        mine = sorted((r for r in rows if r["property"] == name and r["guidance_scale"] == w and r["mae"] is not None
+                       and r["train_hours"] is not None and r["train_hours"] >= fit_from and r["train_hours"] > 0),
+                      key=lambda r: r["train_hours"])
+        if len({r["train_hours"] for r in mine}) < 2:
+            continue
+        a, b = fit_log_hours([(r["train_hours"], r["mae"], r["mae_se"]) for r in mine])
+        last = mine[-1]
+        out.append({"property": name, "unit": last["unit"], "guidance_scale": w, "marks": len(mine),
+                    "first_hours": mine[0]["train_hours"], "last_hours": last["train_hours"], "last_mae": last["mae"],
+                    "intercept": a, "slope_per_ln_hour": b, "change_per_doubling": b * math.log(2),
+                    "edm": last["edm"], "hours_to_edm": hours_to(a, b, last["edm"]),
+                    "geoldm": last["geoldm"], "hours_to_geoldm": hours_to(a, b, last["geoldm"])})
+    return out
 
 
 def plot(rows: list[dict], out: Path) -> bool:
@@ -85,8 +142,14 @@ def plot(rows: list[dict], out: Path) -> bool:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="cond_curve.py", description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+", help="eval_conditional.py JSON files, one per training mark")
-    p.add_argument("--out", required=True, help="output prefix: OUT.csv and OUT.png")
+    p.add_argument("--out", required=True, help="output prefix: OUT.csv, OUT.png and OUT_forecast.csv")
+    p.add_argument("--fit-from", type=float, default=2.0, metavar="HOURS",
+                   help="fit the forecast to the marks from this many training hours on (default 2: earlier "
+                        "marks barely build molecules)")
     args = p.parse_args(argv)
+    if not (math.isfinite(args.fit_from) and args.fit_from >= 0):
+        print(f"cond_curve.py: error: --fit-from must be a number of hours >= 0, got {args.fit_from}", file=sys.stderr)
+        return 2
     try:
         rows = [r for f in args.files for r in rows_of(Path(f))]
     except ValueError as exc:
@@ -104,6 +167,18 @@ def main(argv=None) -> int:
         writer.writerows(rows)
     drew = plot(rows, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.csv')} ({len(rows)} rows)" + (f" and {out.with_suffix('.png')}" if drew else ""))
+    ahead = forecast(rows, args.fit_from)
+    if ahead:
+        path = out.with_name(out.name + "_forecast.csv")
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=FORECAST_FIELDS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(ahead)
+        for r in ahead:
+            edm = "never on this line" if r["hours_to_edm"] is None else f"{r['hours_to_edm']:.3g} h"
+            print(f"  {r['property']} w={r['guidance_scale']:g}: {r['change_per_doubling']:+.3g} {r['unit']} per doubling "
+                  f"of hours ({r['marks']} marks, {r['first_hours']:.2f}-{r['last_hours']:.2f} h); EDM's row at {edm}")
+        print(f"wrote {path}")
     return 0
 
 

@@ -165,3 +165,69 @@ def test_draws_fall_back_to_the_float16_table(load_script, qm9):
     assert np.all((values >= conditioning.low[0]) & (values <= conditioning.high[0]))
     assert np.allclose(values, conditioning.reference_values[:, 0], atol=0.01)
     assert np.allclose(targets, 1000 * values)  # eV -> meV, EDM's target unit
+
+
+def test_curve_forecast_recovers_a_known_log_linear_curve(tmp_path):
+    """scripts/cond_curve.py's forecast: marks on the line MAE = 9 - 0.5 ln(hours) (alpha, w = 2) put
+    EDM's row (2.76) at exp((9 - 2.76) / 0.5) hours; a rising series (w = 0) never reaches it; the
+    marks before --fit-from are left out of the fit."""
+    import subprocess
+
+    files = []
+    for step, hours in [(10, 0.5), (20, 2.0), (40, 4.0), (80, 8.0), (160, 16.0)]:
+        cells = [{"property": "alpha", "guidance_scale": 2.0, "unit": "Bohr^3", "n": 300, "n_scored": 300,
+                  "mae": 9 - 0.5 * math.log(hours) + (5.0 if hours < 1 else 0.0), "mae_se": 0.1,
+                  "mol_stable": 0.5, "validity": 0.7, "valid_and_unique": 0.7},
+                 {"property": "alpha", "guidance_scale": 0.0, "unit": "Bohr^3", "n": 300, "n_scored": 300,
+                  "mae": 5 + 0.01 * hours, "mae_se": 0.2, "mol_stable": 0.5, "validity": 0.7, "valid_and_unique": 0.7}]
+        doc = {"generator_run": "toy", "generator_step": step, "generator_train_hours": hours, "steps": 50,
+               "cells": cells, "baselines": {"alpha": {"edm_table3": {"EDM": 2.76}, "geoldm": 2.37}}}
+        files.append(tmp_path / f"toy_s{step}.json")
+        files[-1].write_text(json.dumps(doc))
+    out = tmp_path / "curve"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "cond_curve.py"), *map(str, files), "--out", str(out),
+                           "--fit-from", "1"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    with open(tmp_path / "curve_forecast.csv", newline="") as fh:
+        rows = {float(r["guidance_scale"]): r for r in csv.DictReader(fh)}
+    guided = rows[2.0]
+    assert int(guided["marks"]) == 4 and float(guided["first_hours"]) == 2.0  # the 0.5-h mark is left out
+    assert float(guided["change_per_doubling"]) == pytest.approx(-0.5 * math.log(2), rel=1e-9)
+    assert float(guided["hours_to_edm"]) == pytest.approx(math.exp((9 - 2.76) / 0.5), rel=1e-9)
+    assert float(guided["hours_to_geoldm"]) == pytest.approx(math.exp((9 - 2.37) / 0.5), rel=1e-9)
+    assert rows[0.0]["hours_to_edm"] == "" and float(rows[0.0]["change_per_doubling"]) > 0
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "cond_curve.py"), str(files[0]), "--out", str(out),
+                           "--fit-from", "-1"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--fit-from" in done.stderr
+
+
+def test_guidance_interval_guides_only_the_calls_in_its_window(models, tmp_path, load_script):
+    """scripts/guidance_interval.py: a window holding every step is eval_conditional.py's guided cell
+    molecule for molecule; a window holding none of the 3-step grid's times (1, 0.444, 0.111, then 0)
+    is the plain conditional cell (w = 1); a window holding one of them is neither."""
+    common = ["--generator", str(models["generator"]), "--predictor", str(models["predictor"]), "--property", "gap",
+              "--guidance", "1,2", "--per-molecule", *COMMON]
+
+    def predicted(path):
+        cells = json.loads(path.read_text())["cells"]
+        return {c["guidance_scale"]: c["molecules"]["predicted"] for c in cells}
+
+    assert load_script("eval_conditional").main([*common, "--out", str(tmp_path / "ref.json")]) == 0
+    ref = predicted(tmp_path / "ref.json")
+    assert ref[1.0] != ref[2.0]
+    script = load_script("guidance_interval")
+    runs = {}
+    for lo, hi in [(0.0, 1.0), (0.5, 0.6), (0.3, 0.5)]:
+        out = tmp_path / f"w_{lo}_{hi}.json"
+        assert script.main(["--lo", str(lo), "--hi", str(hi), "--", *common, "--out", str(out)]) == 0
+        runs[lo, hi] = predicted(out)
+        doc = json.loads(out.read_text())
+        assert doc["guidance_interval"] == [lo, hi] and doc["command"].startswith(f"python scripts/guidance_interval.py --lo {lo:g}")
+        # the plain conditional cell has no guidance to confine (float32 rounding of an untrained predictor's
+        # outputs in the millions aside)
+        assert runs[lo, hi][1.0] == pytest.approx(ref[1.0], rel=1e-6)
+    assert runs[0.0, 1.0][2.0] == pytest.approx(ref[2.0], rel=1e-6)
+    assert runs[0.5, 0.6][2.0] == pytest.approx(ref[1.0], rel=1e-6)
+    for other in (ref[1.0], ref[2.0]):
+        assert runs[0.3, 0.5][2.0] != pytest.approx(other, rel=1e-6)
+    assert script.main(["--lo", "0.4", "--hi", "0.2", "--", *common]) == 2
