@@ -13,7 +13,7 @@ hold. Bad input gives one line on stderr and exit status 2.
 With two or more marks from ``--fit-from`` hours on, it also writes ``OUT_forecast.csv``: for each
 property and guidance scale, the least-squares line ``MAE = a + b ln(hours)`` through those marks
 (each weighted by its inverse squared standard error), the change per doubling of training hours
-(``b ln 2``), and the hours at which the line reaches EDM's and GeoLDM's rows (empty where it never
+(``b ln 2``) with its standard error from the marks' own, and the hours at which the line reaches EDM's and GeoLDM's rows (empty where it never
 does: a flat or rising line). A log-linear fit is the simplest curve that slows the way these curves
 do; treat a forecast far beyond the last mark as an order of magnitude, not a date.
 """
@@ -59,16 +59,16 @@ def rows_of(path: Path) -> list[dict]:
 
 
 FORECAST_FIELDS = ["property", "unit", "guidance_scale", "marks", "first_hours", "last_hours", "last_mae", "intercept",
-                   "slope_per_ln_hour", "change_per_doubling", "edm", "hours_to_edm", "geoldm", "hours_to_geoldm"]
+                   "slope_per_ln_hour", "change_per_doubling", "change_per_doubling_se", "edm", "hours_to_edm", "geoldm", "hours_to_geoldm"]
 
 
-def fit_log_hours(points: list[tuple[float, float, float]]) -> tuple[float, float]:
-    """Weighted least squares ``mae = a + b ln(hours)`` through ``(hours, mae, se)`` points (weights
-    ``1 / se^2``; equal weights where an SE is missing or zero). Returns ``(a, b)``."""
+def fit_log_hours(points: list[tuple[float, float, float]]) -> tuple[float, float, float | None]:
+    """Weighted least squares ``mae = a + b ln(hours)`` through ``(hours, mae, se)`` points, each
+    weighted by ``1 / se^2``. Returns ``(a, b, se_b)``, ``se_b`` the standard error of the slope from
+    the points' own standard errors; equal weights and ``se_b = None`` where a point lacks an SE."""
     xs = [math.log(h) for h, _, _ in points]
-    ws = [1.0 / se ** 2 if se and se > 0 else 1.0 for _, _, se in points]
-    if any(not (se and se > 0) for _, _, se in points):
-        ws = [1.0] * len(points)
+    known = all(se is not None and se > 0 for _, _, se in points)
+    ws = [1.0 / se ** 2 for _, _, se in points] if known else [1.0] * len(points)
     sw = sum(ws)
     mx = sum(w * x for w, x in zip(ws, xs)) / sw
     my = sum(w * y for w, (_, y, _) in zip(ws, points)) / sw
@@ -76,7 +76,7 @@ def fit_log_hours(points: list[tuple[float, float, float]]) -> tuple[float, floa
     if sxx == 0:
         raise ValueError("the marks share one training time; a line needs two")
     b = sum(w * (x - mx) * (y - my) for w, x, (_, y, _) in zip(ws, xs, points)) / sxx
-    return my - b * mx, b
+    return my - b * mx, b, (math.sqrt(1.0 / sxx) if known else None)
 
 
 def hours_to(a: float, b: float, level: float | None) -> float | None:
@@ -97,11 +97,12 @@ def forecast(rows: list[dict], fit_from: float) -> list[dict]:
                       key=lambda r: r["train_hours"])
         if len({r["train_hours"] for r in mine}) < 2:
             continue
-        a, b = fit_log_hours([(r["train_hours"], r["mae"], r["mae_se"]) for r in mine])
+        a, b, se_b = fit_log_hours([(r["train_hours"], r["mae"], r["mae_se"]) for r in mine])
         last = mine[-1]
         out.append({"property": name, "unit": last["unit"], "guidance_scale": w, "marks": len(mine),
                     "first_hours": mine[0]["train_hours"], "last_hours": last["train_hours"], "last_mae": last["mae"],
                     "intercept": a, "slope_per_ln_hour": b, "change_per_doubling": b * math.log(2),
+                    "change_per_doubling_se": None if se_b is None else se_b * math.log(2),
                     "edm": last["edm"], "hours_to_edm": hours_to(a, b, last["edm"]),
                     "geoldm": last["geoldm"], "hours_to_geoldm": hours_to(a, b, last["geoldm"])})
     return out
@@ -176,7 +177,8 @@ def main(argv=None) -> int:
             writer.writerows(ahead)
         for r in ahead:
             edm = "never on this line" if r["hours_to_edm"] is None else f"{r['hours_to_edm']:.3g} h"
-            print(f"  {r['property']} w={r['guidance_scale']:g}: {r['change_per_doubling']:+.3g} {r['unit']} per doubling "
+            se = "" if r["change_per_doubling_se"] is None else f" ± {r['change_per_doubling_se']:.2g}"
+            print(f"  {r['property']} w={r['guidance_scale']:g}: {r['change_per_doubling']:+.3g}{se} {r['unit']} per doubling "
                   f"of hours ({r['marks']} marks, {r['first_hours']:.2f}-{r['last_hours']:.2f} h); EDM's row at {edm}")
         print(f"wrote {path}")
     return 0

@@ -193,6 +193,9 @@ def test_curve_forecast_recovers_a_known_log_linear_curve(tmp_path):
     guided = rows[2.0]
     assert int(guided["marks"]) == 4 and float(guided["first_hours"]) == 2.0  # the 0.5-h mark is left out
     assert float(guided["change_per_doubling"]) == pytest.approx(-0.5 * math.log(2), rel=1e-9)
+    logs = np.log([2.0, 4.0, 8.0, 16.0])  # every mark's SE is 0.1: the slope's SE is 0.1 / sqrt(Sxx)
+    assert float(guided["change_per_doubling_se"]) == pytest.approx(0.1 / np.sqrt(((logs - logs.mean()) ** 2).sum())
+                                                                    * math.log(2), rel=1e-9)
     assert float(guided["hours_to_edm"]) == pytest.approx(math.exp((9 - 2.76) / 0.5), rel=1e-9)
     assert float(guided["hours_to_geoldm"]) == pytest.approx(math.exp((9 - 2.37) / 0.5), rel=1e-9)
     assert rows[0.0]["hours_to_edm"] == "" and float(rows[0.0]["change_per_doubling"]) > 0
