@@ -1269,7 +1269,7 @@ def _print_sample_summary(summary, report, arrays, files, args, seconds, seconds
         for name, e in pr.get("mae_vs_target", {}).items():
             edm = f" ({e['mae_edm_units']:.4g} {e['edm_unit']}, EDM's Table 3 unit)" if "mae_edm_units" in e else ""
             print(f"{name}: MAE between target and predicted {e['mae']:.4g} {e['unit']}{edm} over {e['n_scored']} "
-                  f"samples" + (f" ({e['n_unscored']} unreadable: non-finite or diverged coordinates)" if e["n_unscored"] else ""))
+                  f"samples" + (f" ({e['n_unscored']} unreadable: non-finite coordinates)" if e["n_unscored"] else ""))
         means = ", ".join(f"{k} {v:.4g} {pr['units'][k]}" for k, v in pr["mean"].items() if v is not None)
         print(f"predicted properties, mean over the samples: {means}")
     if "even_valence" in summary:
@@ -1539,7 +1539,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--guidance", type=float, default=None, metavar="W",
                    help="classifier-free guidance scale W >= 0 with --condition: eps_uncond + W (eps_cond - eps_uncond); "
                    "0 = the unconditional model, 1 = the plain conditional model, above 1 steers harder (one network "
-                   "call on a doubled batch, 2-3x the time; default 2: on qm9-cond 15-25%% lower property error than 1 "
+                   "call on a doubled batch, ~2x the time; default 2: on qm9-cond 15-25%% lower property error than 1 "
                    "for 2.5 points of molecule stability)")
     c.add_argument("--predictor", action="append", metavar="DIR",
                    help="a property predictor folder (as for `moldiff predict`; repeatable): each molecule's estimated "

@@ -8,9 +8,8 @@ unit a condition is given in.
 
 A molecule here is anything with ``symbols`` (element symbols) and ``positions`` (``(n, 3)`` Å): the
 records of :func:`moldiff.chemistry.io.read_molecules` and sampled molecules alike. One whose
-coordinates are not finite (a numerical fault of the sampler), that has an atom more than
-:data:`READABLE_RADIUS` Å from its centroid (a diverged sample) or that has no atoms cannot be read
-by a predictor: its estimate is NaN, and callers count it.
+coordinates are not finite (a numerical fault of the sampler) or that has no atoms cannot be read by
+a predictor: its estimate is NaN, and callers count it.
 """
 
 from __future__ import annotations
@@ -22,16 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["LoadedPredictor", "load_predictors", "estimate", "mae_statement", "condition_unit_values", "READABLE_RADIUS",
+__all__ = ["LoadedPredictor", "load_predictors", "estimate", "mae_statement", "condition_unit_values",
            "PREDICTOR_ROOT", "DEFAULT_PREDICTOR", "shipped_predictors", "resolve_predictor", "default_predictors"]
-
-#: A molecule with an atom farther than this from its centroid (Å) is outside every predictor's
-#: domain: its estimate is NaN (counted by the caller), not a number. The predictors read squared
-#: distances, so such an input gives any output at all: one diverged sample (qm9-cond step 60,000,
-#: guidance 4; 27 hydrogens spread over 1,270 Å, which RDKit passes as valid) was scored Cv 543,000
-#: cal/(mol K) and alone made its cell's MAE 1,812 instead of 1.7 (docs/experiments.md, session 29).
-#: Training molecules lie within 10 Å of their centroid (QM9) or 30 (drug-like GEOM molecules).
-READABLE_RADIUS = 100.0
 
 #: Where predictors shipped inside the package live: one folder each (``config.json`` + ``model.pt``).
 #: It is a subfolder of the diffusion models' folder and holds no ``config.json`` itself, so
@@ -113,8 +104,7 @@ def load_predictors(folders: Sequence[str], device="cpu") -> list[LoadedPredicto
 def estimate(predictor: LoadedPredictor, molecules: Sequence, batch_size: int = 512) -> np.ndarray:
     """``(M, P)`` float64: the predictor's outputs for each molecule, in its trained units and targets
     (for a predictor of EDM's targets: ``Cv - 2.981 N``; :func:`condition_unit_values` converts);
-    a row of NaN for a molecule with no atoms, non-finite coordinates or an atom more than
-    :data:`READABLE_RADIUS` Å from its centroid.
+    a row of NaN for a molecule with no atoms or non-finite coordinates.
 
     Raises:
         ValueError: a molecule has an element the predictor does not know (one line).
@@ -132,9 +122,7 @@ def estimate(predictor: LoadedPredictor, molecules: Sequence, batch_size: int = 
         if unknown:
             raise ValueError(f"molecule {j} has element(s) {', '.join(unknown)}, which the predictor {predictor.folder} "
                              f"does not know (it knows {', '.join(model.config.elements)})")
-        xyz = np.asarray(m.positions, dtype=np.float64).reshape(-1, 3)
-        if len(m.symbols) and np.isfinite(xyz).all() \
-                and np.linalg.norm(xyz - xyz.mean(axis=0), axis=1).max() <= READABLE_RADIUS:
+        if len(m.symbols) and np.isfinite(np.asarray(m.positions, dtype=np.float64)).all():
             readable.append(j)
     param = next(model.parameters())
     for lo in range(0, len(readable), batch_size):

@@ -18,9 +18,8 @@ For each property (one conditioned at a time, the others dropped) and each guida
 3. Predict the property of every generated molecule with the predictor, valid or not, as EDM does
    (``eval_conditional_qm9.py``, task ``edm``, scores every sample: its classifier reads the argmax
    element one-hot and the coordinates, and no validity filter is applied). A sample with
-   non-finite coordinates (a numerical fault) or an atom more than 100 Å from its centroid (a
-   diverged sample, :data:`moldiff.prediction.READABLE_RADIUS`) cannot be read by any predictor;
-   EDM has no path for it. Here such samples are left out of the MAE and counted (``n_unscored``).
+   non-finite coordinates (a numerical fault) cannot be read by any predictor; EDM has no path for
+   it. Here such samples are left out of the MAE and counted (``n_unscored``).
 4. MAE in EDM's units (Bohr^3, meV, D, cal/(mol K); Cv as EDM's target, less 2.981 per atom,
    which does not change an error), its standard error, and the EDM metrics of the same samples
    (molecule and atom stability, validity, uniqueness).
@@ -348,8 +347,8 @@ def run(args, argv) -> int:
         "protocol": "EDM's (Hoogeboom et al. 2022, Table 3): (value, N) pairs drawn jointly from the generator's "
                     "training molecules (EDM's generator half), one property conditioned at a time, one molecule "
                     "per pair, every molecule scored by the predictor valid or not; MAE in EDM's units (cv: "
-                    "EDM's target, Cv - 2.981 N). Samples with non-finite coordinates or an atom over 100 A from "
-                    "their centroid are left out of the MAE and counted (n_unscored). See the script's docstring for the deviations.",
+                    "EDM's target, Cv - 2.981 N). Samples with non-finite coordinates are left out of the MAE and "
+                    "counted (n_unscored). See the script's docstring for the deviations.",
         "baselines": {}, "draws": {}, "cells": [], "complete": False,
         "timings": {"load_models_s": round(t_models - t_start, 2),
                     "load_data_and_baselines_s": round(t_data - t_models, 2)},
