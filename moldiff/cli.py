@@ -1539,7 +1539,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--guidance", type=float, default=None, metavar="W",
                    help="classifier-free guidance scale W >= 0 with --condition: eps_uncond + W (eps_cond - eps_uncond); "
                    "0 = the unconditional model, 1 = the plain conditional model, above 1 steers harder (one network "
-                   "call on a doubled batch, ~2x the time; default 2: on qm9-cond 15-25%% lower property error than 1 "
+                   "call on a doubled batch, 2-3x the time; default 2: on qm9-cond 15-25%% lower property error than 1 "
                    "for 2.5 points of molecule stability)")
     c.add_argument("--predictor", action="append", metavar="DIR",
                    help="a property predictor folder (as for `moldiff predict`; repeatable): each molecule's estimated "
