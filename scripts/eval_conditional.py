@@ -98,7 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1000, help="molecules denoised together")
     p.add_argument("--out", metavar="FILE.json", help="results, rewritten after every cell")
     p.add_argument("--per-molecule", action="store_true",
-                   help="also store each cell's molecules in the JSON: N, target, prediction, valid, stable")
+                   help="also store each cell's molecules in the JSON: N, target, prediction, valid, stable, "
+                        "formula, radius (the farthest atom from the centroid, Å)")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto",
                    help="the generator's arithmetic (auto: bf16 where it is native)")
@@ -249,6 +250,22 @@ def predict(model, meta, molecules, name: str) -> np.ndarray:
     return estimate(scorer, molecules)[:, scorer.properties.index(name)]
 
 
+def formula(symbols) -> str:
+    """Element counts in Hill order (C, H, then alphabetical), e.g. ``C2H6O``."""
+    counts = {e: list(symbols).count(e) for e in set(symbols)}
+    first = [e for e in ("C", "H") if e in counts] if "C" in counts else []
+    order = first + sorted(e for e in counts if e not in first)
+    return "".join(f"{e}{counts[e] if counts[e] > 1 else ''}" for e in order)
+
+
+def radius(positions) -> float | None:
+    """The largest distance of an atom from the molecule's centroid (Å); None where not finite."""
+    xyz = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    if not len(xyz) or not np.isfinite(xyz).all():
+        return None
+    return float(np.linalg.norm(xyz - xyz.mean(axis=0), axis=1).max())
+
+
 def write_json(path: Path, doc: dict) -> None:
     """``doc`` to ``path`` atomically (a reader sees the old file or the new one)."""
     from moldiff.files import atomic_write
@@ -392,7 +409,9 @@ def run(args, argv) -> int:
             if args.per_molecule:
                 cell["molecules"] = {"num_atoms": n_atoms.tolist(), "target": y.tolist(),
                                      "predicted": [None if not np.isfinite(p) else float(p) for p in pred],
-                                     "valid": valid.tolist(), "mol_stable": [bool(m.mol_stable) for m in mols]}
+                                     "valid": valid.tolist(), "mol_stable": [bool(m.mol_stable) for m in mols],
+                                     "formula": [formula(m.symbols) for m in mols],
+                                     "radius": [radius(m.positions) for m in mols]}
             doc["cells"].append(cell)
             doc["timings"]["elapsed_s"] = round(time.monotonic() - t_start, 2)
             write_json(out, doc)

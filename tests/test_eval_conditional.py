@@ -78,6 +78,9 @@ def test_scores_every_cell_beside_the_baselines(models, tmp_path, load_script, m
             assert 0.0 <= cell[key] <= 1.0
         mol = cell["molecules"]
         assert cell["mae"] == pytest.approx(np.abs(np.array(mol["predicted"]) - mol["target"]).mean())
+        assert [sum(int(c) if c else 1 for c in __import__("re").findall(r"[A-Z][a-z]?(\d*)", f)) for f in mol["formula"]] \
+            == mol["num_atoms"]  # one formula per molecule, counting its atoms
+        assert all(r is None or r >= 0 for r in mol["radius"])
     base = doc["baselines"]["gap"]
     assert base["edm_table3"] == {row: v["gap"] for row, v in EDM_TABLE3.items()} and base["geoldm"] == 587
     assert base["qm9_lower_bound"] == 64.0 and "400 molecules" in base["qm9_lower_bound_on"]
